@@ -1,0 +1,1 @@
+"""Measurement helpers and benchmark drivers behind ``convrec bench``."""

@@ -1,0 +1,136 @@
+"""``ConvRecEncoder``: the drop-in sequence encoder, (B, L, D) + padding mask -> (B, D).
+
+The module only owns parameters; the computation is ``convrec.ops.downscale``, so every backend
+reads the same ``state_dict``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from convrec.backends import check_backend, resolve_backend
+from convrec.checks import check_sequence
+from convrec.ops.downscale import LevelParams, downscale
+from convrec.schedule import DEFAULT_LEVELS, check_levels, schedule_for_length
+
+
+class ConvLevel(nn.Module):
+    """Parameters of one level: grouped conv, Linear, residual weights alpha/beta, LayerNorm."""
+
+    def __init__(self, d_model: int, kernel: int, stride: int, heads: int) -> None:
+        super().__init__()
+        self.kernel, self.stride = kernel, stride
+        # per-head Conv1d(D/H, D/H, k) of the paper == one grouped conv; same default init
+        self.conv = nn.Conv1d(d_model, d_model, kernel, stride=stride, groups=heads)
+        self.linear = nn.Linear(d_model, d_model)
+        self.alpha = nn.Parameter(torch.tensor(0.5))
+        self.beta = nn.Parameter(torch.tensor(0.5))
+        self.norm = nn.LayerNorm(d_model)
+
+    def params(self) -> LevelParams:
+        return LevelParams(
+            self.conv.weight,
+            self.conv.bias,
+            self.linear.weight,
+            self.linear.bias,
+            self.alpha,
+            self.beta,
+            self.norm.weight,
+            self.norm.bias,
+        )
+
+
+class ConvRecEncoder(nn.Module):
+    """Hierarchy of strided convolutions that compresses a history into one vector.
+
+    Cost is linear in L. Padding per level is computed from the actual length of each call, so
+    any L >= 1 works; ``fixed_length`` instead left-pads every input to that length (the paper
+    code's fixed-at-construction padding) and rejects longer ones.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        levels: Sequence[Sequence[int]] = DEFAULT_LEVELS,
+        heads: int = 1,
+        dropout: float = 0.1,
+        mask_aware: bool = False,
+        backend: str = "auto",
+        fixed_length: int | None = None,
+        check_inputs: bool = False,
+    ) -> None:
+        super().__init__()
+        if d_model < 1:
+            raise ValueError(f"d_model must be >= 1, got {d_model}")
+        if heads < 1 or d_model % heads != 0:
+            raise ValueError(f"d_model={d_model} is not divisible by heads={heads}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if fixed_length is not None and fixed_length < 1:
+            raise ValueError(f"fixed_length must be >= 1, got {fixed_length}")
+        self.levels = check_levels(levels)
+        self.d_model, self.heads, self.dropout = d_model, heads, dropout
+        self.mask_aware, self.fixed_length = mask_aware, fixed_length
+        self.backend = check_backend(backend)
+        self.check_inputs = check_inputs
+        self.stack = nn.ModuleList(ConvLevel(d_model, k, s, heads) for k, s in self.levels)
+
+    @classmethod
+    def for_length(
+        cls,
+        max_len: int,
+        d_model: int,
+        max_kernel: int = 8,
+        num_levels: int | None = None,
+        **kwargs,
+    ) -> ConvRecEncoder:
+        """An encoder whose strides multiply to >= ``max_len`` (see ``schedule_for_length``)."""
+        return cls(d_model, schedule_for_length(max_len, max_kernel, num_levels), **kwargs)
+
+    def forward(
+        self, x: Tensor, mask: Tensor | None = None, return_levels: bool = False
+    ) -> Tensor | tuple[Tensor, list[Tensor]]:
+        """``x`` (B, L, D) left-padded (newest last), ``mask`` (B, L) bool -> user vectors (B, D).
+
+        With ``return_levels`` also returns every level's output, (B, L_l, D) each.
+        """
+        check_sequence(x, self.d_model, mask, self.check_inputs)
+        if self.fixed_length is not None:
+            x, mask = self._pad_to_fixed_length(x, mask)
+        resolve_backend(self.backend, x.device)
+        out = downscale(
+            x,
+            [level.params() for level in self.stack],
+            [level.stride for level in self.stack],
+            self.heads,
+            mask=mask,
+            mask_aware=self.mask_aware,
+            dropout=self.dropout,
+            training=self.training,
+            return_levels=return_levels,
+        )
+        return (out.user, out.levels) if return_levels else out.user
+
+    def _pad_to_fixed_length(self, x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        extra = self.fixed_length - x.shape[1]
+        if extra < 0:
+            raise ValueError(
+                f"sequence length {x.shape[1]} exceeds this encoder's fixed_length "
+                f"{self.fixed_length}"
+            )
+        if extra == 0:
+            return x, mask
+        if mask is not None:
+            mask = F.pad(mask, (extra, 0), value=False)
+        return F.pad(x, (0, 0, extra, 0)), mask
+
+    def extra_repr(self) -> str:
+        return (
+            f"d_model={self.d_model}, levels={self.levels}, heads={self.heads}, "
+            f"dropout={self.dropout}, mask_aware={self.mask_aware}, backend={self.backend!r}"
+            + (f", fixed_length={self.fixed_length}" if self.fixed_length else "")
+        )

@@ -1,0 +1,230 @@
+"""Item encoders: item ids (+ attributes, dense features, time context) -> vectors.
+
+``ItemEncoder`` is the gather of DESIGN.md (item row + mean attribute row, no per-position
+MLP), the path the fused kernels accelerate. ``FaithfulItemEncoder`` reproduces the input block
+of the paper's code for comparisons.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from convrec.ops.gather_embed import attribute_bags, gather_embed
+from convrec.time_context import CONTEXT_DIM, time_context
+
+EMBEDDING_STD = 0.02
+
+ItemAttributes = tuple[Tensor, Tensor] | Sequence[Sequence[int]]
+
+
+def csr_from_lists(attributes: Sequence[Sequence[int]]) -> tuple[Tensor, Tensor]:
+    """``attributes[i]`` = attribute ids of item i (row 0 = padding) -> (offsets, ids) CSR."""
+    counts = torch.tensor([len(a) for a in attributes], dtype=torch.int64)
+    offsets = torch.zeros(len(attributes) + 1, dtype=torch.int64)
+    offsets[1:] = torch.cumsum(counts, 0)
+    ids = torch.tensor([int(a) for row in attributes for a in row], dtype=torch.int64)
+    return offsets, ids
+
+
+def check_csr(offsets: Tensor, ids: Tensor, num_rows: int, num_attributes: int) -> None:
+    """Raise ``ValueError`` naming the first inconsistency of an item -> attributes CSR index."""
+    if offsets.dim() != 1 or offsets.dtype != torch.int64:
+        raise ValueError(
+            f"attribute offsets must be 1-D int64, got {offsets.dtype} {tuple(offsets.shape)}"
+        )
+    if ids.dim() != 1 or ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"attribute ids must be 1-D integer, got {ids.dtype} {tuple(ids.shape)}")
+    if offsets.numel() != num_rows + 1:
+        raise ValueError(
+            f"attribute offsets have {offsets.numel()} entries, expected num_items + 2 = "
+            f"{num_rows + 1} (row 0 is the padding item)"
+        )
+    if int(offsets[0]) != 0 or int(offsets[-1]) != ids.numel():
+        raise ValueError(
+            f"attribute offsets must start at 0 and end at len(ids)={ids.numel()}, "
+            f"got {int(offsets[0])}..{int(offsets[-1])}"
+        )
+    step = offsets[1:] - offsets[:-1]
+    if bool((step < 0).any()):
+        row = int((step < 0).nonzero()[0])
+        raise ValueError(f"attribute offsets decrease at item {row}")
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= num_attributes):
+        where = int(((ids < 0) | (ids >= num_attributes)).nonzero()[0])
+        item = int(torch.searchsorted(offsets, torch.tensor(where), right=True)) - 1
+        raise ValueError(
+            f"item {item} has attribute id {int(ids[where])}, outside [0, {num_attributes})"
+        )
+
+
+class _ItemInputs(nn.Module):
+    """Attribute CSR and dense features held as buffers, so checkpoints carry them."""
+
+    def __init__(
+        self,
+        num_items: int,
+        item_attributes: ItemAttributes | None,
+        num_attributes: int | None,
+        item_features: Tensor | None,
+    ) -> None:
+        super().__init__()
+        if num_items < 1:
+            raise ValueError(f"num_items must be >= 1, got {num_items}")
+        self.num_items = num_items
+        self.num_attributes = 0
+        if item_attributes is not None:
+            if isinstance(item_attributes, tuple) and isinstance(item_attributes[0], Tensor):
+                offsets, ids = item_attributes
+            else:
+                offsets, ids = csr_from_lists(item_attributes)
+            ids = ids.to(torch.int64)
+            if num_attributes is None:
+                num_attributes = int(ids.max()) + 1 if ids.numel() else 1
+            check_csr(offsets, ids, num_items + 1, num_attributes)
+            self.num_attributes = num_attributes
+            self.register_buffer("attr_offsets", offsets.clone())
+            self.register_buffer("attr_ids", ids.clone())
+        if item_features is not None:
+            if item_features.dim() != 2 or item_features.shape[0] != num_items + 1:
+                raise ValueError(
+                    f"item_features must have shape (num_items + 1, F) = ({num_items + 1}, F), "
+                    f"got {tuple(item_features.shape)}"
+                )
+            self.register_buffer("item_features", item_features.detach().to(torch.float32).clone())
+        self.has_attributes = item_attributes is not None
+        self.has_features = item_features is not None
+
+    def vectors(self, item_ids: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def all_items(self) -> Tensor:
+        """(N + 1, D) vectors of every item id; row 0 (padding) is never a valid candidate."""
+        device = self.item_embedding.weight.device
+        return self.vectors(torch.arange(self.num_items + 1, device=device))
+
+
+class ItemEncoder(_ItemInputs):
+    """``v -> E_item[v] + mean_a E_attr[a] (+ W_f f_v)``, plus ``W_c c_t`` for history positions."""
+
+    def __init__(
+        self,
+        num_items: int,
+        d_model: int,
+        item_attributes: ItemAttributes | None = None,
+        num_attributes: int | None = None,
+        item_features: Tensor | None = None,
+        use_time: bool = False,
+    ) -> None:
+        super().__init__(num_items, item_attributes, num_attributes, item_features)
+        self.d_model, self.use_time = d_model, use_time
+        self.item_embedding = nn.Embedding(num_items + 1, d_model, padding_idx=0)
+        nn.init.normal_(self.item_embedding.weight, std=EMBEDDING_STD)
+        with torch.no_grad():
+            self.item_embedding.weight[0].zero_()
+        if self.has_attributes:
+            self.attr_embedding = nn.Embedding(self.num_attributes, d_model)
+            nn.init.normal_(self.attr_embedding.weight, std=EMBEDDING_STD)
+        if self.has_features:
+            self.feature_proj = nn.Linear(self.item_features.shape[1], d_model, bias=False)
+        if use_time:
+            self.context_proj = nn.Linear(CONTEXT_DIM, d_model)
+
+    def _attr_args(self) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        if not self.has_attributes:
+            return None, None, None
+        return self.attr_offsets, self.attr_ids, self.attr_embedding.weight
+
+    def forward(self, item_ids: Tensor, mask: Tensor, timestamps: Tensor | None = None) -> Tensor:
+        """History positions (B, L) -> (B, L, D), zero where ``mask`` is False."""
+        x = gather_embed(item_ids, self.item_embedding.weight, *self._attr_args(), mask=mask)
+        keep = mask.unsqueeze(-1).to(x.dtype)
+        if self.has_features:
+            x = x + self.feature_proj(self.item_features[item_ids]) * keep
+        if self.use_time:
+            x = x + self.context_proj(time_context(timestamps, mask)) * keep
+        return x
+
+    def vectors(self, item_ids: Tensor) -> Tensor:
+        """Candidate vectors (no time context) for ids of any shape -> (*, D)."""
+        flat = item_ids.reshape(1, -1)
+        x = gather_embed(flat, self.item_embedding.weight, *self._attr_args(), mask=flat >= 0)
+        if self.has_features:
+            x = x + self.feature_proj(self.item_features[flat])
+        return x.reshape(*item_ids.shape, self.d_model)
+
+
+class FaithfulItemEncoder(_ItemInputs):
+    """The paper code's input block, for comparisons (``ConvRec(faithful=True)``).
+
+    item = Linear([E_item[v]; Dropout(Linear([Linear_4D(f_v); Linear(c)]))]), then
+    Linear(LayerNorm(Dropout(GELU([item; c])))) and GELU, times the mask. f_v is the multi-hot
+    attribute vector (and/or dense features). Unlike the paper code, candidates get zero time
+    context instead of the date of the true next interaction, which would leak the target.
+    """
+
+    def __init__(
+        self,
+        num_items: int,
+        d_model: int,
+        item_attributes: ItemAttributes | None = None,
+        num_attributes: int | None = None,
+        item_features: Tensor | None = None,
+        use_time: bool = False,
+        dropout: float = 0.1,
+    ) -> None:
+        super().__init__(num_items, item_attributes, num_attributes, item_features)
+        self.d_model, self.use_time = d_model, use_time
+        wide, ctx = 4 * d_model, CONTEXT_DIM if use_time else 0
+        self.item_embedding = nn.Embedding(num_items + 1, d_model, padding_idx=0)
+        # Linear(multi-hot -> 4D): its weight columns as embedding rows, summed per item
+        if self.has_attributes:
+            self.attr_proj = nn.Embedding(self.num_attributes, wide)
+            nn.init.normal_(self.attr_proj.weight, std=EMBEDDING_STD)
+        if self.has_features:
+            self.feature_proj = nn.Linear(self.item_features.shape[1], wide, bias=False)
+        self.feature_bias = nn.Parameter(torch.zeros(wide))
+        if use_time:
+            self.context_encoder = nn.Linear(CONTEXT_DIM, d_model)
+        self.fusion = nn.Linear(wide + (d_model if use_time else 0), wide)
+        self.item_proj = nn.Linear(d_model + wide, d_model)
+        self.norm = nn.LayerNorm(d_model + ctx)
+        self.in_proj = nn.Linear(d_model + ctx, d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def _item_vectors(self, item_ids: Tensor, context: Tensor | None) -> Tensor:
+        h = self.feature_bias.expand(*item_ids.shape, -1)
+        if self.has_attributes:
+            h = h + attribute_bags(
+                item_ids, self.attr_offsets, self.attr_ids, self.attr_proj.weight, mode="sum"
+            )
+        if self.has_features:
+            h = h + self.feature_proj(self.item_features[item_ids])
+        if context is not None:
+            h = torch.cat([h, self.context_encoder(context)], dim=-1)
+        ac = self.dropout(self.fusion(h))
+        return self.item_proj(torch.cat([self.item_embedding(item_ids), ac], dim=-1))
+
+    def _input_block(self, v: Tensor, context: Tensor | None, history: bool) -> Tensor:
+        if context is not None:
+            v = torch.cat([v, context], dim=-1)
+        v = F.gelu(v)
+        if history:
+            v = self.dropout(v)
+        return F.gelu(self.in_proj(self.norm(v)))
+
+    def _zero_context(self, item_ids: Tensor) -> Tensor | None:
+        if not self.use_time:
+            return None
+        return torch.zeros(*item_ids.shape, CONTEXT_DIM, device=item_ids.device)
+
+    def forward(self, item_ids: Tensor, mask: Tensor, timestamps: Tensor | None = None) -> Tensor:
+        context = time_context(timestamps, mask) if self.use_time else None
+        v = self._input_block(self._item_vectors(item_ids, context), context, history=True)
+        return v * mask.unsqueeze(-1).to(v.dtype)
+
+    def vectors(self, item_ids: Tensor) -> Tensor:
+        context = self._zero_context(item_ids)
+        return self._input_block(self._item_vectors(item_ids, context), context, history=False)

@@ -1,0 +1,100 @@
+"""The interface every sequential recommender here shares: encode, score, recommend.
+
+Keeping ConvRec and the attention baseline behind one interface lets training, evaluation and
+benchmarks treat them identically.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from convrec.checks import check_id_range, check_item_ids
+from convrec.item_encoder import FaithfulItemEncoder, ItemEncoder
+
+
+class SequentialRecommender(nn.Module):
+    """Base class: subclasses set ``self.item_encoder`` and implement ``_encode``."""
+
+    item_encoder: ItemEncoder | FaithfulItemEncoder
+    check_inputs: bool = False
+
+    @property
+    def num_items(self) -> int:
+        return self.item_encoder.num_items
+
+    def _encode(self, item_ids: Tensor, mask: Tensor, timestamps: Tensor | None) -> Tensor:
+        raise NotImplementedError
+
+    def encode(self, item_ids: Tensor, timestamps: Tensor | None = None) -> Tensor:
+        """Left-padded histories (B, L), 0 = padding, newest last -> user vectors (B, D)."""
+        check_item_ids(item_ids, self.num_items)
+        item_ids = item_ids.long()
+        if self.item_encoder.use_time:
+            if timestamps is None:
+                raise ValueError("this model uses time context: pass timestamps (B, L)")
+            if timestamps.shape != item_ids.shape:
+                raise ValueError(
+                    f"timestamps have shape {tuple(timestamps.shape)}, item_ids "
+                    f"{tuple(item_ids.shape)}"
+                )
+        elif timestamps is not None:
+            raise ValueError("this model was built without time context (use_time=False)")
+        return self._encode(item_ids, item_ids != 0, timestamps)
+
+    def item_vectors(self, item_ids: Tensor | None = None) -> Tensor:
+        """Candidate vectors for ids of any shape, or (N + 1, D) for every item when None."""
+        if item_ids is None:
+            return self.item_encoder.all_items()
+        check_id_range(item_ids, self.num_items, "candidates")
+        return self.item_encoder.vectors(item_ids.long())
+
+    def score(
+        self, item_ids: Tensor, candidates: Tensor | None = None, timestamps: Tensor | None = None
+    ) -> Tensor:
+        """Dot-product scores: (B, C) for candidate ids (B, C), or (B, N + 1) for all items.
+
+        In the all-items form column j is item j and column 0 (padding) is -inf.
+        """
+        user = self.encode(item_ids, timestamps)
+        if candidates is None:
+            scores = user @ self.item_vectors().T
+            return scores.index_fill(1, torch.tensor([0], device=scores.device), float("-inf"))
+        if candidates.dim() != 2 or candidates.shape[0] != item_ids.shape[0]:
+            raise ValueError(
+                f"candidates must have shape (B, C) with B={item_ids.shape[0]}, "
+                f"got {tuple(candidates.shape)}"
+            )
+        return torch.einsum("bd,bcd->bc", user, self.item_vectors(candidates))
+
+    @torch.no_grad()
+    def recommend(
+        self,
+        item_ids: Tensor,
+        k: int = 10,
+        exclude: Tensor | None = None,
+        timestamps: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Top-``k`` items over the whole catalogue -> (scores, item ids), each (B, k).
+
+        ``exclude``: item ids (B, E) with 0 as filler, or a (B, N + 1) bool mask, never returned.
+        """
+        if not 1 <= k <= self.num_items:
+            raise ValueError(f"k must be in [1, {self.num_items}], got {k}")
+        scores = self.score(item_ids, timestamps=timestamps)
+        if exclude is not None:
+            if exclude.dtype == torch.bool:
+                if exclude.shape != scores.shape:
+                    raise ValueError(
+                        f"exclude mask has shape {tuple(exclude.shape)}, expected "
+                        f"{tuple(scores.shape)}"
+                    )
+                scores = scores.masked_fill(exclude, float("-inf"))
+            else:
+                if exclude.dim() != 2 or exclude.shape[0] != scores.shape[0]:
+                    raise ValueError(
+                        f"exclude ids must have shape (B, E), got {tuple(exclude.shape)}"
+                    )
+                check_id_range(exclude, self.num_items, "exclude")
+                scores = scores.scatter(1, exclude.long(), float("-inf"))
+        return torch.topk(scores, k, dim=1)

@@ -1,0 +1,1 @@
+"""Triton kernels of the convrec operators, installed as ``convrec.kernels``."""

@@ -1,0 +1,29 @@
+"""Shared fixtures: seeded RNG, small attribute tables, the path of the shared real data."""
+
+from __future__ import annotations
+
+import pathlib
+
+import pytest
+import torch
+
+SHARED_DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def attribute_lists() -> list[list[int]]:
+    """Attributes of items 0..30 (0 = padding): some with none, some with repeated ids."""
+    lists: list[list[int]] = [[]]
+    for item in range(1, 31):
+        if item % 5 == 0:
+            lists.append([])
+        elif item % 7 == 0:
+            lists.append([item % 9, item % 9, (item * 2) % 9])
+        else:
+            lists.append([item % 9, (item * 4 + 1) % 9])
+    return lists

@@ -1,0 +1,49 @@
+"""Measurement helpers count exactly what they claim; the encoder comparison runs end to end."""
+
+from __future__ import annotations
+
+import torch
+
+from convrec.bench.encoder_cost import compare_encoders, format_table
+from convrec.bench.measure import saved_tensor_bytes
+from convrec.cli import main
+
+
+def test_saved_tensor_bytes_is_exact() -> None:
+    x = torch.randn(100, 10, requires_grad=True)
+    w = torch.randn(10, 10, requires_grad=True)
+    # exp saves its output (4000 bytes); matmul saves x and w, w is excluded like a parameter
+    assert saved_tensor_bytes(lambda: (x @ w).exp(), exclude=[w]) == 4000 + 4000
+    # a storage saved twice counts once
+    assert saved_tensor_bytes(lambda: x * x) == 4000
+    with torch.no_grad():
+        assert saved_tensor_bytes(lambda: x.exp()) == 0
+
+
+def test_compare_encoders_rows() -> None:
+    rows = compare_encoders(lengths=[8, 20], batch_size=2, d_model=8, repeats=1)
+    assert {(r["encoder"], r["L"]) for r in rows} == {
+        (e, n) for e in ("ConvRecEncoder", "SASRec-2blk-sdpa") for n in (8, 20)
+    }
+    assert all(r["saved_bytes"] > 0 and r["fwd_bwd_ms"] > 0 for r in rows)
+    table = format_table(rows)
+    assert "| 20 | ConvRecEncoder |" in table and "SASRec/ConvRec" in table
+
+
+def test_cli_bench_encoder(capsys) -> None:
+    main(
+        [
+            "bench",
+            "encoder",
+            "--lengths",
+            "6",
+            "--batch-size",
+            "2",
+            "--d-model",
+            "8",
+            "--repeats",
+            "1",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert "| 6 | SASRec-2blk-sdpa |" in out

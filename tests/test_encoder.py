@@ -1,0 +1,181 @@
+"""``downscale`` and ``ConvRecEncoder``: the paper's stack re-derived, masks, autograd, compile."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from convrec import ConvRecEncoder
+from convrec.schedule import level_geometry
+
+
+def _paper_stack(encoder: ConvRecEncoder, x: torch.Tensor) -> torch.Tensor:
+    """Written from the paper code's structure: per-level F.pad, nn.AvgPool1d, one Conv1d per
+    head on channels-first slices, Linear, GELU, LayerNorm(y + a * pool(x) + b * pool(r))."""
+    x_res = x
+    length = x.shape[1]
+    for level in encoder.stack:
+        k, s, heads = level.kernel, level.stride, encoder.heads
+        pad = k - length if length < k else (0 if (length - k) % s == 0 else s - (length - k) % s)
+        xt = F.pad(x.transpose(1, 2), (pad, 0))  # (B, D, L + pad)
+        rt = F.pad(x_res.transpose(1, 2), (pad, 0))
+        pool = nn.AvgPool1d(k, s)
+        head_dim = x.shape[2] // heads
+        heads_out = []
+        for h in range(heads):
+            sl = slice(h * head_dim, (h + 1) * head_dim)
+            w, b = level.conv.weight[sl], level.conv.bias[sl]
+            heads_out.append(F.conv1d(xt[:, sl], w, b, stride=s))
+        y = level.linear(torch.cat(heads_out, dim=1).transpose(1, 2))
+        y = F.gelu(y)
+        x_pool, x_res = pool(xt).transpose(1, 2), pool(rt).transpose(1, 2)
+        x = level.norm(y + level.alpha * x_pool + level.beta * x_res)
+        length = x.shape[1]
+    return x.mean(1)
+
+
+def _randomise(encoder: nn.Module) -> nn.Module:
+    with torch.no_grad():
+        for p in encoder.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    return encoder
+
+
+@pytest.mark.parametrize("length", [1, 3, 35, 50, 97])
+@pytest.mark.parametrize("heads", [1, 4])
+def test_matches_paper_stack(length: int, heads: int) -> None:
+    encoder = _randomise(ConvRecEncoder(16, heads=heads)).eval()
+    x = torch.randn(3, length, 16)
+    torch.testing.assert_close(encoder(x), _paper_stack(encoder, x))
+
+
+def test_mask_zeroes_padded_inputs() -> None:
+    encoder = _randomise(ConvRecEncoder(8)).eval()
+    x = torch.randn(2, 12, 8)
+    mask = torch.ones(2, 12, dtype=torch.bool)
+    mask[:, :4] = False
+    torch.testing.assert_close(encoder(x, mask), _paper_stack(encoder, x * mask[..., None]))
+
+
+def test_mask_aware_ignores_prepended_padding() -> None:
+    encoder = _randomise(ConvRecEncoder(8, mask_aware=True)).eval()
+    plain = _randomise(ConvRecEncoder(8, mask_aware=False)).eval()
+    x = torch.randn(3, 23, 8)
+    mask = torch.ones(3, 23, dtype=torch.bool)
+    mask[1, :9] = False  # a row that is itself partly padded
+    longer_x = torch.cat([torch.randn(3, 40, 8), x], dim=1)  # garbage under the padding
+    longer_mask = torch.cat([torch.zeros(3, 40, dtype=torch.bool), mask], dim=1)
+    torch.testing.assert_close(encoder(longer_x, longer_mask), encoder(x, mask))
+    # without mask-aware pooling the padding does change the result (the paper's behaviour)
+    assert not torch.allclose(plain(longer_x, longer_mask), plain(x, mask), atol=1e-4)
+
+
+def test_all_padding_row_is_zero_when_mask_aware() -> None:
+    encoder = _randomise(ConvRecEncoder(8, mask_aware=True)).eval()
+    x = torch.randn(2, 10, 8)
+    mask = torch.ones(2, 10, dtype=torch.bool)
+    mask[0] = False
+    out = encoder(x, mask)
+    assert (out[0] == 0).all() and out[1].abs().sum() > 0
+
+
+@pytest.mark.parametrize("length", [1, 9, 50, 71])
+def test_return_levels_follow_geometry(length: int) -> None:
+    encoder = ConvRecEncoder(8).eval()
+    user, levels = encoder(torch.randn(2, length, 8), return_levels=True)
+    expected = [n for _, n in level_geometry(length, encoder.levels)]
+    assert [lv.shape[1] for lv in levels] == expected
+    torch.testing.assert_close(user, levels[-1].mean(1))
+
+
+def test_fixed_length_matches_explicit_padding() -> None:
+    fixed = _randomise(ConvRecEncoder(8, fixed_length=35)).eval()
+    free = ConvRecEncoder(8)
+    free.load_state_dict(fixed.state_dict())
+    free.eval()
+    x = torch.randn(2, 20, 8)
+    padded = torch.cat([torch.zeros(2, 15, 8), x], dim=1)
+    torch.testing.assert_close(fixed(x), free(padded))
+    with pytest.raises(ValueError, match="fixed_length"):
+        fixed(torch.randn(2, 36, 8))
+
+
+@pytest.mark.parametrize("mask_aware", [False, True])
+def test_gradcheck_float64_all_parameters(mask_aware: bool) -> None:
+    encoder = ConvRecEncoder(
+        4, levels=[(2, 2), (3, 2)], heads=2, dropout=0.0, mask_aware=mask_aware
+    )
+    encoder = _randomise(encoder.double())
+    names = [n for n, _ in encoder.named_parameters()]
+    params = tuple(p.detach().clone().requires_grad_() for p in encoder.parameters())
+    x = torch.randn(2, 9, 4, dtype=torch.float64, requires_grad=True)
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[0, :3] = False
+
+    def fn(x, *ps):
+        return torch.func.functional_call(encoder, dict(zip(names, ps, strict=True)), (x, mask))
+
+    assert torch.autograd.gradcheck(fn, (x, *params))
+
+
+def test_dropout_only_in_training() -> None:
+    encoder = ConvRecEncoder(8, dropout=0.5)
+    x = torch.randn(2, 30, 8)
+    encoder.train()
+    assert not torch.allclose(encoder(x), encoder(x))
+    encoder.eval()
+    torch.testing.assert_close(encoder(x), encoder(x))
+
+
+@pytest.mark.slow
+def test_compile_fullgraph_matches_eager() -> None:
+    encoder = _randomise(ConvRecEncoder(16, heads=2, dropout=0.0, mask_aware=True))
+    compiled = torch.compile(encoder, fullgraph=True)
+    x = torch.randn(3, 35, 16, requires_grad=True)
+    mask = torch.ones(3, 35, dtype=torch.bool)
+    mask[0, :10] = False
+    eager_out = encoder(x, mask)
+    (eager_grad,) = torch.autograd.grad(eager_out.square().sum(), x)
+    compiled_out = compiled(x, mask)
+    (compiled_grad,) = torch.autograd.grad(compiled_out.square().sum(), x)
+    torch.testing.assert_close(compiled_out, eager_out, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(compiled_grad, eager_grad, rtol=1e-4, atol=1e-5)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    batch=st.integers(1, 4),
+    length=st.integers(1, 120),
+    heads=st.sampled_from([1, 2, 4]),
+    levels=st.lists(st.tuples(st.integers(1, 8), st.integers(1, 8)), min_size=1, max_size=4),
+    mask_aware=st.booleans(),
+)
+def test_fuzzed_shapes(batch, length, heads, levels, mask_aware) -> None:
+    levels = [(max(k, s), min(k, s)) for k, s in levels]
+    encoder = ConvRecEncoder(8, levels, heads=heads, mask_aware=mask_aware).eval()
+    x = torch.randn(batch, length, 8)
+    mask = torch.rand(batch, length) > 0.3
+    user, outs = encoder(x, mask, return_levels=True)
+    assert user.shape == (batch, 8) and torch.isfinite(user).all()
+    assert [o.shape[1] for o in outs] == [n for _, n in level_geometry(length, levels)]
+
+
+def test_state_dict_is_backend_independent() -> None:
+    auto = ConvRecEncoder(8, backend="auto")
+    reference = ConvRecEncoder(8, backend="reference")
+    reference.load_state_dict(auto.state_dict())
+    assert list(auto.state_dict()) == list(reference.state_dict())
+    x = torch.randn(2, 11, 8)
+    torch.testing.assert_close(auto.eval()(x), reference.eval()(x))
+    assert "stack.0.conv.weight" in auto.state_dict() and "stack.2.alpha" in auto.state_dict()
+
+
+def test_for_length_covers() -> None:
+    encoder = ConvRecEncoder.for_length(2048, 8, heads=2)
+    assert encoder.levels == ((4, 4), (8, 8), (8, 8), (8, 8)) and encoder.heads == 2
+    _, outs = encoder.eval()(torch.randn(1, 2048, 8), return_levels=True)
+    assert outs[-1].shape[1] == 1

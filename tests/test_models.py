@@ -1,0 +1,170 @@
+"""``ConvRec`` and ``SASRec``: shared interface, faithful mode re-derived, attention variants."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from convrec import ConvRec, SASRec
+from convrec.item_encoder import csr_from_lists
+from convrec.time_context import CONTEXT_DIM, time_context
+from tests.test_encoder import _paper_stack, _randomise
+
+
+def _histories(batch: int = 4, length: int = 12, num_items: int = 30) -> torch.Tensor:
+    ids = torch.randint(1, num_items + 1, (batch, length))
+    for row in range(batch):
+        ids[row, : row * 3] = 0  # left padding of different lengths
+    return ids
+
+
+@pytest.fixture(params=["convrec", "convrec-mask-aware", "faithful", "sasrec"])
+def model(request, attribute_lists):
+    kind = request.param
+    if kind == "sasrec":
+        return SASRec(30, d_model=16, max_len=20, item_attributes=attribute_lists).eval()
+    return ConvRec(
+        30,
+        d_model=16,
+        item_attributes=attribute_lists,
+        mask_aware=kind == "convrec-mask-aware",
+        faithful=kind == "faithful",
+        max_len=20 if kind == "faithful" else None,
+    ).eval()
+
+
+def test_shared_interface(model) -> None:
+    ids = _histories()
+    user = model.encode(ids)
+    assert user.shape == (4, 16)
+    all_scores = model.score(ids)
+    assert all_scores.shape == (4, 31) and torch.isinf(all_scores[:, 0]).all()
+    candidates = torch.randint(1, 31, (4, 7))
+    picked = model.score(ids, candidates)
+    torch.testing.assert_close(picked, all_scores.gather(1, candidates), rtol=1e-5, atol=1e-5)
+    scores, top = model.recommend(ids, k=5)
+    assert top.shape == (4, 5) and (top >= 1).all()
+    torch.testing.assert_close(scores, all_scores.topk(5).values)
+
+
+def test_recommend_excludes(model) -> None:
+    ids = _histories()
+    _, top = model.recommend(ids, k=5, exclude=ids)
+    for row in range(ids.shape[0]):
+        assert not set(top[row].tolist()) & set(ids[row].tolist())
+    seen = torch.zeros(4, 31, dtype=torch.bool)
+    seen[:, 1:26] = True
+    _, top = model.recommend(ids, k=5, exclude=seen)
+    assert (top > 25).all()
+    with pytest.raises(ValueError, match="k must be"):
+        model.recommend(ids, k=31)
+
+
+def test_training_step_updates_every_parameter(model) -> None:
+    model.train()
+    ids = _histories()
+    target = torch.randint(1, 31, (4,))
+    loss = F.cross_entropy(model.score(ids), target)
+    loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, missing
+
+
+@pytest.mark.parametrize("kind", ["convrec-mask-aware", "sasrec"])
+def test_prepended_padding_changes_nothing(kind: str, attribute_lists) -> None:
+    if kind == "sasrec":
+        model = SASRec(30, d_model=16, max_len=40, item_attributes=attribute_lists)
+    else:
+        model = ConvRec(30, d_model=16, item_attributes=attribute_lists, mask_aware=True)
+    model.eval()
+    ids = _histories()
+    longer = torch.cat([torch.zeros(4, 9, dtype=torch.long), ids], dim=1)
+    torch.testing.assert_close(model.encode(longer), model.encode(ids), rtol=1e-5, atol=1e-5)
+
+
+def test_sasrec_sdpa_equals_naive_attention(attribute_lists) -> None:
+    naive = SASRec(30, d_model=16, max_len=20, heads=4, attention="naive").eval()
+    sdpa = SASRec(30, d_model=16, max_len=20, heads=4, attention="sdpa").eval()
+    sdpa.load_state_dict(naive.state_dict())
+    ids = _histories()
+    ids[3] = 0  # an all-padding row
+    torch.testing.assert_close(sdpa.encode(ids), naive.encode(ids), rtol=1e-5, atol=1e-5)
+    assert (sdpa.encode(ids)[3] == 0).all()
+
+
+def test_faithful_matches_paper_input_block(attribute_lists) -> None:
+    """Re-derive the paper code's forward: multi-hot features -> Linear(4D), fusion Linear,
+    concat with the id embedding, Linear; GELU, LayerNorm, Linear, GELU, mask; fixed padding."""
+    model = _randomise(
+        ConvRec(30, d_model=8, item_attributes=attribute_lists, faithful=True, max_len=20)
+    ).eval()
+    enc = model.item_encoder
+    multi_hot = torch.zeros(31, enc.num_attributes)
+    for item, attrs in enumerate(attribute_lists):
+        for a in attrs:
+            multi_hot[item, a] += 1
+
+    def item_block(ids):
+        h = multi_hot[ids] @ enc.attr_proj.weight + enc.feature_bias
+        v = enc.item_proj(torch.cat([enc.item_embedding(ids), enc.fusion(h)], dim=-1))
+        return F.gelu(enc.in_proj(enc.norm(F.gelu(v))))
+
+    ids = _histories(length=12)
+    x = item_block(ids) * (ids != 0)[..., None]
+    x = torch.cat([torch.zeros(4, 8, 8), x], dim=1)  # the paper always feeds max_len positions
+    user = _paper_stack(model.encoder, x)
+    torch.testing.assert_close(model.encode(ids), user)
+    candidates = torch.randint(1, 31, (4, 5))
+    expected = torch.einsum("bd,bcd->bc", user, item_block(candidates))
+    torch.testing.assert_close(model.score(ids, candidates), expected)
+    with pytest.raises(ValueError, match="max_len"):
+        model.encode(torch.ones(1, 21, dtype=torch.long))
+
+
+def test_dense_features_and_time_context() -> None:
+    features = torch.randn(31, 5)
+    model = ConvRec(30, d_model=8, item_features=features, use_time=True).eval()
+    ids = _histories()
+    day = 86400
+    times = torch.arange(12).repeat(4, 1) * day + 1_400_000_000
+    user = model.encode(ids, times)
+    assert user.shape == (4, 8)
+    shifted = model.encode(ids, times + 3 * day)  # calendar features change with the date
+    assert not torch.allclose(user, shifted)
+    with pytest.raises(ValueError, match="timestamps"):
+        model.encode(ids)
+    # the feature projection is part of every item vector
+    enc = model.item_encoder
+    expected = enc.item_embedding.weight + enc.feature_proj(features)
+    torch.testing.assert_close(model.item_vectors(), expected)
+
+
+def test_time_context_features() -> None:
+    day = 86400
+    times = torch.tensor([[0, 5 * day, 5 * day, 9 * day]]) + 1_000_000 * day
+    mask = torch.tensor([[False, True, True, True]])
+    ctx = time_context(times, mask)
+    assert ctx.shape == (1, 4, CONTEXT_DIM)
+    assert (ctx[0, 0] == 0).all()  # padding
+    gaps = ctx[0, 1:, 0].expm1()
+    torch.testing.assert_close(gaps, torch.tensor([0.0, 0.0, 4.0]))  # first real item: no gap
+    ages = ctx[0, 1:, 1].expm1()
+    torch.testing.assert_close(ages, torch.tensor([4.0, 4.0, 0.0]))
+
+
+def test_csr_tuple_equals_lists(attribute_lists) -> None:
+    torch.manual_seed(1)
+    a = ConvRec(30, d_model=8, item_attributes=attribute_lists)
+    b = ConvRec(30, d_model=8, item_attributes=csr_from_lists(attribute_lists))
+    b.load_state_dict(a.state_dict())
+    ids = _histories()
+    torch.testing.assert_close(a.eval().encode(ids), b.eval().encode(ids))
+
+
+@pytest.mark.slow
+def test_model_compiles_fullgraph(attribute_lists) -> None:
+    model = ConvRec(30, d_model=16, item_attributes=attribute_lists, dropout=0.0).eval()
+    ids = _histories()
+    compiled = torch.compile(model.score, fullgraph=True)
+    torch.testing.assert_close(compiled(ids), model.score(ids), rtol=1e-5, atol=1e-5)
