@@ -101,7 +101,6 @@ class ConvRecEncoder(nn.Module):
         check_sequence(x, self.d_model, mask, self.check_inputs)
         if self.fixed_length is not None:
             x, mask = self._pad_to_fixed_length(x, mask)
-        resolve_backend(self.backend, x.device)
         out = downscale(
             x,
             [level.params() for level in self.stack],
@@ -112,6 +111,7 @@ class ConvRecEncoder(nn.Module):
             dropout=self.dropout,
             training=self.training,
             return_levels=return_levels,
+            backend=resolve_backend(self.backend, x.device),
         )
         return (out.user, out.levels) if return_levels else out.user
 

@@ -2,7 +2,7 @@
 CPU fallback) and, as they land, the dispatch to its fast paths."""
 
 from convrec.ops.conv_pool import ConvPoolOutput, conv_pool
-from convrec.ops.downscale import DownscaleOutput, LevelParams, downscale
+from convrec.ops.downscale import DownscaleOutput, LevelParams, downscale, downscale_reference
 from convrec.ops.gather_embed import attribute_bags, gather_embed
 
 __all__ = [
@@ -12,5 +12,6 @@ __all__ = [
     "attribute_bags",
     "conv_pool",
     "downscale",
+    "downscale_reference",
     "gather_embed",
 ]

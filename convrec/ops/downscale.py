@@ -48,6 +48,27 @@ def downscale(
     training: bool = False,
     eps: float = 1e-5,
     return_levels: bool = False,
+    backend: str = "reference",
+) -> DownscaleOutput:
+    """Dispatch to the implementation named by ``backend`` (see ``convrec.backends``)."""
+    if backend == "reference":
+        return downscale_reference(
+            x, params, strides, heads, mask, mask_aware, dropout, training, eps, return_levels
+        )
+    raise NotImplementedError(f"downscale has no {backend!r} implementation")
+
+
+def downscale_reference(
+    x: Tensor,
+    params: Sequence[LevelParams],
+    strides: Sequence[int],
+    heads: int,
+    mask: Tensor | None = None,
+    mask_aware: bool = False,
+    dropout: float = 0.0,
+    training: bool = False,
+    eps: float = 1e-5,
+    return_levels: bool = False,
 ) -> DownscaleOutput:
     """Run every level on ``x`` (B, L, D) and read out the user vector (B, D).
 
