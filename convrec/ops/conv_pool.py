@@ -29,6 +29,22 @@ def conv_pool(
     stride: int,
     heads: int,
     mask: Tensor | None = None,
+    backend: str = "reference",
+) -> ConvPoolOutput:
+    """Dispatch to the implementation named by ``backend`` (see ``conv_pool_reference``)."""
+    if backend == "reference":
+        return conv_pool_reference(x, residual, weight, bias, stride, heads, mask)
+    raise NotImplementedError(f"conv_pool has no {backend!r} implementation")
+
+
+def conv_pool_reference(
+    x: Tensor,
+    residual: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    stride: int,
+    heads: int,
+    mask: Tensor | None = None,
 ) -> ConvPoolOutput:
     """Left-pad, strided grouped Conv1d and average pools of ``x`` and ``residual`` over windows.
 

@@ -10,13 +10,14 @@ fallback. Each level l computes, with r the long residual (r starts as the input
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch.nn.functional as F
 from torch import Tensor
 
-from convrec.ops.conv_pool import conv_pool
+from convrec.ops.conv_pool import ConvPoolOutput, conv_pool
 
 
 class LevelParams(NamedTuple):
@@ -37,6 +38,36 @@ class DownscaleOutput(NamedTuple):
     levels: list[Tensor]  # each level's output (B, L_l, D); empty unless asked for
 
 
+def level_mix(
+    conv: Tensor,
+    pooled: Tensor,
+    residual: Tensor,
+    p: LevelParams,
+    level_mask: Tensor | None,
+    dropout: float,
+    training: bool,
+    eps: float,
+) -> Tensor:
+    """The rest of a level after ``conv_pool``: Linear, GELU, dropout, residual mix, LayerNorm.
+
+    Windows outside ``level_mask`` (mask-aware mode) are zeroed.
+    """
+    y = F.dropout(F.gelu(F.linear(conv, p.linear_weight, p.linear_bias)), dropout, training)
+    mixed = y + p.alpha * pooled + p.beta * residual
+    x = F.layer_norm(mixed, (conv.shape[-1],), p.norm_weight, p.norm_bias, eps)
+    if level_mask is not None:
+        x = x * level_mask.unsqueeze(-1).to(x.dtype)
+    return x
+
+
+def readout(x: Tensor, level_mask: Tensor | None) -> Tensor:
+    """Mean over positions (B, L, D) -> (B, D), only over masked-in positions given a mask."""
+    if level_mask is None:
+        return x.mean(1)
+    count = level_mask.sum(1, keepdim=True).clamp(min=1).to(x.dtype)
+    return (x * level_mask.unsqueeze(-1).to(x.dtype)).sum(1) / count
+
+
 def downscale(
     x: Tensor,
     params: Sequence[LevelParams],
@@ -48,13 +79,21 @@ def downscale(
     training: bool = False,
     eps: float = 1e-5,
     return_levels: bool = False,
+    residual: Tensor | None = None,
     backend: str = "reference",
 ) -> DownscaleOutput:
-    """Dispatch to the implementation named by ``backend`` (see ``convrec.backends``)."""
+    """Dispatch to the implementation named by ``backend`` (see ``convrec.backends``).
+
+    "triton" runs each level's ``conv_pool`` as a Triton kernel and the rest in PyTorch.
+    """
+    if len(params) != len(strides):
+        raise ValueError(f"{len(params)} level parameter sets but {len(strides)} strides")
+    args = (x, params, strides, heads, mask, mask_aware, dropout, training, eps, return_levels)
     if backend == "reference":
-        return downscale_reference(
-            x, params, strides, heads, mask, mask_aware, dropout, training, eps, return_levels
-        )
+        return downscale_reference(*args, residual=residual)
+    if backend == "triton":
+        conv = functools.partial(conv_pool, backend="triton")
+        return downscale_reference(*args, residual=residual, conv_pool_fn=conv)
     raise NotImplementedError(f"downscale has no {backend!r} implementation")
 
 
@@ -69,6 +108,8 @@ def downscale_reference(
     training: bool = False,
     eps: float = 1e-5,
     return_levels: bool = False,
+    residual: Tensor | None = None,
+    conv_pool_fn: Callable[..., ConvPoolOutput] = conv_pool,
 ) -> DownscaleOutput:
     """Run every level on ``x`` (B, L, D) and read out the user vector (B, D).
 
@@ -76,28 +117,20 @@ def downscale_reference(
     pools and the readout average only over real positions and windows with no real position
     are zeroed at every level, so prepending padding changes nothing; otherwise (the paper's
     behaviour) padding counts as zeros in every average. Kernel sizes come from the conv weights.
+    ``residual`` (B, L, D) is the long residual entering the first level given (default: x),
+    which lets the stack continue after a first level computed elsewhere (the fused kernel);
+    with no levels the result is the readout of ``x``.
     """
-    if len(params) != len(strides):
-        raise ValueError(f"{len(params)} level parameter sets but {len(strides)} strides")
     if mask is not None:
         x = x * mask.unsqueeze(-1).to(x.dtype)
     level_mask = mask if mask_aware else None
-    residual = x
+    residual = x if residual is None else residual
     outputs = []
     for p, stride in zip(params, strides, strict=True):
-        conv, pooled, residual, level_mask = conv_pool(
+        conv, pooled, residual, level_mask = conv_pool_fn(
             x, residual, p.conv_weight, p.conv_bias, stride, heads, level_mask
         )
-        y = F.dropout(F.gelu(F.linear(conv, p.linear_weight, p.linear_bias)), dropout, training)
-        mixed = y + p.alpha * pooled + p.beta * residual
-        x = F.layer_norm(mixed, (x.shape[-1],), p.norm_weight, p.norm_bias, eps)
-        if level_mask is not None:
-            x = x * level_mask.unsqueeze(-1).to(x.dtype)
+        x = level_mix(conv, pooled, residual, p, level_mask, dropout, training, eps)
         if return_levels:
             outputs.append(x)
-    if level_mask is None:
-        user = x.mean(1)
-    else:
-        count = level_mask.sum(1, keepdim=True).clamp(min=1).to(x.dtype)
-        user = x.sum(1) / count
-    return DownscaleOutput(user, outputs)
+    return DownscaleOutput(readout(x, level_mask), outputs)
