@@ -1,9 +1,164 @@
-"""The ``convrec`` command line."""
+"""The ``convrec`` command line: train, evaluate, recommend, demo, bench."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import pathlib
 import sys
+import tempfile
+
+from convrec.training.config import TrainConfig
+
+
+def _levels(text: str) -> list[list[int]]:
+    """ "2,2 5,5 7,7" -> [[2, 2], [5, 5], [7, 7]]."""
+    try:
+        return [[int(v) for v in pair.split(",")] for pair in text.split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"levels must look like '2,2 5,5 7,7', got {text!r}"
+        ) from None
+
+
+def _add_train_flags(p: argparse.ArgumentParser) -> None:
+    """Flags of TrainConfig; absent flags keep the config file's value or the default."""
+    s = argparse.SUPPRESS
+    d = TrainConfig()
+    p.add_argument("--data", default=s, help=f"dataset path or 'synthetic' (default {d.data})")
+    p.add_argument(
+        "--format", default=s, choices=["auto", "s3rec", "recbole", "movielens", "synthetic"]
+    )
+    p.add_argument("--timestamps", default=s, help="S3-Rec: aligned timestamp file")
+    p.add_argument("--min-length", type=int, default=s, help="drop users with fewer items (3)")
+    p.add_argument("--k-core", type=int, default=s, help="iterative k-core filter")
+    p.add_argument("--model", default=s, choices=["convrec", "sasrec"])
+    p.add_argument("--max-len", type=int, default=s, help=f"history length (default {d.max_len})")
+    p.add_argument("--d-model", type=int, default=s, help=f"width (default {d.d_model})")
+    p.add_argument("--levels", type=_levels, default=s, help="convrec levels, e.g. '2,2 5,5 7,7'")
+    p.add_argument("--heads", type=int, default=s, help="conv heads (1) / attention heads (2)")
+    p.add_argument("--blocks", type=int, default=s, help="sasrec blocks (2)")
+    p.add_argument("--dropout", type=float, default=s, help="0.1 convrec, 0.2 sasrec")
+    p.add_argument(
+        "--mask-aware", action="store_true", default=s, help="exclude padding from pools"
+    )
+    p.add_argument(
+        "--faithful", action="store_true", default=s, help="the paper code's input block"
+    )
+    p.add_argument("--no-attributes", dest="use_attributes", action="store_false", default=s)
+    p.add_argument(
+        "--use-time", action="store_true", default=s, help="time context from timestamps"
+    )
+    p.add_argument("--backend", default=s, choices=["auto", "reference", "triton", "cpp", "cuda"])
+    p.add_argument("--loss", default=s, choices=["full", "sampled"], help="full softmax (default)")
+    p.add_argument("--negatives", type=int, default=s, help="sampled-softmax negatives (100)")
+    p.add_argument("--train-sampling", default=s, choices=["random-cut", "all-prefixes"])
+    p.add_argument("--epochs", type=int, default=s, help=f"maximum epochs (default {d.epochs})")
+    p.add_argument("--batch-size", type=int, default=s, help=f"default {d.batch_size}")
+    p.add_argument("--lr", type=float, default=s, help=f"AdamW learning rate (default {d.lr})")
+    p.add_argument("--weight-decay", type=float, default=s, help=f"default {d.weight_decay}")
+    p.add_argument("--grad-clip", type=float, default=s, help="max gradient norm, 0 = off (1.0)")
+    p.add_argument("--patience", type=int, default=s, help="epochs without improvement (10)")
+    p.add_argument("--select", default=s, help="validation metric (default full/NDCG@10)")
+    p.add_argument("--eval-batch-size", type=int, default=s)
+    p.add_argument("--time-budget", type=float, default=s, help="stop after this many seconds")
+    p.add_argument("--seed", type=int, default=s)
+    p.add_argument("--device", default=s, choices=["cpu", "cuda"])
+
+
+def _train(args: argparse.Namespace) -> None:
+    from convrec.training.config import read_config_file
+    from convrec.training.trainer import train
+
+    values = read_config_file(args.config) if args.config else {}
+    flags = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
+    config = TrainConfig.from_dict(values | flags)
+    summary = train(config, args.out, resume=args.resume, progress=not args.no_progress)
+    print(json.dumps(summary["test"], indent=2, sort_keys=True))
+
+
+def _load_for_inference(checkpoint: str, data_path: str | None):
+    """(checkpoint payload, its config with ``data_path`` applied, the model in eval mode)."""
+    from convrec.training.checkpoint import load_checkpoint
+    from convrec.training.factory import build_model
+
+    saved = load_checkpoint(checkpoint)
+    config = TrainConfig.from_dict(saved["config"])
+    if data_path is not None:
+        config.data = data_path
+    model = build_model(saved["model_spec"])
+    model.load_state_dict(saved["model"])
+    model.eval()
+    return saved, config, model
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from convrec.evaluation.protocols import PROTOCOLS, evaluate, format_metrics
+    from convrec.training.trainer import load_training_data
+
+    saved, config, model = _load_for_inference(args.checkpoint, args.data)
+    data = load_training_data(config)
+    if data.item_ids != saved["item_ids"]:
+        raise ValueError(f"{config.data} does not have the item ids this checkpoint was trained on")
+    protocols = PROTOCOLS if args.protocol == "both" else (args.protocol,)
+    metrics = evaluate(
+        model,
+        data,
+        args.split,
+        protocols,
+        max_len=config.max_len,
+        batch_size=config.eval_batch_size,
+    )
+    if args.json:
+        print(json.dumps(metrics, indent=2, sort_keys=True))
+    else:
+        print(format_metrics(metrics, data, f"{config.model} on {data.name}, {args.split} split"))
+
+
+def _recommend(args: argparse.Namespace) -> None:
+    import torch
+
+    from convrec.training.trainer import load_training_data
+
+    saved, config, model = _load_for_inference(args.checkpoint, args.data)
+    item_ids = saved["item_ids"]
+    index = {orig: i for i, orig in enumerate(item_ids) if i > 0}
+    times = None
+    if args.user is not None:
+        data = load_training_data(config)
+        users = data.user_index()
+        if args.user not in users:
+            raise SystemExit(f"user {args.user!r} is not in {config.data}")
+        history = data.sequences[users[args.user]].tolist()
+        if data.timestamps is not None:
+            times = data.timestamps[users[args.user]].tolist()
+    else:
+        unknown = [t for t in args.history.split() if t not in index]
+        if unknown:
+            raise SystemExit(f"unknown item ids in --history: {' '.join(unknown)}")
+        history = [index[t] for t in args.history.split()]
+    if model.item_encoder.use_time and times is None:
+        raise SystemExit(
+            "this model uses time context: use --user with a dataset that has timestamps"
+        )
+    history = history[-config.max_len :]
+    ids = torch.tensor([[0] * (config.max_len - len(history)) + history])
+    stamps = None
+    if model.item_encoder.use_time:
+        times = times[-config.max_len :]
+        stamps = torch.tensor([[0] * (config.max_len - len(times)) + times])
+    exclude = None if args.include_seen else ids
+    scores, top = model.recommend(ids, k=args.k, exclude=exclude, timestamps=stamps)
+    print("rank\titem\tscore")
+    for rank, (item, score) in enumerate(zip(top[0].tolist(), scores[0].tolist(), strict=True), 1):
+        print(f"{rank}\t{item_ids[item]}\t{score:.4f}")
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from convrec.demo import run_demo
+
+    out = pathlib.Path(args.out or tempfile.mkdtemp(prefix="convrec-demo-"))
+    run_demo(out, seconds=args.seconds, seed=args.seed, progress=not args.no_progress)
 
 
 def _bench_encoder(args: argparse.Namespace) -> None:
@@ -18,6 +173,39 @@ def build_parser() -> argparse.ArgumentParser:
         prog="convrec", description="ConvRec: linear-cost sequential recommendation."
     )
     commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train a model and evaluate its best checkpoint")
+    _add_train_flags(train)
+    train.add_argument("--config", help="JSON or TOML file of settings (flags override it)")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out")
+    train.add_argument("--out", required=True, help="folder for checkpoints, logs and metrics")
+    train.add_argument("--no-progress", action="store_true", help="no progress bars")
+    train.set_defaults(run=_train)
+
+    evaluate = commands.add_parser("evaluate", help="metrics of a checkpoint")
+    evaluate.add_argument("--checkpoint", required=True)
+    evaluate.add_argument("--data", help="dataset path (default: the one it was trained on)")
+    evaluate.add_argument("--protocol", default="both", choices=["full", "sampled", "both"])
+    evaluate.add_argument("--split", default="test", choices=["valid", "test"])
+    evaluate.add_argument("--json", action="store_true", help="print JSON (as in metrics.json)")
+    evaluate.set_defaults(run=_evaluate)
+
+    recommend = commands.add_parser("recommend", help="top-k items for a user or a history")
+    recommend.add_argument("--checkpoint", required=True)
+    who = recommend.add_mutually_exclusive_group(required=True)
+    who.add_argument("--user", help="original user id (its whole history is used)")
+    who.add_argument("--history", help="original item ids, oldest first, space-separated")
+    recommend.add_argument("--k", type=int, default=10)
+    recommend.add_argument("--data", help="dataset path for --user (default: the training data)")
+    recommend.add_argument("--include-seen", action="store_true", help="allow history items")
+    recommend.set_defaults(run=_recommend)
+
+    demo = commands.add_parser("demo", help="train ConvRec and SASRec on synthetic data")
+    demo.add_argument("--seconds", type=float, default=75.0, help="training budget per model")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--out", help="output folder (default: a new temporary folder)")
+    demo.add_argument("--no-progress", action="store_true")
+    demo.set_defaults(run=_demo)
 
     bench = commands.add_parser("bench", help="benchmarks").add_subparsers(
         dest="bench", required=True

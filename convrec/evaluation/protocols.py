@@ -1,0 +1,104 @@
+"""The two evaluation protocols of the field, run in batches with bounded memory.
+
+- "full": the target ranked against every item, the user's already-seen items excluded
+  (the S3-Rec / FMLP-Rec / BSARec convention).
+- "sampled": the target ranked against 99 negatives never seen by the user (the S3-Rec paper
+  protocol), drawn uniformly with a fixed seed or read from the dataset's ``Name_sample.txt``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from convrec.data.dataset import SequenceDataset
+from convrec.data.splits import SequenceIndex, sampled_negatives
+from convrec.evaluation.metrics import RankingMetrics, rank_of_target
+
+PROTOCOLS = ("full", "sampled")
+NEGATIVES_SEED = 12345
+
+
+def describe_protocol(protocol: str, data: SequenceDataset, negatives: int = 99) -> str:
+    if protocol == "full":
+        return f"full ranking over all {data.num_items} items, the user's seen items excluded"
+    source = (
+        "from the dataset's sample file"
+        if data.sample_negatives is not None
+        else f"uniform over unseen items, seed {NEGATIVES_SEED}"
+    )
+    return f"target vs {negatives} sampled negatives ({source})"
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    data: SequenceDataset,
+    split: str = "test",
+    protocols: tuple[str, ...] = PROTOCOLS,
+    max_len: int = 50,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    index: SequenceIndex | None = None,
+    negatives: np.ndarray | None = None,
+) -> dict[str, float]:
+    """Metrics keyed ``"<protocol>/<metric>"`` (e.g. ``"full/NDCG@10"``) on the ``split`` targets.
+
+    ``model`` needs ``score(item_ids, candidates=None, timestamps=None)`` (all ConvRec models,
+    baselines and ``Popularity``). Histories hold the last ``max_len`` items before the target.
+    """
+    for protocol in protocols:
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"unknown protocol {protocol!r}; choose from {PROTOCOLS}")
+    index = index or SequenceIndex.from_dataset(data)
+    if "sampled" in protocols and negatives is None:
+        negatives = sampled_negatives(data, seed=NEGATIVES_SEED)
+    was_training = model.training
+    model.eval()
+    cuts_all = index.split_cuts(split)
+    meters = {p: RankingMetrics() for p in protocols}
+    for start in range(0, data.num_users, batch_size):
+        users = np.arange(start, min(start + batch_size, data.num_users))
+        cuts = cuts_all[users]
+        ids, times = index.histories(users, cuts, max_len)
+        ids_t = torch.from_numpy(ids).to(device)
+        times_t = torch.from_numpy(times).to(device) if _uses_time(model) else None
+        targets = torch.from_numpy(index.targets(users, cuts)).to(device)
+        if "full" in protocols:
+            scores = model.score(ids_t, timestamps=times_t)
+            target_scores = scores.gather(1, targets[:, None]).squeeze(1)
+            seen = torch.from_numpy(index.seen(users, cuts)).to(device)
+            scores = scores.scatter(1, seen, float("-inf"))
+            scores = scores.scatter(1, targets[:, None], float("-inf"))  # not its own rival
+            scores[:, 0] = float("-inf")
+            meters["full"].add(rank_of_target(target_scores, scores))
+        if "sampled" in protocols:
+            negs = torch.from_numpy(negatives[users]).to(device)
+            candidates = torch.cat([targets[:, None], negs], dim=1)
+            scores = model.score(ids_t, candidates, timestamps=times_t)
+            meters["sampled"].add(rank_of_target(scores[:, 0], scores[:, 1:]))
+    model.train(was_training)
+    return {f"{p}/{name}": value for p, m in meters.items() for name, value in m.result().items()}
+
+
+def _uses_time(model: nn.Module) -> bool:
+    encoder = getattr(model, "item_encoder", None)
+    return bool(getattr(encoder, "use_time", False))
+
+
+def format_metrics(metrics: dict[str, float], data: SequenceDataset, title: str = "") -> str:
+    """A Markdown table per protocol present in ``metrics``, each labelled with its protocol."""
+    lines = [title] if title else []
+    for protocol in PROTOCOLS:
+        names = [k.split("/", 1)[1] for k in metrics if k.startswith(protocol + "/")]
+        if not names:
+            continue
+        lines += [
+            f"{protocol}: {describe_protocol(protocol, data)}",
+            "| " + " | ".join(names) + " |",
+            "|" + "---|" * len(names),
+            "| " + " | ".join(f"{metrics[f'{protocol}/{n}']:.4f}" for n in names) + " |",
+            "",
+        ]
+    return "\n".join(lines).rstrip()

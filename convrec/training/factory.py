@@ -1,0 +1,51 @@
+"""Model specs: what is needed to rebuild a model from a checkpoint alone (no dataset)."""
+
+from __future__ import annotations
+
+import torch
+
+from convrec.baselines.sasrec import SASRec
+from convrec.data.dataset import SequenceDataset
+from convrec.model import ConvRec
+from convrec.recommender import SequentialRecommender
+from convrec.schedule import DEFAULT_LEVELS
+from convrec.training.config import TrainConfig
+
+
+def model_spec(config: TrainConfig, data: SequenceDataset) -> dict:
+    """Constructor name, keyword arguments and the attribute index of the configured model."""
+    if config.use_time and data.timestamps is None:
+        raise ValueError(f"use_time is set but {data.name} has no timestamps")
+    with_attributes = config.use_attributes and data.num_attributes > 0
+    convrec = config.model == "convrec"
+    dropout = config.dropout if config.dropout is not None else (0.1 if convrec else 0.2)
+    heads = config.heads if config.heads is not None else (1 if convrec else 2)
+    common = dict(num_items=data.num_items, d_model=config.d_model, dropout=dropout, heads=heads)
+    if convrec:
+        kwargs = dict(
+            common,
+            levels=[list(level) for level in (config.levels or DEFAULT_LEVELS)],
+            mask_aware=config.mask_aware,
+            faithful=config.faithful,
+            max_len=config.max_len if config.faithful else None,
+            backend=config.backend,
+        )
+    else:
+        kwargs = dict(common, max_len=config.max_len, num_blocks=config.blocks)
+    kwargs.update(use_time=config.use_time)
+    if with_attributes:
+        kwargs["num_attributes"] = data.num_attributes
+    return {
+        "kind": config.model,
+        "kwargs": kwargs,
+        "attr_offsets": torch.from_numpy(data.attr_offsets) if with_attributes else None,
+        "attr_ids": torch.from_numpy(data.attr_ids) if with_attributes else None,
+    }
+
+
+def build_model(spec: dict) -> SequentialRecommender:
+    cls = {"convrec": ConvRec, "sasrec": SASRec}[spec["kind"]]
+    attributes = None
+    if spec["attr_offsets"] is not None:
+        attributes = (spec["attr_offsets"], spec["attr_ids"])
+    return cls(**spec["kwargs"], item_attributes=attributes)

@@ -1,0 +1,243 @@
+"""The training loop: AdamW, clipping, validation every epoch, early stopping, checkpoints.
+
+Every epoch draws its samples, dropout and negatives from seeds derived from (seed, epoch), and
+``last.pt`` is written atomically at the end of each epoch, so ``resume`` continues bit for bit:
+an interrupted run resumed from ``last.pt`` ends with the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import pathlib
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from convrec.data.dataset import SequenceDataset
+from convrec.data.load import load_dataset
+from convrec.data.splits import SequenceIndex, sampled_negatives
+from convrec.evaluation.protocols import NEGATIVES_SEED, PROTOCOLS, evaluate
+from convrec.recommender import SequentialRecommender
+from convrec.training.checkpoint import atomic_write, load_checkpoint, save_checkpoint, save_json
+from convrec.training.config import TrainConfig
+from convrec.training.factory import build_model, model_spec
+from convrec.training.losses import full_softmax_loss, sampled_softmax_loss
+
+# Settings that may change between a run and its resumption without changing its results.
+RESUMABLE_CHANGES = ("epochs", "patience", "time_budget", "eval_batch_size")
+
+
+def load_training_data(config: TrainConfig) -> SequenceDataset:
+    return load_dataset(
+        config.data,
+        config.format,
+        min_length=config.min_length,
+        k_core=config.k_core,
+        timestamps=config.timestamps,
+        synthetic_options=config.synthetic,
+    )
+
+
+def _epoch_seed(config: TrainConfig, epoch: int, stream: int) -> int:
+    return (config.seed * 1_000_003 + epoch * 101 + stream) % 2**63
+
+
+def train_one_epoch(
+    model: SequentialRecommender,
+    optimizer: torch.optim.Optimizer,
+    index: SequenceIndex,
+    config: TrainConfig,
+    epoch: int,
+    progress: bool,
+) -> tuple[float, int]:
+    """One pass over this epoch's samples -> (mean loss, number of samples)."""
+    rng = np.random.default_rng(_epoch_seed(config, epoch, 0))
+    torch.manual_seed(_epoch_seed(config, epoch, 1))  # dropout
+    negatives = torch.Generator().manual_seed(_epoch_seed(config, epoch, 2))
+    users, cuts = index.train_samples(config.train_sampling, rng)
+    if len(users) == 0:
+        raise ValueError("no training samples: every user has fewer than 4 interactions")
+    model.train()
+    total, seen = 0.0, 0
+    uses_time = model.item_encoder.use_time
+    bar = tqdm(
+        total=len(users), desc=f"epoch {epoch}", unit="seq", disable=not progress, leave=False
+    )
+    start = time.perf_counter()
+    for first in range(0, len(users), config.batch_size):
+        u, c = users[first : first + config.batch_size], cuts[first : first + config.batch_size]
+        ids, times = index.histories(u, c, config.max_len)
+        ids_t = torch.from_numpy(ids).to(config.device)
+        times_t = torch.from_numpy(times).to(config.device) if uses_time else None
+        targets = torch.from_numpy(index.targets(u, c)).to(config.device)
+        if config.loss == "full":
+            loss = full_softmax_loss(model, ids_t, targets, times_t)
+        else:
+            loss = sampled_softmax_loss(model, ids_t, targets, times_t, config.negatives, negatives)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"epoch {epoch}: loss became {loss.item()}; lower --lr")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        total += loss.item() * len(u)
+        seen += len(u)
+        bar.update(len(u))
+        bar.set_postfix(
+            loss=f"{total / seen:.4f}", seq_per_s=f"{seen / (time.perf_counter() - start):.0f}"
+        )
+    bar.close()
+    return total / seen, seen
+
+
+def _payload(model, spec, config, data, epoch) -> dict:
+    return {
+        "model_spec": spec,
+        "model": model.state_dict(),
+        "config": config.to_dict(),
+        "epoch": epoch,
+        "item_ids": data.item_ids,
+        "dataset": data.source,
+    }
+
+
+def _write_log(path: pathlib.Path, rows: list[dict]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(path, lambda f: f.write(buffer.getvalue().encode()))
+
+
+def _tensorboard(out: pathlib.Path, echo: Callable[[str], None]):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        echo("tensorboard is not installed: logging to log.csv only")
+        return None
+    return SummaryWriter(str(out / "tensorboard"))
+
+
+def _check_resumable(saved: dict, config: TrainConfig) -> None:
+    now = config.to_dict()
+    changed = [k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k]]
+    if changed:
+        details = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed)
+        raise ValueError(f"cannot resume: the configuration differs from the saved run ({details})")
+
+
+def train(
+    config: TrainConfig,
+    out_dir: str | pathlib.Path,
+    resume: bool = False,
+    progress: bool = True,
+    echo: Callable[[str], None] = print,
+) -> dict:
+    """Train, keep ``best.pt``/``last.pt``/``log.csv`` in ``out_dir`` and write the test metrics of
+    the best checkpoint under both protocols to ``metrics.json``. Returns a run summary."""
+    config.check()
+    out = pathlib.Path(out_dir)
+    last_path, best_path = out / "last.pt", out / "best.pt"
+    if last_path.exists() and not resume:
+        raise FileExistsError(f"{out} already holds a run: pass --resume or choose another --out")
+    if resume and not last_path.exists():
+        raise FileNotFoundError(f"cannot resume: {last_path} does not exist")
+    data = load_training_data(config)
+    index = SequenceIndex.from_dataset(data)
+    negatives = sampled_negatives(data, seed=NEGATIVES_SEED)
+    torch.manual_seed(config.seed)
+    spec = model_spec(config, data)
+    model = build_model(spec).to(config.device)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.lr, weight_decay=config.weight_decay
+    )
+    state = {"epoch": 0, "best": -math.inf, "best_epoch": 0, "stale": 0, "log": [], "seconds": 0.0}
+    if resume:
+        saved = load_checkpoint(last_path, config.device)
+        _check_resumable(saved["config"], config)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        state = saved["state"]
+        echo(f"resuming {out} after epoch {state['epoch']}")
+    params = sum(p.numel() for p in model.parameters())
+    echo(
+        f"{config.model} on {data.name}: {data.num_users} users, {data.num_items} items, "
+        f"{params:,} parameters"
+    )
+    evaluate_args = dict(
+        max_len=config.max_len,
+        batch_size=config.eval_batch_size,
+        device=config.device,
+        index=index,
+        negatives=negatives,
+    )
+    writer = _tensorboard(out, echo)
+    for epoch in range(state["epoch"] + 1, config.epochs + 1):
+        if state["stale"] >= config.patience:
+            break
+        if config.time_budget is not None and state["seconds"] >= config.time_budget:
+            break
+        start = time.perf_counter()
+        loss, samples = train_one_epoch(model, optimizer, index, config, epoch, progress)
+        seconds = time.perf_counter() - start
+        valid = evaluate(model, data, "valid", PROTOCOLS, **evaluate_args)
+        if config.select not in valid:
+            raise ValueError(
+                f"select={config.select!r} is not a metric; choose from {sorted(valid)}"
+            )
+        state["seconds"] += seconds
+        row = {
+            "epoch": epoch,
+            "train_loss": loss,
+            "epoch_seconds": seconds,
+            "samples_per_second": samples / seconds,
+        }
+        row |= {f"valid/{k}": v for k, v in valid.items()}
+        state["log"].append(row)
+        improved = valid[config.select] > state["best"]
+        if improved:
+            state.update(best=valid[config.select], best_epoch=epoch, stale=0)
+            save_checkpoint(best_path, _payload(model, spec, config, data, epoch))
+        else:
+            state["stale"] += 1
+        state["epoch"] = epoch
+        last = _payload(model, spec, config, data, epoch) | {
+            "optimizer": optimizer.state_dict(),
+            "state": state,
+        }
+        save_checkpoint(last_path, last)
+        _write_log(out / "log.csv", state["log"])
+        if writer is not None:
+            for key, value in row.items():
+                if key != "epoch":
+                    writer.add_scalar(key, value, epoch)
+            writer.flush()
+        echo(
+            f"epoch {epoch}: loss {loss:.4f}, {seconds:.1f} s ({samples / seconds:.0f} seq/s), "
+            f"valid {config.select} {valid[config.select]:.4f}" + (" *" if improved else "")
+        )
+    if writer is not None:
+        writer.close()
+    best = load_checkpoint(best_path, config.device)
+    model.load_state_dict(best["model"])
+    test = evaluate(model, data, "test", PROTOCOLS, **evaluate_args)
+    save_json(out / "metrics.json", test)
+    summary = {
+        "model": config.model,
+        "data": data.name,
+        "parameters": params,
+        "epochs_trained": state["epoch"],
+        "best_epoch": state["best_epoch"],
+        f"best_valid/{config.select}": state["best"],
+        "train_seconds": state["seconds"],
+        "seconds_per_epoch": state["seconds"] / max(len(state["log"]), 1),
+        "test": test,
+    }
+    save_json(out / "summary.json", summary)
+    return summary

@@ -1,0 +1,68 @@
+"""Metrics against hand-computed cases; protocols on a model with known scores."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from convrec.baselines.popularity import Popularity
+from convrec.data.dataset import Event, build_dataset
+from convrec.evaluation import RankingMetrics, evaluate, format_metrics, rank_of_target
+
+
+def test_ranks_count_ties_against_the_model() -> None:
+    target = torch.tensor([5.0, 5.0, 5.0])
+    others = torch.tensor([[1.0, 2.0, 3.0], [5.0, 1.0, 6.0], [5.0, 5.0, 5.0]])
+    assert rank_of_target(target, others).tolist() == [0, 2, 3]
+    with pytest.raises(ValueError, match="NaN"):
+        rank_of_target(torch.tensor([float("nan")]), torch.zeros(1, 2))
+
+
+def test_metric_values_by_hand() -> None:
+    metrics = RankingMetrics(ks=(1, 5, 10))
+    metrics.add(torch.tensor([0, 3, 7]))
+    result = metrics.result()
+    assert result["HR@1"] == pytest.approx(1 / 3)
+    assert result["HR@5"] == pytest.approx(2 / 3)
+    assert result["HR@10"] == pytest.approx(1.0)
+    assert result["NDCG@5"] == pytest.approx((1 + 1 / math.log2(5)) / 3)
+    assert result["NDCG@10"] == pytest.approx((1 + 1 / math.log2(5) + 1 / math.log2(9)) / 3)
+    assert result["MRR"] == pytest.approx((1 + 1 / 4 + 1 / 8) / 3)
+
+
+def test_k_larger_than_candidates() -> None:
+    metrics = RankingMetrics(ks=(20,))
+    metrics.add(torch.tensor([4]))  # 5 candidates in all: always a hit
+    assert metrics.result()["HR@20"] == 1.0
+    with pytest.raises(ValueError, match="no ranks"):
+        RankingMetrics().result()
+
+
+def test_protocols_with_popularity() -> None:
+    # item 1 is the most popular; user "a" ends with 1 (test target), user "b" with 4
+    events = [Event("a", i, None, k) for k, i in enumerate(["2", "3", "5", "1"])]
+    events += [Event("b", i, None, k) for k, i in enumerate(["1", "2", "3", "4"])]
+    events += [Event("c", i, None, k) for k, i in enumerate(["1", "2", "1", "5", "3"])]
+    data = build_dataset("toy", events, {}, "toy")
+    counts = torch.tensor([0.0, 10, 8, 6, 1, 4])  # popularity of items 0..5
+    result = evaluate(Popularity(counts), data, "test", ("full",), max_len=3)
+    # a: target 1, seen {2,3,5}: rank 0. b: target 4, seen {1,2,3}: only 5 (4 > 1) -> rank 1.
+    # c: target 3, seen {1,2,5}: remaining 4 (1 < 6) -> rank 0.
+    assert result["full/HR@1"] == pytest.approx(2 / 3)
+    assert result["full/MRR"] == pytest.approx((1 + 0.5 + 1) / 3)
+    text = format_metrics(result, data, "toy")
+    assert "seen items excluded" in text and "| HR@1 |" in text
+
+
+def test_sampled_protocol_uses_given_negatives() -> None:
+    events = [Event("a", i, None, k) for k, i in enumerate(["1", "2", "3"])]
+    events += [Event("b", i, None, k) for k, i in enumerate(["4", "5", "6"])]
+    data = build_dataset("toy", events, {}, "toy")
+    counts = torch.tensor([0.0, 1, 2, 3, 4, 5, 6])
+    negatives = torch.tensor([[4, 5], [1, 2]]).numpy()
+    result = evaluate(Popularity(counts), data, "test", ("sampled",), negatives=negatives)
+    # a: target 3 vs {4, 5}: rank 2. b: target 6 vs {1, 2}: rank 0.
+    assert result["sampled/HR@1"] == pytest.approx(0.5)
+    assert result["sampled/MRR"] == pytest.approx((1 / 3 + 1) / 2)

@@ -1,0 +1,60 @@
+"""Leave-one-out cuts, padded histories, training samples and fixed negatives."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from convrec.data.dataset import Event, build_dataset
+from convrec.data.splits import SequenceIndex, sampled_negatives
+
+
+@pytest.fixture
+def data():
+    events = [Event("a", str(i), 100 + i, i) for i in range(1, 7)]  # a: 1..6
+    events += [Event("b", str(i), 200 + i, i) for i in (7, 8, 9)]  # b: 7, 8, 9
+    return build_dataset("toy", events, {}, "toy")
+
+
+def test_cuts_and_histories(data) -> None:
+    index = SequenceIndex.from_dataset(data)
+    assert index.split_cuts("valid").tolist() == [4, 1] and index.split_cuts("test").tolist() == [
+        5,
+        2,
+    ]
+    users = np.array([0, 1])
+    ids, times = index.histories(users, index.split_cuts("test"), max_len=4)
+    assert ids.tolist() == [[2, 3, 4, 5], [0, 0, 7, 8]]
+    assert times.tolist() == [[102, 103, 104, 105], [0, 0, 207, 208]]
+    assert index.targets(users, index.split_cuts("test")).tolist() == [6, 9]
+    # seen items are the whole history, not only the last max_len
+    assert index.seen(users, index.split_cuts("test")).tolist() == [
+        [1, 2, 3, 4, 5],
+        [7, 8, 0, 0, 0],
+    ]
+    with pytest.raises(ValueError, match="split"):
+        index.split_cuts("train")
+
+
+def test_training_samples_never_touch_valid_or_test(data) -> None:
+    index = SequenceIndex.from_dataset(data)
+    rng = np.random.default_rng(0)
+    users, cuts = index.train_samples("all-prefixes", rng)
+    assert sorted(zip(users.tolist(), cuts.tolist(), strict=True)) == [(0, 1), (0, 2), (0, 3)]
+    for _ in range(20):
+        users, cuts = index.train_samples("random-cut", rng)
+        assert users.tolist() == [0] and 1 <= cuts[0] <= 3  # b has one training item: no pair
+    with pytest.raises(ValueError, match="train sampling"):
+        index.train_samples("everything", rng)
+
+
+def test_negatives_avoid_history_and_are_seeded() -> None:
+    events = [Event(str(u), str(i), None, i) for u in range(5) for i in range(u, u + 10)]
+    data = build_dataset("toy", events, {}, "toy")
+    a = sampled_negatives(data, count=3, seed=1)
+    assert a.shape == (5, 3) and np.array_equal(a, sampled_negatives(data, count=3, seed=1))
+    for user, row in enumerate(a):
+        assert not set(row.tolist()) & set(data.sequences[user].tolist())
+        assert len(set(row.tolist())) == 3
+    with pytest.raises(ValueError, match="fewer than 99 negatives"):
+        sampled_negatives(data, count=99)

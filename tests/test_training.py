@@ -1,0 +1,109 @@
+"""Training: files written, exact resume, atomic checkpoints, beating popularity, config files."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import pytest
+import torch
+
+from convrec.baselines.popularity import Popularity
+from convrec.evaluation import evaluate
+from convrec.training import TrainConfig, train
+from convrec.training import checkpoint as checkpoint_module
+from convrec.training.checkpoint import load_checkpoint, save_checkpoint
+from convrec.training.trainer import load_training_data
+
+TINY = {"num_users": 150, "num_items": 300, "mean_length": 12, "max_length": 40, "seed": 1}
+
+
+def _config(**overrides) -> TrainConfig:
+    values = dict(synthetic=TINY, epochs=2, batch_size=64, max_len=20, d_model=16, patience=5)
+    return TrainConfig(**(values | overrides))
+
+
+def _quiet(_message: str) -> None:
+    pass
+
+
+def test_run_writes_everything(tmp_path: pathlib.Path) -> None:
+    summary = train(_config(), tmp_path, progress=False, echo=_quiet)
+    for name in ("best.pt", "last.pt", "log.csv", "metrics.json", "summary.json"):
+        assert (tmp_path / name).is_file(), name
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics == summary["test"]
+    assert {"full/HR@10", "full/NDCG@10", "sampled/HR@10", "sampled/NDCG@10", "full/MRR"} <= set(
+        metrics
+    )
+    log = (tmp_path / "log.csv").read_text().splitlines()
+    assert len(log) == 3 and log[0].startswith("epoch,train_loss,epoch_seconds")
+    assert not list(tmp_path.glob(".*.pt.*"))  # no temporary files left behind
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(_config(), tmp_path, progress=False, echo=_quiet)
+
+
+@pytest.mark.parametrize("model", ["convrec", "sasrec"])
+def test_resume_is_bit_for_bit(tmp_path: pathlib.Path, model: str) -> None:
+    straight = _config(model=model, epochs=3, loss="sampled", negatives=20)
+    train(straight, tmp_path / "straight", progress=False, echo=_quiet)
+    first = _config(model=model, epochs=1, loss="sampled", negatives=20)
+    train(first, tmp_path / "resumed", progress=False, echo=_quiet)
+    train(straight, tmp_path / "resumed", resume=True, progress=False, echo=_quiet)
+    a = load_checkpoint(tmp_path / "straight" / "last.pt")
+    b = load_checkpoint(tmp_path / "resumed" / "last.pt")
+    assert a["epoch"] == b["epoch"] == 3
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    assert a["state"]["log"][-1]["train_loss"] == b["state"]["log"][-1]["train_loss"]
+
+
+def test_resume_refuses_a_different_run(tmp_path: pathlib.Path) -> None:
+    train(_config(epochs=1), tmp_path, progress=False, echo=_quiet)
+    with pytest.raises(ValueError, match=r"d_model: 16 -> 32"):
+        train(_config(d_model=32), tmp_path, resume=True, progress=False, echo=_quiet)
+    with pytest.raises(FileNotFoundError, match="cannot resume"):
+        train(_config(), tmp_path / "fresh", resume=True, progress=False, echo=_quiet)
+
+
+def test_interrupted_write_keeps_the_old_checkpoint(tmp_path, monkeypatch) -> None:
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(path, {"model_spec": {}, "value": 1})
+
+    def crash(payload, f):
+        f.write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, {"model_spec": {}, "value": 2})
+    monkeypatch.undo()
+    assert load_checkpoint(path)["value"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+
+
+@pytest.mark.slow
+def test_convrec_beats_popularity(tmp_path: pathlib.Path) -> None:
+    config = _config(
+        synthetic={"num_users": 600, "num_items": 200, "seed": 2},
+        epochs=8,
+        train_sampling="all-prefixes",
+        d_model=32,
+    )
+    summary = train(config, tmp_path, progress=False, echo=_quiet)
+    data = load_training_data(config)
+    popularity = Popularity.from_sequences([s[:-2] for s in data.sequences], data.num_items)
+    floor = evaluate(popularity, data, "test", max_len=config.max_len)
+    for metric in ("full/NDCG@10", "sampled/NDCG@10"):
+        assert summary["test"][metric] > floor[metric] + 0.05, (metric, summary["test"], floor)
+
+
+def test_config_validation() -> None:
+    with pytest.raises(ValueError, match="unknown configuration keys: colour"):
+        TrainConfig.from_dict({"colour": "red"})
+    with pytest.raises(ValueError, match="loss must be one of"):
+        TrainConfig(loss="hinge").check()
+    with pytest.raises(ValueError, match="max_len must be >= 1"):
+        TrainConfig(max_len=0).check()
+    assert TrainConfig.from_dict({"max-len": 30}).max_len == 30
