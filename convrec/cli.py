@@ -79,8 +79,8 @@ def _train(args: argparse.Namespace) -> None:
 
 def _load_for_inference(checkpoint: str, data_path: str | None):
     """(checkpoint payload, its config with ``data_path`` applied, the model in eval mode)."""
+    from convrec.registry import build_model
     from convrec.training.checkpoint import load_checkpoint
-    from convrec.training.factory import build_model
 
     saved = load_checkpoint(checkpoint)
     config = TrainConfig.from_dict(saved["config"])
@@ -154,6 +154,13 @@ def _recommend(args: argparse.Namespace) -> None:
         print(f"{rank}\t{item_ids[item]}\t{score:.4f}")
 
 
+def _export(args: argparse.Namespace) -> None:
+    from convrec.serving.export import export_model
+
+    export_model(args.checkpoint, args.format, args.out, args.k)
+    print(f"wrote {args.out}")
+
+
 def _demo(args: argparse.Namespace) -> None:
     from convrec.demo import run_demo
 
@@ -199,6 +206,15 @@ def build_parser() -> argparse.ArgumentParser:
     recommend.add_argument("--data", help="dataset path for --user (default: the training data)")
     recommend.add_argument("--include-seen", action="store_true", help="allow history items")
     recommend.set_defaults(run=_recommend)
+
+    export = commands.add_parser(
+        "export", help="a checkpoint as a torch.export program or ONNX model for serving"
+    )
+    export.add_argument("--checkpoint", required=True)
+    export.add_argument("--format", required=True, choices=["torch-export", "onnx"])
+    export.add_argument("--out", required=True, help="output file (.pt2 or .onnx)")
+    export.add_argument("--k", type=int, default=100, help="items returned per history (100)")
+    export.set_defaults(run=_export)
 
     demo = commands.add_parser("demo", help="train ConvRec and SASRec on synthetic data")
     demo.add_argument("--seconds", type=float, default=75.0, help="training budget per model")

@@ -49,6 +49,12 @@ class SequentialRecommender(nn.Module):
         check_id_range(item_ids, self.num_items, "candidates")
         return self.item_encoder.vectors(item_ids.long())
 
+    def forward(
+        self, item_ids: Tensor, candidates: Tensor | None = None, timestamps: Tensor | None = None
+    ) -> Tensor:
+        """Same as ``score``: calling the module lets wrappers such as DDP see the forward."""
+        return self.score(item_ids, candidates, timestamps)
+
     def score(
         self, item_ids: Tensor, candidates: Tensor | None = None, timestamps: Tensor | None = None
     ) -> Tensor:

@@ -9,7 +9,7 @@ import torch
 
 from convrec.baselines.popularity import Popularity
 from convrec.data.dataset import Event, build_dataset
-from convrec.evaluation import RankingMetrics, evaluate, format_metrics, rank_of_target
+from convrec.evaluation import evaluate, format_metrics, rank_of_target, ranking_metrics
 
 
 def test_ranks_count_ties_against_the_model() -> None:
@@ -21,9 +21,7 @@ def test_ranks_count_ties_against_the_model() -> None:
 
 
 def test_metric_values_by_hand() -> None:
-    metrics = RankingMetrics(ks=(1, 5, 10))
-    metrics.add(torch.tensor([0, 3, 7]))
-    result = metrics.result()
+    result = ranking_metrics(torch.tensor([0, 3, 7]), ks=(1, 5, 10))
     assert result["HR@1"] == pytest.approx(1 / 3)
     assert result["HR@5"] == pytest.approx(2 / 3)
     assert result["HR@10"] == pytest.approx(1.0)
@@ -33,11 +31,10 @@ def test_metric_values_by_hand() -> None:
 
 
 def test_k_larger_than_candidates() -> None:
-    metrics = RankingMetrics(ks=(20,))
-    metrics.add(torch.tensor([4]))  # 5 candidates in all: always a hit
-    assert metrics.result()["HR@20"] == 1.0
+    # 5 candidates in all: always a hit
+    assert ranking_metrics(torch.tensor([4]), ks=(20,))["HR@20"] == 1.0
     with pytest.raises(ValueError, match="no ranks"):
-        RankingMetrics().result()
+        ranking_metrics(torch.tensor([], dtype=torch.long))
 
 
 def test_protocols_with_popularity() -> None:

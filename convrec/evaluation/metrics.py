@@ -19,24 +19,19 @@ def rank_of_target(target_scores: Tensor, other_scores: Tensor) -> Tensor:
     return (other_scores >= target_scores.unsqueeze(1)).sum(1)
 
 
-class RankingMetrics:
-    """Accumulates HR@k, NDCG@k (one relevant item) and MRR over batches of ranks."""
+def ranking_metrics(ranks: Tensor, ks: tuple[int, ...] = KS) -> dict[str, float]:
+    """HR@k, NDCG@k (one relevant item) and MRR averaged over 0-based ``ranks``.
 
-    def __init__(self, ks: tuple[int, ...] = KS) -> None:
-        self.ks = ks
-        self.count = 0
-        self.sums = {f"HR@{k}": 0.0 for k in ks} | {f"NDCG@{k}": 0.0 for k in ks} | {"MRR": 0.0}
-
-    def add(self, ranks: Tensor) -> None:
-        ranks = ranks.to(torch.float64)
-        for k in self.ks:
-            hit = ranks < k
-            self.sums[f"HR@{k}"] += float(hit.sum())
-            self.sums[f"NDCG@{k}"] += float((hit / torch.log2(ranks + 2)).sum())
-        self.sums["MRR"] += float((1.0 / (ranks + 1)).sum())
-        self.count += len(ranks)
-
-    def result(self) -> dict[str, float]:
-        if self.count == 0:
-            raise ValueError("no ranks were added")
-        return {name: total / self.count for name, total in self.sums.items()}
+    Computed in one float64 pass over all ranks, so the result does not depend on how the
+    evaluation was batched or sharded across processes.
+    """
+    if ranks.numel() == 0:
+        raise ValueError("no ranks to average")
+    ranks = ranks.to(torch.float64)
+    metrics = {}
+    for k in ks:
+        metrics[f"HR@{k}"] = float((ranks < k).to(torch.float64).mean())
+    for k in ks:
+        metrics[f"NDCG@{k}"] = float(((ranks < k) / torch.log2(ranks + 2)).mean())
+    metrics["MRR"] = float((1.0 / (ranks + 1)).mean())
+    return metrics

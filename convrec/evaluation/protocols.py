@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from convrec.data.dataset import SequenceDataset
 from convrec.data.splits import SequenceIndex, sampled_negatives
-from convrec.evaluation.metrics import RankingMetrics, rank_of_target
+from convrec.evaluation.metrics import rank_of_target, ranking_metrics
 
 PROTOCOLS = ("full", "sampled")
 NEGATIVES_SEED = 12345
@@ -47,6 +47,9 @@ def evaluate(
 
     ``model`` needs ``score(item_ids, candidates=None, timestamps=None)`` (all ConvRec models,
     baselines and ``Popularity``). Histories hold the last ``max_len`` items before the target.
+    Under ``torch.distributed`` each process scores every world-size-th batch of the same
+    batching and the ranks are gathered, so every process returns exactly the metrics of a
+    single-process evaluation.
     """
     for protocol in protocols:
         if protocol not in PROTOCOLS:
@@ -54,32 +57,68 @@ def evaluate(
     index = index or SequenceIndex.from_dataset(data)
     if "sampled" in protocols and negatives is None:
         negatives = sampled_negatives(data, seed=NEGATIVES_SEED)
+    rank, world = _shard()
     was_training = model.training
     model.eval()
     cuts_all = index.split_cuts(split)
-    meters = {p: RankingMetrics() for p in protocols}
-    for start in range(0, data.num_users, batch_size):
+    found: dict[int, dict[str, Tensor]] = {}
+    for number, start in enumerate(range(0, data.num_users, batch_size)):
+        if number % world != rank:
+            continue
         users = np.arange(start, min(start + batch_size, data.num_users))
-        cuts = cuts_all[users]
-        ids, times = index.histories(users, cuts, max_len)
-        ids_t = torch.from_numpy(ids).to(device)
-        times_t = torch.from_numpy(times).to(device) if _uses_time(model) else None
-        targets = torch.from_numpy(index.targets(users, cuts)).to(device)
-        if "full" in protocols:
-            scores = model.score(ids_t, timestamps=times_t)
-            target_scores = scores.gather(1, targets[:, None]).squeeze(1)
-            seen = torch.from_numpy(index.seen(users, cuts)).to(device)
-            scores = scores.scatter(1, seen, float("-inf"))
-            scores = scores.scatter(1, targets[:, None], float("-inf"))  # not its own rival
-            scores[:, 0] = float("-inf")
-            meters["full"].add(rank_of_target(target_scores, scores))
-        if "sampled" in protocols:
-            negs = torch.from_numpy(negatives[users]).to(device)
-            candidates = torch.cat([targets[:, None], negs], dim=1)
-            scores = model.score(ids_t, candidates, timestamps=times_t)
-            meters["sampled"].add(rank_of_target(scores[:, 0], scores[:, 1:]))
+        found[number] = {
+            p: r.cpu()
+            for p, r in _batch_ranks(
+                model, index, negatives, users, cuts_all[users], protocols, max_len, device
+            ).items()
+        }
     model.train(was_training)
-    return {f"{p}/{name}": value for p, m in meters.items() for name, value in m.result().items()}
+    if world > 1:
+        shards: list[dict] = [{} for _ in range(world)]
+        torch.distributed.all_gather_object(shards, found)
+        found = {k: v for shard in shards for k, v in shard.items()}
+    return {
+        f"{p}/{name}": value
+        for p in protocols
+        for name, value in ranking_metrics(torch.cat([found[b][p] for b in sorted(found)])).items()
+    }
+
+
+def _shard() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _batch_ranks(
+    model: nn.Module,
+    index: SequenceIndex,
+    negatives: np.ndarray | None,
+    users: np.ndarray,
+    cuts: np.ndarray,
+    protocols: tuple[str, ...],
+    max_len: int,
+    device: str | torch.device,
+) -> dict[str, Tensor]:
+    ids, times = index.histories(users, cuts, max_len)
+    ids_t = torch.from_numpy(ids).to(device)
+    times_t = torch.from_numpy(times).to(device) if _uses_time(model) else None
+    targets = torch.from_numpy(index.targets(users, cuts)).to(device)
+    ranks = {}
+    if "full" in protocols:
+        scores = model.score(ids_t, timestamps=times_t)
+        target_scores = scores.gather(1, targets[:, None]).squeeze(1)
+        seen = torch.from_numpy(index.seen(users, cuts)).to(device)
+        scores = scores.scatter(1, seen, float("-inf"))
+        scores = scores.scatter(1, targets[:, None], float("-inf"))  # not its own rival
+        scores[:, 0] = float("-inf")
+        ranks["full"] = rank_of_target(target_scores, scores)
+    if "sampled" in protocols:
+        negs = torch.from_numpy(negatives[users]).to(device)
+        candidates = torch.cat([targets[:, None], negs], dim=1)
+        scores = model.score(ids_t, candidates, timestamps=times_t)
+        ranks["sampled"] = rank_of_target(scores[:, 0], scores[:, 1:])
+    return ranks
 
 
 def _uses_time(model: nn.Module) -> bool:

@@ -1,13 +1,10 @@
-"""Model specs: what is needed to rebuild a model from a checkpoint alone (no dataset)."""
+"""Model specs: what a checkpoint needs to rebuild its model alone (see ``convrec.registry``)."""
 
 from __future__ import annotations
 
 import torch
 
-from convrec.baselines.sasrec import SASRec
 from convrec.data.dataset import SequenceDataset
-from convrec.model import ConvRec
-from convrec.recommender import SequentialRecommender
 from convrec.schedule import DEFAULT_LEVELS
 from convrec.training.config import TrainConfig
 
@@ -41,11 +38,3 @@ def model_spec(config: TrainConfig, data: SequenceDataset) -> dict:
         "attr_offsets": torch.from_numpy(data.attr_offsets) if with_attributes else None,
         "attr_ids": torch.from_numpy(data.attr_ids) if with_attributes else None,
     }
-
-
-def build_model(spec: dict) -> SequentialRecommender:
-    cls = {"convrec": ConvRec, "sasrec": SASRec}[spec["kind"]]
-    attributes = None
-    if spec["attr_offsets"] is not None:
-        attributes = (spec["attr_offsets"], spec["attr_ids"])
-    return cls(**spec["kwargs"], item_attributes=attributes)

@@ -22,10 +22,11 @@ from convrec.data.dataset import SequenceDataset
 from convrec.data.load import load_dataset
 from convrec.data.splits import SequenceIndex, sampled_negatives
 from convrec.evaluation.protocols import NEGATIVES_SEED, PROTOCOLS, evaluate
-from convrec.recommender import SequentialRecommender
+from convrec.registry import build_model
 from convrec.training.checkpoint import atomic_write, load_checkpoint, save_checkpoint, save_json
 from convrec.training.config import TrainConfig
-from convrec.training.factory import build_model, model_spec
+from convrec.training.distributed import ProcessGroup
+from convrec.training.factory import model_spec
 from convrec.training.losses import full_softmax_loss, sampled_softmax_loss
 
 # Settings that may change between a run and its resumption without changing its results.
@@ -48,37 +49,55 @@ def _epoch_seed(config: TrainConfig, epoch: int, stream: int) -> int:
 
 
 def train_one_epoch(
-    model: SequentialRecommender,
+    model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     index: SequenceIndex,
     config: TrainConfig,
     epoch: int,
-    progress: bool,
+    group: ProcessGroup,
+    progress: bool = False,
+    step_callback: Callable[[torch.nn.Module], None] | None = None,
 ) -> tuple[float, int]:
-    """One pass over this epoch's samples -> (mean loss, number of samples)."""
+    """One pass over this epoch's samples -> (mean loss over all processes, samples).
+
+    ``model`` may be DDP-wrapped. With several processes the epoch's sample order (the same on
+    every rank) is padded to a multiple of the world size and dealt out round-robin, and each
+    rank takes ceil(batch_size / world) samples per step, so every rank makes the same number of
+    steps. Each rank draws its own dropout and negatives from (seed, epoch, rank).
+    """
     rng = np.random.default_rng(_epoch_seed(config, epoch, 0))
-    torch.manual_seed(_epoch_seed(config, epoch, 1))  # dropout
-    negatives = torch.Generator().manual_seed(_epoch_seed(config, epoch, 2))
+    torch.manual_seed(_epoch_seed(config, epoch, 1 + 3 * group.rank))  # dropout
+    negatives = torch.Generator().manual_seed(_epoch_seed(config, epoch, 2 + 3 * group.rank))
     users, cuts = index.train_samples(config.train_sampling, rng)
     if len(users) == 0:
         raise ValueError("no training samples: every user has fewer than 4 interactions")
+    batch_size = config.batch_size
+    if group.world > 1:
+        dealt = np.arange(-(-len(users) // group.world) * group.world) % len(users)
+        users, cuts = (
+            users[dealt][group.rank :: group.world],
+            cuts[dealt][group.rank :: group.world],
+        )
+        batch_size = -(-batch_size // group.world)
     model.train()
+    num_items = getattr(model, "module", model).num_items
     total, seen = 0.0, 0
-    uses_time = model.item_encoder.use_time
     bar = tqdm(
         total=len(users), desc=f"epoch {epoch}", unit="seq", disable=not progress, leave=False
     )
     start = time.perf_counter()
-    for first in range(0, len(users), config.batch_size):
-        u, c = users[first : first + config.batch_size], cuts[first : first + config.batch_size]
+    for first in range(0, len(users), batch_size):
+        u, c = users[first : first + batch_size], cuts[first : first + batch_size]
         ids, times = index.histories(u, c, config.max_len)
-        ids_t = torch.from_numpy(ids).to(config.device)
-        times_t = torch.from_numpy(times).to(config.device) if uses_time else None
-        targets = torch.from_numpy(index.targets(u, c)).to(config.device)
+        ids_t = torch.from_numpy(ids).to(group.device)
+        times_t = torch.from_numpy(times).to(group.device) if config.use_time else None
+        targets = torch.from_numpy(index.targets(u, c)).to(group.device)
         if config.loss == "full":
             loss = full_softmax_loss(model, ids_t, targets, times_t)
         else:
-            loss = sampled_softmax_loss(model, ids_t, targets, times_t, config.negatives, negatives)
+            loss = sampled_softmax_loss(
+                model, ids_t, targets, times_t, config.negatives, num_items, negatives
+            )
         if not torch.isfinite(loss):
             raise FloatingPointError(f"epoch {epoch}: loss became {loss.item()}; lower --lr")
         optimizer.zero_grad(set_to_none=True)
@@ -86,14 +105,15 @@ def train_one_epoch(
         if config.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
+        if step_callback is not None:
+            step_callback(getattr(model, "module", model))
         total += loss.item() * len(u)
         seen += len(u)
         bar.update(len(u))
-        bar.set_postfix(
-            loss=f"{total / seen:.4f}", seq_per_s=f"{seen / (time.perf_counter() - start):.0f}"
-        )
+        rate = seen * group.world / (time.perf_counter() - start)
+        bar.set_postfix(loss=f"{total / seen:.4f}", seq_per_s=f"{rate:.0f}")
     bar.close()
-    return total / seen, seen
+    return group.sum(total) / group.sum(seen), int(group.sum(seen))
 
 
 def _payload(model, spec, config, data, epoch) -> dict:
@@ -138,11 +158,33 @@ def train(
     resume: bool = False,
     progress: bool = True,
     echo: Callable[[str], None] = print,
+    step_callback: Callable[[torch.nn.Module], None] | None = None,
 ) -> dict:
     """Train, keep ``best.pt``/``last.pt``/``log.csv`` in ``out_dir`` and write the test metrics of
-    the best checkpoint under both protocols to ``metrics.json``. Returns a run summary."""
+    the best checkpoint under both protocols to ``metrics.json``. Returns a run summary.
+
+    Under ``torchrun`` every process runs this; rank 0 alone writes files and prints.
+    ``step_callback(model)`` runs after every optimizer step (tests check that replicas stay
+    identical).
+    """
     config.check()
-    out = pathlib.Path(out_dir)
+    group = ProcessGroup.from_environment(config.device)
+    try:
+        return _train(config, pathlib.Path(out_dir), resume, progress, echo, step_callback, group)
+    finally:
+        group.close()
+
+
+def _train(
+    config: TrainConfig,
+    out: pathlib.Path,
+    resume: bool,
+    progress: bool,
+    echo: Callable[[str], None],
+    step_callback: Callable[[torch.nn.Module], None] | None,
+    group: ProcessGroup,
+) -> dict:
+    say = echo if group.is_main else (lambda _message: None)
     last_path, best_path = out / "last.pt", out / "best.pt"
     if last_path.exists() and not resume:
         raise FileExistsError(f"{out} already holds a run: pass --resume or choose another --out")
@@ -153,39 +195,52 @@ def train(
     negatives = sampled_negatives(data, seed=NEGATIVES_SEED)
     torch.manual_seed(config.seed)
     spec = model_spec(config, data)
-    model = build_model(spec).to(config.device)
+    model = build_model(spec).to(group.device)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.lr, weight_decay=config.weight_decay
     )
     state = {"epoch": 0, "best": -math.inf, "best_epoch": 0, "stale": 0, "log": [], "seconds": 0.0}
     if resume:
-        saved = load_checkpoint(last_path, config.device)
+        saved = load_checkpoint(last_path, group.device)
         _check_resumable(saved["config"], config)
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         state = saved["state"]
-        echo(f"resuming {out} after epoch {state['epoch']}")
+        say(f"resuming {out} after epoch {state['epoch']}")
+    trained = model
+    if group.world > 1:
+        ids = [group.device.index] if group.device.type == "cuda" else None
+        trained = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
     params = sum(p.numel() for p in model.parameters())
-    echo(
+    say(
         f"{config.model} on {data.name}: {data.num_users} users, {data.num_items} items, "
-        f"{params:,} parameters"
+        f"{params:,} parameters" + (f", {group.world} processes" if group.world > 1 else "")
     )
     evaluate_args = dict(
         max_len=config.max_len,
         batch_size=config.eval_batch_size,
-        device=config.device,
+        device=group.device,
         index=index,
         negatives=negatives,
     )
-    writer = _tensorboard(out, echo)
+    writer = _tensorboard(out, say) if group.is_main else None
     for epoch in range(state["epoch"] + 1, config.epochs + 1):
         if state["stale"] >= config.patience:
             break
         if config.time_budget is not None and state["seconds"] >= config.time_budget:
             break
         start = time.perf_counter()
-        loss, samples = train_one_epoch(model, optimizer, index, config, epoch, progress)
-        seconds = time.perf_counter() - start
+        loss, samples = train_one_epoch(
+            trained,
+            optimizer,
+            index,
+            config,
+            epoch,
+            group,
+            progress and group.is_main,
+            step_callback,
+        )
+        seconds = group.broadcast(time.perf_counter() - start)
         valid = evaluate(model, data, "valid", PROTOCOLS, **evaluate_args)
         if config.select not in valid:
             raise ValueError(
@@ -203,35 +258,35 @@ def train(
         improved = valid[config.select] > state["best"]
         if improved:
             state.update(best=valid[config.select], best_epoch=epoch, stale=0)
-            save_checkpoint(best_path, _payload(model, spec, config, data, epoch))
         else:
             state["stale"] += 1
         state["epoch"] = epoch
-        last = _payload(model, spec, config, data, epoch) | {
-            "optimizer": optimizer.state_dict(),
-            "state": state,
-        }
-        save_checkpoint(last_path, last)
-        _write_log(out / "log.csv", state["log"])
-        if writer is not None:
-            for key, value in row.items():
-                if key != "epoch":
-                    writer.add_scalar(key, value, epoch)
-            writer.flush()
-        echo(
+        if group.is_main:
+            if improved:
+                save_checkpoint(best_path, _payload(model, spec, config, data, epoch))
+            last = _payload(model, spec, config, data, epoch)
+            save_checkpoint(last_path, last | {"optimizer": optimizer.state_dict(), "state": state})
+            _write_log(out / "log.csv", state["log"])
+            if writer is not None:
+                for key, value in row.items():
+                    if key != "epoch":
+                        writer.add_scalar(key, value, epoch)
+                writer.flush()
+        group.barrier()
+        say(
             f"epoch {epoch}: loss {loss:.4f}, {seconds:.1f} s ({samples / seconds:.0f} seq/s), "
             f"valid {config.select} {valid[config.select]:.4f}" + (" *" if improved else "")
         )
     if writer is not None:
         writer.close()
-    best = load_checkpoint(best_path, config.device)
+    best = load_checkpoint(best_path, group.device)
     model.load_state_dict(best["model"])
     test = evaluate(model, data, "test", PROTOCOLS, **evaluate_args)
-    save_json(out / "metrics.json", test)
     summary = {
         "model": config.model,
         "data": data.name,
         "parameters": params,
+        "processes": group.world,
         "epochs_trained": state["epoch"],
         "best_epoch": state["best_epoch"],
         f"best_valid/{config.select}": state["best"],
@@ -239,5 +294,8 @@ def train(
         "seconds_per_epoch": state["seconds"] / max(len(state["log"]), 1),
         "test": test,
     }
-    save_json(out / "summary.json", summary)
+    if group.is_main:
+        save_json(out / "metrics.json", test)
+        save_json(out / "summary.json", summary)
+    group.barrier()
     return summary

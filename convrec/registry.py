@@ -1,0 +1,21 @@
+"""Rebuild a model from the spec a checkpoint stores (constructor name, kwargs, attribute index).
+
+Kept outside ``convrec.training`` so serving can load checkpoints without training code.
+"""
+
+from __future__ import annotations
+
+from convrec.baselines.sasrec import SASRec
+from convrec.model import ConvRec
+from convrec.recommender import SequentialRecommender
+
+MODELS = {"convrec": ConvRec, "sasrec": SASRec}
+
+
+def build_model(spec: dict) -> SequentialRecommender:
+    if spec["kind"] not in MODELS:
+        raise ValueError(f"unknown model kind {spec['kind']!r}; known: {', '.join(MODELS)}")
+    attributes = None
+    if spec["attr_offsets"] is not None:
+        attributes = (spec["attr_offsets"], spec["attr_ids"])
+    return MODELS[spec["kind"]](**spec["kwargs"], item_attributes=attributes)

@@ -1,0 +1,29 @@
+"""Read a training checkpoint for inference without importing the training code."""
+
+from __future__ import annotations
+
+import pathlib
+
+import torch
+
+from convrec.recommender import SequentialRecommender
+from convrec.registry import build_model
+
+
+def load_model(path: str | pathlib.Path) -> tuple[SequentialRecommender, dict]:
+    """The model in eval mode and its serving metadata (item ids, max_len, model kind)."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    payload = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(payload, dict) or "model_spec" not in payload:
+        raise ValueError(f"{path} is not a convrec checkpoint")
+    model = build_model(payload["model_spec"])
+    model.load_state_dict(payload["model"])
+    model.eval()
+    meta = {
+        "item_ids": payload["item_ids"],
+        "max_len": payload["config"]["max_len"],
+        "model": payload["model_spec"]["kind"],
+    }
+    return model, meta
