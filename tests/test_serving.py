@@ -101,3 +101,13 @@ def test_serving_imports_no_training_code() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_from_model_equals_checkpoint(checkpoint: pathlib.Path) -> None:
+    model, meta = load_model(checkpoint)
+    from_file = Recommender(checkpoint)
+    in_memory = Recommender.from_model(model, meta["item_ids"], meta["max_len"])
+    histories = [from_file.item_ids[1:6], from_file.item_ids[7:9]]
+    assert in_memory.recommend(histories, k=4) == from_file.recommend(histories, k=4)
+    with pytest.raises(ValueError, match="item ids for a model of"):
+        Recommender.from_model(model, meta["item_ids"][:-1], meta["max_len"])

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from convrec.recommender import SequentialRecommender
 from convrec.serving.checkpoint import load_model
 from convrec.serving.export import METADATA_KEY
 from convrec.serving.module import ServingModule
@@ -42,6 +43,23 @@ class Recommender:
             module = ServingModule(model, self.meta["max_len"], min(max_k, model.num_items))
             self.meta["k"] = module.k
             self._run = self._eager(module)
+        self._set_index()
+
+    @classmethod
+    def from_model(
+        cls, model: SequentialRecommender, item_ids: list[str], max_len: int, max_k: int = 100
+    ) -> Recommender:
+        """Serve a model held in memory; ``item_ids[i]`` is the original id of item i (0 = "")."""
+        if len(item_ids) != model.num_items + 1:
+            raise ValueError(f"{len(item_ids)} item ids for a model of {model.num_items} items")
+        self = cls.__new__(cls)
+        module = ServingModule(model.eval(), max_len, min(max_k, model.num_items))
+        self.meta = {"item_ids": list(item_ids), "max_len": max_len, "k": module.k}
+        self._run = self._eager(module)
+        self._set_index()
+        return self
+
+    def _set_index(self) -> None:
         self.item_ids: list[str] = self.meta["item_ids"]
         self._index = {orig: i for i, orig in enumerate(self.item_ids) if i > 0}
 
