@@ -1,7 +1,9 @@
-"""``ConvRecEncoder``: the drop-in sequence encoder, (B, L, D) + padding mask -> (B, D).
+"""``ConvRecEncoder``: the drop-in sequence encoder, (B, L, D) + padding mask -> (B, D), or
+item ids + embedding tables -> (B, D) with the gather fused into level 1 (``forward_ids``).
 
-The module only owns parameters; the computation is ``convrec.ops.downscale``, so every backend
-reads the same ``state_dict``.
+The module only owns parameters; the computation is ``convrec.ops.downscale`` (after
+``convrec.ops.embed_conv_pool`` on the fused path), so every backend reads the same
+``state_dict``.
 """
 
 from __future__ import annotations
@@ -12,9 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from convrec.backends import check_backend, resolve_backend
+from convrec.backends import _warn_once, check_backend, resolve_backend
 from convrec.checks import check_sequence
-from convrec.ops.downscale import LevelParams, downscale
+from convrec.ops.downscale import LevelParams, downscale, level_mix
+from convrec.ops.embed_conv_pool import embed_conv_pool
+from convrec.ops.fast_path import kernel_size_problem
+from convrec.ops.gather_embed import gather_embed
 from convrec.schedule import DEFAULT_LEVELS, check_levels, schedule_for_length
 
 
@@ -73,6 +78,10 @@ class ConvRecEncoder(nn.Module):
         if fixed_length is not None and fixed_length < 1:
             raise ValueError(f"fixed_length must be >= 1, got {fixed_length}")
         self.levels = check_levels(levels)
+        if backend == "triton":
+            problem = kernel_size_problem(max(k for k, _ in self.levels))
+            if problem is not None:
+                raise ValueError(f"backend 'triton' cannot run levels {self.levels}: {problem}")
         self.d_model, self.heads, self.dropout = d_model, heads, dropout
         self.mask_aware, self.fixed_length = mask_aware, fixed_length
         self.backend = check_backend(backend)
@@ -110,12 +119,67 @@ class ConvRecEncoder(nn.Module):
             mask_aware=self.mask_aware,
             dropout=self.dropout,
             training=self.training,
+            eps=self.stack[0].norm.eps,
             return_levels=return_levels,
-            backend=resolve_backend(self.backend, x.device),
+            backend=self.backend_for(x.device),
         )
         return (out.user, out.levels) if return_levels else out.user
 
+    def forward_ids(
+        self,
+        item_ids: Tensor,
+        item_table: Tensor,
+        attr_offsets: Tensor | None = None,
+        attr_ids: Tensor | None = None,
+        attr_table: Tensor | None = None,
+        mask: Tensor | None = None,
+        return_levels: bool = False,
+    ) -> Tensor | tuple[Tensor, list[Tensor]]:
+        """``forward(gather_embed(item_ids, tables, mask), mask)`` for (B, L) ids.
+
+        Tables and CSR index as in ``convrec.ops.gather_embed``; ``mask`` defaults to
+        ``item_ids != 0``. On the "triton" backend level 1 runs as the fused
+        ``embed_conv_pool`` kernel, so the (B, L, D) embeddings are never stored; the other
+        levels follow on the same backend.
+        """
+        if mask is None:
+            mask = item_ids != 0
+        backend = self.backend_for(item_table.device)
+        if backend != "triton":
+            x = gather_embed(item_ids, item_table, attr_offsets, attr_ids, attr_table, mask)
+            return self(x, mask, return_levels)
+        if self.fixed_length is not None:
+            item_ids, mask = self._pad_to_fixed_length(item_ids, mask)
+        params = [level.params() for level in self.stack]
+        strides = [level.stride for level in self.stack]
+        eps = self.stack[0].norm.eps
+        first = embed_conv_pool(
+            item_ids, item_table, attr_offsets, attr_ids, attr_table, params[0].conv_weight,
+            params[0].conv_bias, strides[0], self.heads, mask, self.mask_aware, backend,
+        )  # fmt: skip
+        x = level_mix(*first[:3], params[0], first.mask, self.dropout, self.training, eps)
+        out = downscale(
+            x,
+            params[1:],
+            strides[1:],
+            self.heads,
+            mask=first.mask,
+            mask_aware=self.mask_aware,
+            dropout=self.dropout,
+            training=self.training,
+            eps=eps,
+            return_levels=return_levels,
+            residual=first.residual,
+            backend=backend,
+        )
+        return (out.user, [x, *out.levels]) if return_levels else out.user
+
+    def backend_for(self, device: torch.device) -> str:
+        """The concrete backend this encoder runs on ``device`` (see ``convrec.backends``)."""
+        return _level_backend(self.backend, device, max(k for k, _ in self.levels))
+
     def _pad_to_fixed_length(self, x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """Left-pad ``x`` (B, L, D), or ids (B, L), and the mask to ``fixed_length``."""
         extra = self.fixed_length - x.shape[1]
         if extra < 0:
             raise ValueError(
@@ -126,7 +190,7 @@ class ConvRecEncoder(nn.Module):
             return x, mask
         if mask is not None:
             mask = F.pad(mask, (extra, 0), value=False)
-        return F.pad(x, (0, 0, extra, 0)), mask
+        return F.pad(x, (0, 0) * (x.dim() - 2) + (extra, 0)), mask
 
     def extra_repr(self) -> str:
         return (
@@ -134,3 +198,14 @@ class ConvRecEncoder(nn.Module):
             f"dropout={self.dropout}, mask_aware={self.mask_aware}, backend={self.backend!r}"
             + (f", fixed_length={self.fixed_length}" if self.fixed_length else "")
         )
+
+
+@torch.compiler.assume_constant_result
+def _level_backend(name: str, device: torch.device, widest_kernel: int) -> str:
+    """``resolve_backend``, except that "auto" leaves Triton for kernels it cannot take."""
+    backend = resolve_backend(name, device)
+    problem = kernel_size_problem(widest_kernel)
+    if backend == "triton" and problem is not None:  # only "auto" gets here (see __init__)
+        _warn_once(f"convrec: ConvRecEncoder uses the PyTorch reference: {problem}")
+        return "reference"
+    return backend

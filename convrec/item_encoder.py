@@ -107,7 +107,11 @@ class _ItemInputs(nn.Module):
 
 
 class ItemEncoder(_ItemInputs):
-    """``v -> E_item[v] + mean_a E_attr[a] (+ W_f f_v)``, plus ``W_c c_t`` for history positions."""
+    """``v -> E_item[v] + mean_a E_attr[a] (+ W_f f_v)``, plus ``W_c c_t`` for history positions.
+
+    ``backend`` is the ``gather_embed`` backend ("reference", "triton" or "auto"); it is not
+    part of the ``state_dict``.
+    """
 
     def __init__(
         self,
@@ -117,9 +121,10 @@ class ItemEncoder(_ItemInputs):
         num_attributes: int | None = None,
         item_features: Tensor | None = None,
         use_time: bool = False,
+        backend: str = "reference",
     ) -> None:
         super().__init__(num_items, item_attributes, num_attributes, item_features)
-        self.d_model, self.use_time = d_model, use_time
+        self.d_model, self.use_time, self.backend = d_model, use_time, backend
         self.item_embedding = nn.Embedding(num_items + 1, d_model, padding_idx=0)
         nn.init.normal_(self.item_embedding.weight, std=EMBEDDING_STD)
         with torch.no_grad():
@@ -137,9 +142,19 @@ class ItemEncoder(_ItemInputs):
             return None, None, None
         return self.attr_offsets, self.attr_ids, self.attr_embedding.weight
 
+    def table_args(self) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+        """(item table, attr offsets, attr ids, attr table): the ``gather_embed`` inputs."""
+        return (self.item_embedding.weight, *self._attr_args())
+
+    def unfusable(self) -> str | None:
+        """What the fused gather kernels leave out of this encoder's history vectors, or None."""
+        parts = ["dense item features"] if self.has_features else []
+        parts += ["time context"] if self.use_time else []
+        return " and ".join(parts) or None
+
     def forward(self, item_ids: Tensor, mask: Tensor, timestamps: Tensor | None = None) -> Tensor:
         """History positions (B, L) -> (B, L, D), zero where ``mask`` is False."""
-        x = gather_embed(item_ids, self.item_embedding.weight, *self._attr_args(), mask=mask)
+        x = gather_embed(item_ids, *self.table_args(), mask=mask, backend=self.backend)
         keep = mask.unsqueeze(-1).to(x.dtype)
         if self.has_features:
             x = x + self.feature_proj(self.item_features[item_ids]) * keep
@@ -150,7 +165,7 @@ class ItemEncoder(_ItemInputs):
     def vectors(self, item_ids: Tensor) -> Tensor:
         """Candidate vectors (no time context) for ids of any shape -> (*, D)."""
         flat = item_ids.reshape(1, -1)
-        x = gather_embed(flat, self.item_embedding.weight, *self._attr_args(), mask=flat >= 0)
+        x = gather_embed(flat, *self.table_args(), mask=flat >= 0, backend=self.backend)
         if self.has_features:
             x = x + self.feature_proj(self.item_features[flat])
         return x.reshape(*item_ids.shape, self.d_model)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor
 
+from convrec.backends import _warn_once, check_backend
 from convrec.encoder import ConvRecEncoder
 from convrec.item_encoder import FaithfulItemEncoder, ItemAttributes, ItemEncoder
 from convrec.recommender import SequentialRecommender
@@ -19,6 +21,12 @@ class ConvRec(SequentialRecommender):
     by item id (row 0 = padding); ``item_features``: a dense frozen (N + 1, F) matrix (e.g. image
     features); ``use_time``: add time context from timestamps. ``faithful=True`` uses the paper
     code's input block and its padding fixed at construction from ``max_len`` (required then).
+
+    ``backend="triton"`` runs the item gather fused into level 1 (``ops.embed_conv_pool``) and
+    the other levels and candidate vectors on Triton too. The fused kernel covers item rows and
+    attributes only: "triton" refuses dense features, time context and the faithful block;
+    "auto" runs the first two unfused with one warning, and never fuses the faithful block.
+    Every backend reads the same ``state_dict``.
     """
 
     def __init__(
@@ -44,6 +52,7 @@ class ConvRec(SequentialRecommender):
             raise ValueError("faithful=True fixes the padding at construction: pass max_len")
         if faithful and mask_aware:
             raise ValueError("faithful=True uses the paper's plain pooling: set mask_aware=False")
+        check_backend(backend)
         self.max_len, self.faithful, self.check_inputs = max_len, faithful, check_inputs
         inputs = dict(
             item_attributes=item_attributes,
@@ -53,8 +62,16 @@ class ConvRec(SequentialRecommender):
         )
         if faithful:
             self.item_encoder = FaithfulItemEncoder(num_items, d_model, dropout=dropout, **inputs)
+            self._unfusable = "the faithful input block"
         else:
-            self.item_encoder = ItemEncoder(num_items, d_model, **inputs)
+            gather_backend = backend if backend in ("triton", "auto") else "reference"
+            self.item_encoder = ItemEncoder(num_items, d_model, **inputs, backend=gather_backend)
+            self._unfusable = self.item_encoder.unfusable()
+        if backend == "triton" and self._unfusable is not None:
+            raise ValueError(
+                f"backend 'triton' fuses the item gather into level 1 and does not cover "
+                f"{self._unfusable}: use backend='auto' or 'reference'"
+            )
         self.encoder = ConvRecEncoder(
             d_model,
             levels,
@@ -69,4 +86,20 @@ class ConvRec(SequentialRecommender):
     def _encode(self, item_ids: Tensor, mask: Tensor, timestamps: Tensor | None) -> Tensor:
         if self.max_len is not None and item_ids.shape[1] > self.max_len:
             raise ValueError(f"history length {item_ids.shape[1]} exceeds max_len={self.max_len}")
+        if self._fused(item_ids.device):
+            return self.encoder.forward_ids(item_ids, *self.item_encoder.table_args(), mask=mask)
         return self.encoder(self.item_encoder(item_ids, mask, timestamps), mask)
+
+    def _fused(self, device: torch.device) -> bool:
+        """Whether level 1 runs as ``embed_conv_pool``: on Triton, for what the kernel covers.
+
+        The faithful block is a comparison mode, never fused, so it warns about nothing.
+        """
+        if self.faithful or self.encoder.backend_for(device) != "triton":
+            return False
+        if self._unfusable is not None:  # only "auto" gets here (see __init__)
+            _warn_once(
+                f"convrec: ConvRec gathers items unfused: the fused kernel lacks {self._unfusable}"
+            )
+            return False
+        return True

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
 
 import pytest
 import torch
+
+# Without a GPU the Triton tests run the kernels in Triton's CPU interpreter, which must be
+# switched on before triton is imported (importing convrec imports it, through torch._dynamo).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
 

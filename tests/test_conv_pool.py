@@ -1,6 +1,10 @@
-"""``conv_pool`` reference: hand-computed windows, per-head re-derivation, mask-aware pools."""
+"""``conv_pool``: the reference (hand-computed windows, per-head re-derivation, mask-aware
+pools) and the Triton kernel against it (values and gradients under the tolerance rule, odd
+shapes, overlapping windows, views, limits, opcheck, torch.compile)."""
 
 from __future__ import annotations
+
+import functools
 
 import pytest
 import torch
@@ -9,6 +13,13 @@ from hypothesis import strategies as st
 
 from convrec.ops import conv_pool
 from convrec.schedule import left_pad
+from tests.test_gather_embed import (
+    DEVICE,
+    DEVICE_DTYPES,
+    compare_backends,
+    requires_triton,
+    small_tiles,  # noqa: F401 (a fixture, used by name)
+)
 
 
 def test_hand_computed_single_channel() -> None:
@@ -91,3 +102,150 @@ def test_gradcheck_float64(masked: bool) -> None:
         return out.conv, out.pooled, out.residual
 
     assert torch.autograd.gradcheck(fn, (x, res, weight, bias))
+
+
+# ---- Triton kernel: CPU interpreter in CI (small grids), full size and fp16/bf16 on CUDA ----
+
+# (batch, length, width, heads, kernel, stride, mask-aware): L = 1, k - 1, k, 35, 50, 97 at
+# k = s = 5; overlapping windows; the widest kernel; a width that is no multiple of 4.
+LEVEL_CASES_CPU = [
+    (1, 1, 8, 1, 5, 5, False),
+    (3, 4, 8, 2, 5, 5, True),
+    (1, 5, 8, 1, 5, 5, True),
+    (3, 35, 16, 2, 5, 5, False),
+    (3, 50, 8, 1, 5, 5, True),
+    (1, 97, 12, 3, 5, 5, False),
+    (3, 7, 8, 2, 3, 2, True),
+    (3, 50, 16, 4, 4, 3, False),
+    (2, 35, 8, 1, 16, 16, True),
+    (3, 35, 6, 3, 2, 2, True),
+    (3, 9, 4, 1, 1, 1, False),
+]
+LEVEL_CASES_CUDA = [
+    (1, 1, 64, 1, 5, 5, False),
+    (3, 97, 64, 2, 3, 2, True),
+    (128, 512, 256, 1, 2, 2, False),
+    (128, 512, 256, 4, 7, 7, True),
+    (64, 2048, 64, 1, 8, 8, True),
+]
+
+
+def _level_inputs(case, device, non_contiguous: bool = False) -> dict:
+    batch, length, width, heads, kernel, _, mask_aware = case
+    x = torch.randn(batch, length, width, device=device)
+    if non_contiguous:  # channels-first storage and a strided slice of a wider tensor
+        x = torch.randn(batch, width, length, device=device).transpose(1, 2)
+    residual = torch.randn(batch, 2 * length, width, device=device)[:, ::2]
+    mask = torch.rand(batch, length, device=device) > 0.3
+    mask[0] = False  # an all-padding row
+    return dict(
+        x=x,
+        residual=residual if non_contiguous else residual.contiguous(),
+        weight=torch.randn(width, width // heads, kernel, device=device) / kernel**0.5,
+        bias=torch.randn(width, device=device),
+        mask=mask if mask_aware else None,
+    )
+
+
+@requires_triton
+@pytest.mark.parametrize(("device", "dtype"), DEVICE_DTYPES)
+@pytest.mark.parametrize("case", range(len(LEVEL_CASES_CPU)))
+def test_triton_conv_pool_matches_reference(device, dtype, case) -> None:
+    cases = LEVEL_CASES_CUDA if device == "cuda" else LEVEL_CASES_CPU
+    if case >= len(cases):
+        pytest.skip("fewer CUDA cases")
+    heads, stride = cases[case][3], cases[case][5]
+    inputs = _level_inputs(cases[case], device, non_contiguous=case % 3 == 1)
+    if inputs["mask"] is None:
+        del inputs["mask"]
+
+    def run(backend, x, residual, weight, bias, mask=None):
+        return conv_pool(x, residual, weight, bias, stride, heads, mask, backend=backend)
+
+    compare_backends(run, inputs, ["x", "residual", "weight", "bias"], dtype)
+
+
+@requires_triton
+def test_triton_conv_pool_without_bias_and_bit_identical_runs() -> None:
+    x = torch.randn(3, 23, 8, device=DEVICE, requires_grad=True)
+    weight = torch.randn(8, 4, 3, device=DEVICE, requires_grad=True)
+    mask = torch.rand(3, 23, device=DEVICE) > 0.5
+
+    def run():
+        out = conv_pool(x, x, weight, None, 2, 2, mask, backend="triton")
+        loss = out.conv.sin().sum() + out.pooled.square().sum() + out.residual.sum()
+        return (*out[:3], *torch.autograd.grad(loss, (x, weight)))
+
+    first, second = run(), run()
+    expected = conv_pool(x, x, weight, None, 2, 2, mask)
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+    for a, e in zip(first[:3], expected[:3], strict=True):
+        torch.testing.assert_close(a, e)
+
+
+@requires_triton
+def test_triton_conv_pool_limits_and_errors() -> None:
+    x = torch.randn(2, 40, 4, device=DEVICE)
+    wide = torch.randn(4, 4, 17, device=DEVICE)
+    with pytest.raises(RuntimeError, match="kernel size 17 exceeds"):
+        conv_pool(x, x, wide, None, 17, 1, backend="triton")
+    # "auto" on CPU tensors is the reference, whatever the kernel size
+    torch.testing.assert_close(
+        conv_pool(x.cpu(), x.cpu(), wide.cpu(), None, 17, 1, backend="auto").conv,
+        conv_pool(x.cpu(), x.cpu(), wide.cpu(), None, 17, 1).conv,
+    )
+    weight = torch.randn(4, 4, 2, device=DEVICE)
+    with pytest.raises(ValueError, match="heads=3 does not divide"):
+        conv_pool(x, x, weight[:, :1], None, 2, 3, backend="triton")
+    with pytest.raises(ValueError, match="residual"):
+        conv_pool(x, x[:, 1:], weight, None, 2, 1, backend="triton")
+    with pytest.raises(ValueError, match="mask must be bool"):
+        conv_pool(x, x, weight, None, 2, 1, torch.ones(2, 40, device=DEVICE), backend="triton")
+
+
+@requires_triton
+@pytest.mark.parametrize("masked", [False, True])
+def test_triton_conv_pool_opcheck(masked: bool) -> None:
+    x = torch.randn(2, 11, 8, device=DEVICE, requires_grad=True)
+    residual = torch.randn(2, 11, 8, device=DEVICE, requires_grad=True)
+    weight = torch.randn(8, 4, 3, device=DEVICE, requires_grad=True)
+    bias = torch.randn(8, device=DEVICE, requires_grad=True)
+    mask = torch.rand(2, 11, device=DEVICE) > 0.3 if masked else None
+    args = (x, residual, weight, bias, 2, 2, mask)
+    torch.library.opcheck(torch.ops.convrec.conv_pool.default, args)
+
+
+@pytest.mark.slow
+@requires_triton
+def test_triton_conv_pool_compiles_fullgraph() -> None:
+    weight = torch.randn(8, 4, 3, device=DEVICE, requires_grad=True)
+
+    def loss(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        out = conv_pool(x, x, weight, None, 2, 2, mask, backend="triton")
+        return out.conv.square().sum() + out.pooled.sum() + out.residual.sum()
+
+    x = torch.randn(3, 19, 8, device=DEVICE, requires_grad=True)
+    mask = torch.rand(3, 19, device=DEVICE) > 0.3
+    eager = torch.autograd.grad(loss(x, mask), (x, weight))
+    compiled = torch.autograd.grad(torch.compile(loss, fullgraph=True)(x, mask), (x, weight))
+    for c, e in zip(compiled, eager, strict=True):
+        torch.testing.assert_close(c, e)
+
+
+@requires_triton
+@pytest.mark.parametrize(
+    "case", [(3, 50, 40, 1, 3, 2, True), (2, 97, 36, 2, 5, 5, False), (1, 40, 48, 1, 4, 4, True)]
+)
+@pytest.mark.usefixtures("small_tiles")
+def test_triton_conv_pool_multi_tile(case) -> None:
+    heads, stride = case[3], case[5]
+    inputs = _level_inputs(case, DEVICE)
+
+    def run(backend, x, residual, weight, bias, mask):
+        return conv_pool(x, residual, weight, bias, stride, heads, mask, backend=backend)
+
+    if inputs["mask"] is None:
+        del inputs["mask"]
+        run = functools.partial(run, mask=None)
+    compare_backends(run, inputs, ["x", "residual", "weight", "bias"], torch.float32)

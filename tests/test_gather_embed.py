@@ -1,10 +1,17 @@
-"""``gather_embed`` reference: hand cases, a dense multi-hot re-derivation, gradients."""
+"""``gather_embed``: the reference (hand cases, a dense multi-hot re-derivation, gradients) and
+the Triton kernel against it (values, gradients, deterministic mode, int64 offsets, opcheck,
+torch.compile). Also the tolerance-rule helpers the other kernel tests import."""
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable, Sequence
+
 import pytest
 import torch
+from torch import Tensor
 
+from convrec.backends import triton_status
 from convrec.item_encoder import csr_from_lists
 from convrec.ops import attribute_bags, gather_embed
 
@@ -69,3 +76,284 @@ def test_gradcheck_float64(attribute_lists: list[list[int]]) -> None:
 def test_partial_attribute_arguments_rejected() -> None:
     with pytest.raises(ValueError, match="together"):
         gather_embed(torch.tensor([[1]]), torch.randn(2, 2), attr_table=torch.randn(2, 2))
+
+
+# ---- Triton kernel: CPU interpreter in CI (small grids), full size and fp16/bf16 on CUDA ----
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"  # where the Triton tests put their tensors
+requires_triton = pytest.mark.skipif(
+    triton_status(DEVICE) is not None, reason=f"Triton cannot run here: {triton_status(DEVICE)}"
+)
+# (device, dtype) of the kernel tests: fp32 in the interpreter (its bf16 arithmetic is wrong);
+# fp32, fp16 and bf16 on a GPU.
+DEVICE_DTYPES = (
+    [("cuda", d) for d in (torch.float32, torch.float16, torch.bfloat16)]
+    if CUDA
+    else [("cpu", torch.float32)]
+)
+
+
+def assert_tolerance(name: str, actual: Tensor, reference: Tensor, exact: Tensor) -> None:
+    """DESIGN.md's rule: the kernel's error against the float64 result is at most twice the
+    same-dtype reference's error, plus a floor of 64 ulps of the result's magnitude."""
+    exact = exact.detach().double()
+    scale = float(exact.abs().max().clamp(min=1.0)) if exact.numel() else 1.0
+    error = float((actual.detach().double() - exact).abs().max()) if exact.numel() else 0.0
+    ref_error = float((reference.detach().double() - exact).abs().max()) if exact.numel() else 0.0
+    floor = 64 * torch.finfo(actual.dtype).eps * scale
+    assert error <= 2 * ref_error + floor, (
+        f"{name}: kernel error {error:.3g} > 2 x reference error {ref_error:.3g} + {floor:.3g}"
+    )
+
+
+def compare_backends(
+    run: Callable[..., Sequence[Tensor | None]],
+    inputs: dict[str, Tensor],
+    wrt: Sequence[str],
+    dtype: torch.dtype,
+) -> None:
+    """Run ``run(backend, **inputs)`` in float64 and ``dtype`` on the reference and in ``dtype``
+    on Triton; compare every output (bool outputs exactly) and the gradients of ``wrt`` of a
+    fixed random projection of the float outputs, with ``assert_tolerance``.
+
+    Floating inputs are cast to the dtype with ``.to``: views stay views when it is theirs.
+    """
+    results = {}
+    projections: list[Tensor] = []
+    for label, backend, dt in (
+        ("exact", "reference", torch.float64),
+        ("reference", "reference", dtype),
+        ("kernel", "triton", dtype),
+    ):
+        tensors = {
+            k: v.to(dt).detach().requires_grad_(k in wrt) if v.is_floating_point() else v
+            for k, v in inputs.items()
+        }
+        outs = [o for o in run(backend, **tensors) if o is not None]
+        floats = [o for o in outs if o.is_floating_point()]
+        if not projections:
+            gen = torch.Generator().manual_seed(1)
+            projections = [
+                torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.device)
+                for o in floats
+            ]
+        loss = sum((o.double() * p).sum() for o, p in zip(floats, projections, strict=True))
+        grads = torch.autograd.grad(loss, [tensors[k] for k in wrt], allow_unused=True)
+        results[label] = (outs, grads)
+    (exact, exact_grads), (ref, ref_grads), (out, out_grads) = results.values()
+    for i, (e, r, o) in enumerate(zip(exact, ref, out, strict=True)):
+        assert o.shape == e.shape and o.dtype == r.dtype, f"output {i}: {o.shape} {o.dtype}"
+        if o.is_floating_point():
+            assert_tolerance(f"output {i}", o, r, e)
+        else:
+            assert torch.equal(o, r), f"output {i} differs"
+    for name, e, r, o in zip(wrt, exact_grads, ref_grads, out_grads, strict=True):
+        assert o.dtype == r.dtype and o.shape == r.shape, f"grad {name}: {o.dtype} {o.shape}"
+        assert_tolerance(f"grad {name}", o, r, e)
+
+
+def random_catalogue(
+    num_items: int, num_attrs: int, max_attrs: int, device: str, seed: int = 0
+) -> tuple[Tensor, Tensor, list[list[int]]]:
+    """CSR (offsets, ids) of items 0..num_items: item 0 and every 4th item without attributes,
+    others with 1..max_attrs ids, repeats allowed."""
+    gen = torch.Generator().manual_seed(seed)
+    lists: list[list[int]] = [[]]
+    for item in range(1, num_items + 1):
+        count = 0 if item % 4 == 0 else int(torch.randint(1, max_attrs + 1, (1,), generator=gen))
+        lists.append(torch.randint(0, num_attrs, (count,), generator=gen).tolist())
+    offsets, ids = csr_from_lists(lists)
+    return offsets.to(device), ids.to(device), lists
+
+
+def histories(batch: int, length: int, num_items: int, device: str, seed: int = 0) -> Tensor:
+    """Left-padded (B, L) ids; row 0 is all padding when B > 1, the others padded variously."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, num_items + 1, (batch, length), generator=gen)
+    for row in range(batch):
+        ids[row, : (length * row) // (batch + 1)] = 0
+    if batch > 1:
+        ids[0] = 0
+    return ids.to(device)
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """Interpreter tiles of 16 rows and 16 channels, so small shapes span several row and
+    channel tiles and the weight gradient several partials (the GPU's multi-tile paths)."""
+    if DEVICE == "cuda":
+        pytest.skip("the GPU runs its own tiles at full size")
+    launch = importlib.import_module("convrec.kernels.launch")
+    monkeypatch.setattr(launch, "_INTERPRETER_ROWS", 16)
+    monkeypatch.setattr(launch, "_INTERPRETER_CHANNELS", 16)
+    monkeypatch.setattr(launch, "_INTERPRETER_GATHER", (16, 16))
+
+
+def reserve_int32(size: int) -> Tensor:
+    """An int32 tensor of ``size`` > 2^31 elements: on CPU only address space (pages untouched
+    are never backed), on a GPU 8 GiB of memory. Skips the test where that is refused."""
+    try:
+        return torch.empty(size, dtype=torch.int32, device=DEVICE)
+    except (RuntimeError, MemoryError) as error:
+        pytest.skip(f"cannot reserve {size * 4 / 2**30:.0f} GiB for int64-offset test: {error}")
+
+
+def _gather(backend, ids, item_table, attr_table, offsets, attr_ids, mask):
+    if attr_table is None:
+        return (gather_embed(ids, item_table, mask=mask, backend=backend),)
+    return (gather_embed(ids, item_table, offsets, attr_ids, attr_table, mask, backend=backend),)
+
+
+GATHER_SHAPES_CPU = [(1, 1, 8), (3, 35, 12), (3, 97, 32)]
+GATHER_SHAPES_CUDA = [(1, 1, 64), (3, 97, 64), (256, 512, 256)]
+
+
+@requires_triton
+@pytest.mark.parametrize(("device", "dtype"), DEVICE_DTYPES)
+@pytest.mark.parametrize("shape", range(3))
+@pytest.mark.parametrize("attributes", [True, False])
+def test_triton_gather_matches_reference(device, dtype, shape, attributes) -> None:
+    batch, length, width = (GATHER_SHAPES_CUDA if device == "cuda" else GATHER_SHAPES_CPU)[shape]
+    offsets, attr_ids, _ = random_catalogue(50, 11, 4, device)
+    inputs = dict(
+        ids=histories(batch, length, 50, device),
+        item_table=torch.randn(51, width, device=device),
+        attr_table=torch.randn(11, width, device=device) if attributes else None,
+        offsets=offsets,
+        attr_ids=attr_ids,
+    )
+    inputs["mask"] = inputs["ids"] != 0
+    inputs = {k: v for k, v in inputs.items() if v is not None}
+    wrt = ["item_table", "attr_table"] if attributes else ["item_table"]
+    compare_backends(
+        lambda backend, **t: _gather(backend, **{"attr_table": None, **t}), inputs, wrt, dtype
+    )
+
+
+@requires_triton
+@pytest.mark.usefixtures("small_tiles")
+def test_triton_gather_multi_tile() -> None:
+    offsets, attr_ids, _ = random_catalogue(50, 11, 6, DEVICE)
+    ids = histories(3, 35, 50, DEVICE)
+    tables = dict(
+        item_table=torch.randn(51, 40, device=DEVICE), attr_table=torch.randn(11, 40, device=DEVICE)
+    )
+    inputs = dict(ids=ids, offsets=offsets, attr_ids=attr_ids, mask=ids != 0, **tables)
+    compare_backends(_gather, inputs, ["item_table", "attr_table"], torch.float32)
+
+
+@requires_triton
+def test_triton_gather_views_masks_and_id_shapes(attribute_lists) -> None:
+    """Non-contiguous ids and tables, a mask that keeps padding and drops real items, 1-D ids."""
+    offsets, attr_ids = (t.to(DEVICE) for t in csr_from_lists(attribute_lists))
+    wide = torch.randn(31, 20, device=DEVICE)
+    ids = torch.randint(0, 31, (13, 4), device=DEVICE).T  # (4, 13), non-contiguous
+    mask = torch.rand(4, 13, device=DEVICE) > 0.3  # independent of the ids: keeps some 0s
+    inputs = dict(
+        ids=ids,
+        item_table=wide[:, 2:10],  # row stride 20
+        attr_table=torch.randn(8, 9, device=DEVICE).T,  # (9, 8), transposed
+        offsets=offsets,
+        attr_ids=attr_ids.to(torch.int32),
+        mask=mask,
+    )
+    compare_backends(_gather, inputs, ["item_table", "attr_table"], torch.float32)
+    flat = torch.tensor([3, 0, 7], device=DEVICE)
+    out = gather_embed(flat, wide[:, :8], mask=flat >= 0, backend="triton")
+    torch.testing.assert_close(out, wide[flat, :8])
+
+
+@requires_triton
+def test_triton_gather_deterministic_mode_is_bit_identical() -> None:
+    device = DEVICE
+    offsets, attr_ids, _ = random_catalogue(20, 7, 5, device)
+    ids = histories(3, 40, 20, device)  # few items, many repeats: many rows collide
+    item_table = torch.randn(21, 16, device=device, requires_grad=True)
+    attr_table = torch.randn(7, 16, device=device, requires_grad=True)
+    grad = torch.randn(3, 40, 16, device=device)
+
+    def grads() -> tuple[Tensor, ...]:
+        x = gather_embed(ids, item_table, offsets, attr_ids, attr_table, backend="triton")
+        return torch.autograd.grad(x, (item_table, attr_table), grad)
+
+    atomic = grads()
+    torch.use_deterministic_algorithms(True)
+    try:
+        first, second = grads(), grads()
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for a, b, c in zip(first, second, atomic, strict=True):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5)
+
+
+@requires_triton
+def test_triton_gather_int64_offsets_past_2_31() -> None:
+    """A CSR whose offsets all exceed 2^31: the ids live at the end of an 8 GiB int32 array that
+    is only reserved (untouched pages cost no memory), so int32 offset arithmetic would read
+    elsewhere. The reference runs on the same CSR shifted to start at 0."""
+    base = 2**31 + 3
+    offsets, attr_ids, _ = random_catalogue(30, 9, 3, DEVICE)
+    huge = reserve_int32(base + attr_ids.numel())
+    huge[base:] = attr_ids.to(torch.int32)
+    item_table = torch.randn(31, 8, device=DEVICE, requires_grad=True)
+    attr_table = torch.randn(9, 8, device=DEVICE, requires_grad=True)
+    ids = histories(3, 20, 30, DEVICE)
+    grad = torch.randn(3, 20, 8, device=DEVICE)
+    out = gather_embed(ids, item_table, offsets + base, huge, attr_table, backend="triton")
+    expected = gather_embed(ids, item_table, offsets, huge[base:], attr_table)
+    torch.testing.assert_close(out, expected)
+    for deterministic in (False, True):
+        torch.use_deterministic_algorithms(deterministic)
+        try:
+            got = torch.autograd.grad(out, (item_table, attr_table), grad, retain_graph=True)
+        finally:
+            torch.use_deterministic_algorithms(False)
+        want = torch.autograd.grad(expected, (item_table, attr_table), grad, retain_graph=True)
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w)
+
+
+@requires_triton
+def test_triton_gather_rejects_bad_inputs() -> None:
+    table = torch.randn(5, 4, device=DEVICE)
+    one = torch.tensor([[1]], device=DEVICE)
+    with pytest.raises(ValueError, match="holds id 7"):
+        gather_embed(torch.tensor([[1, 7]], device=DEVICE), table, backend="triton")
+    with pytest.raises(ValueError, match="attr_offsets must be int64 of shape"):
+        offsets = torch.zeros(5, dtype=torch.int64, device=DEVICE)
+        gather_embed(one, table, offsets, offsets, table, backend="triton")
+    with pytest.raises(ValueError, match="unknown backend"):
+        gather_embed(one, table, backend="cuda")
+
+
+@requires_triton
+def test_triton_gather_opcheck(attribute_lists) -> None:
+    offsets, attr_ids = (t.to(DEVICE) for t in csr_from_lists(attribute_lists))
+    ids = torch.randint(0, 31, (2, 9), device=DEVICE)
+    item_table = torch.randn(31, 8, device=DEVICE, requires_grad=True)
+    attr_table = torch.randn(9, 8, device=DEVICE, requires_grad=True)
+    op = torch.ops.convrec.gather_embed.default
+    torch.library.opcheck(op, (ids, item_table, offsets, attr_ids, attr_table, ids != 0))
+    torch.library.opcheck(op, (ids, item_table, None, None, None, ids != 0))
+
+
+@pytest.mark.slow
+@requires_triton
+def test_triton_gather_compiles_fullgraph(attribute_lists) -> None:
+    offsets, attr_ids = (t.to(DEVICE) for t in csr_from_lists(attribute_lists))
+    item_table = torch.randn(31, 8, device=DEVICE, requires_grad=True)
+    attr_table = torch.randn(9, 8, device=DEVICE, requires_grad=True)
+
+    def loss(ids: Tensor) -> Tensor:
+        x = gather_embed(ids, item_table, offsets, attr_ids, attr_table, backend="triton")
+        return x.square().sum()
+
+    ids = torch.randint(0, 31, (3, 11), device=DEVICE)
+    eager = torch.autograd.grad(loss(ids), (item_table, attr_table))
+    compiled = torch.autograd.grad(
+        torch.compile(loss, fullgraph=True)(ids), (item_table, attr_table)
+    )
+    for c, e in zip(compiled, eager, strict=True):
+        torch.testing.assert_close(c, e)

@@ -1,9 +1,11 @@
 """ConvRec operators. Each module holds one op: its pure-PyTorch reference (the test oracle and
-CPU fallback) and, as they land, the dispatch to its fast paths."""
+CPU fallback), the dispatch to its fast paths and, for the Triton ones, the ``torch.library``
+registration under ``torch.ops.convrec.*``."""
 
-from convrec.ops.conv_pool import ConvPoolOutput, conv_pool
+from convrec.ops.conv_pool import ConvPoolOutput, conv_pool, conv_pool_reference
 from convrec.ops.downscale import DownscaleOutput, LevelParams, downscale, downscale_reference
-from convrec.ops.gather_embed import attribute_bags, gather_embed
+from convrec.ops.embed_conv_pool import embed_conv_pool, embed_conv_pool_reference
+from convrec.ops.gather_embed import attribute_bags, gather_embed, gather_embed_reference
 
 __all__ = [
     "ConvPoolOutput",
@@ -11,7 +13,11 @@ __all__ = [
     "LevelParams",
     "attribute_bags",
     "conv_pool",
+    "conv_pool_reference",
     "downscale",
     "downscale_reference",
+    "embed_conv_pool",
+    "embed_conv_pool_reference",
     "gather_embed",
+    "gather_embed_reference",
 ]

@@ -1,13 +1,19 @@
 """``gather_embed``: item rows plus the mean of the item's attribute rows, times the mask.
 
-The reference below is the oracle for the fused Triton kernels (``kernels/gather_embed.py``,
-``kernels/embed_conv_pool.py``) and the CPU fallback.
+The reference below is the oracle for the Triton kernels (``kernels/gather_embed.py``, and
+``kernels/embed_conv_pool.py`` which fuses it into level 1) and the CPU fallback. The Triton
+path is the custom op ``torch.ops.convrec.gather_embed`` with a fake implementation and
+autograd, so it composes with ``torch.compile(fullgraph=True)``.
 """
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from convrec.checks import check_id_range
+from convrec.ops.fast_path import kernels, use_triton
 
 
 def attribute_bags(
@@ -33,19 +39,148 @@ def gather_embed(
     attr_ids: Tensor | None = None,
     attr_table: Tensor | None = None,
     mask: Tensor | None = None,
+    backend: str = "reference",
 ) -> Tensor:
     """``x[b, t] = mask[b, t] * (item_table[v] + mean_{a in attrs(v)} attr_table[a])``, v=ids[b,t]
 
-    Shapes: ``item_ids`` (B, L) integer, ``item_table`` (N + 1, D) with row 0 the padding item;
-    ``attr_offsets`` (N + 2,) int64 CSR offsets and ``attr_ids`` (nnz,) integer indices into
-    ``attr_table`` (A, D); the three attribute arguments are all given or all None. ``mask``
-    (B, L) bool defaults to ``item_ids != 0``. Returns (B, L, D) in the tables' dtype.
+    Shapes: ``item_ids`` (B, L) integer (any shape works), ``item_table`` (N + 1, D) with row 0
+    the padding item; ``attr_offsets`` (N + 2,) int64 CSR offsets and ``attr_ids`` (nnz,)
+    integer indices into ``attr_table`` (A, D); the three attribute arguments are all given or
+    all None. ``mask`` (B, L) bool defaults to ``item_ids != 0``. Returns (B, L, D) in the
+    tables' dtype. ``backend``: "reference", "triton" or "auto" (see ``convrec.ops.fast_path``).
     """
     if (attr_offsets is None) != (attr_ids is None) or (attr_ids is None) != (attr_table is None):
         raise ValueError("attr_offsets, attr_ids and attr_table must be given together")
     if mask is None:
         mask = item_ids != 0
+    if use_triton("gather_embed", backend, item_table.device):
+        check_gather_inputs(item_ids, item_table, attr_offsets, attr_ids, attr_table, mask)
+        return torch.ops.convrec.gather_embed(
+            item_ids, item_table, attr_offsets, attr_ids, attr_table, mask
+        )
+    return gather_embed_reference(item_ids, item_table, attr_offsets, attr_ids, attr_table, mask)
+
+
+def gather_embed_reference(
+    item_ids: Tensor,
+    item_table: Tensor,
+    attr_offsets: Tensor | None,
+    attr_ids: Tensor | None,
+    attr_table: Tensor | None,
+    mask: Tensor,
+) -> Tensor:
+    """The pure-PyTorch ``gather_embed`` (the oracle); all arguments as there, mask required."""
     x = F.embedding(item_ids, item_table)
     if attr_table is not None:
         x = x + attribute_bags(item_ids, attr_offsets, attr_ids, attr_table)
     return x * mask.unsqueeze(-1).to(x.dtype)
+
+
+def check_gather_inputs(
+    item_ids: Tensor,
+    item_table: Tensor,
+    attr_offsets: Tensor | None,
+    attr_ids: Tensor | None,
+    attr_table: Tensor | None,
+    mask: Tensor,
+) -> None:
+    """Raise naming the problem before a kernel reads memory it does not own (kernels do not
+    bounds-check). The CSR contents are trusted: ``ItemEncoder`` checks them once."""
+    if item_ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"item_ids must be int64 or int32, got {item_ids.dtype}")
+    if item_table.dim() != 2 or not item_table.is_floating_point():
+        raise ValueError(
+            f"item_table must be a 2-D float tensor, got {item_table.dtype} "
+            f"{tuple(item_table.shape)}"
+        )
+    if mask.shape != item_ids.shape or mask.dtype != torch.bool:
+        raise ValueError(
+            f"mask must be bool with the ids' shape {tuple(item_ids.shape)}, got {mask.dtype} "
+            f"{tuple(mask.shape)}"
+        )
+    if attr_table is not None:
+        if attr_table.dim() != 2 or attr_table.shape[1] != item_table.shape[1]:
+            raise ValueError(
+                f"attr_table must be (A, {item_table.shape[1]}), got {tuple(attr_table.shape)}"
+            )
+        if attr_table.dtype != item_table.dtype:
+            raise TypeError(f"attr_table is {attr_table.dtype}, item_table {item_table.dtype}")
+        if attr_offsets.shape != (item_table.shape[0] + 1,) or attr_offsets.dtype != torch.int64:
+            raise ValueError(
+                f"attr_offsets must be int64 of shape ({item_table.shape[0] + 1},) (one per item "
+                f"row, plus one), got {attr_offsets.dtype} {tuple(attr_offsets.shape)}"
+            )
+        if attr_ids.dim() != 1 or attr_ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"attr_ids must be 1-D integer, got {attr_ids.dtype}")
+    check_id_range(item_ids, item_table.shape[0] - 1, "item_ids")
+
+
+@torch.library.custom_op("convrec::gather_embed", mutates_args=())
+def _gather_embed_op(
+    item_ids: Tensor,
+    item_table: Tensor,
+    attr_offsets: Tensor | None,
+    attr_ids: Tensor | None,
+    attr_table: Tensor | None,
+    mask: Tensor,
+) -> Tensor:
+    return kernels("gather_embed").gather_embed_forward(
+        item_ids, item_table, attr_offsets, attr_ids, attr_table, mask
+    )
+
+
+@_gather_embed_op.register_fake
+def _(item_ids, item_table, attr_offsets, attr_ids, attr_table, mask):
+    return item_table.new_empty(*item_ids.shape, item_table.shape[1])
+
+
+@torch.library.custom_op("convrec::gather_embed_backward", mutates_args=())
+def _gather_embed_backward_op(
+    grad: Tensor,
+    item_ids: Tensor,
+    mask: Tensor,
+    attr_offsets: Tensor | None,
+    attr_ids: Tensor | None,
+    item_rows: int,
+    attr_rows: int,
+    deterministic: bool,
+) -> tuple[Tensor, Tensor]:
+    """fp32 gradients of the item table and the attribute table ((0, D) without attributes)."""
+    grad_item, grad_attr = kernels("gather_embed").gather_embed_backward(
+        grad, item_ids, mask, item_rows, attr_offsets, attr_ids, attr_rows, deterministic
+    )
+    return grad_item, grad_item.new_zeros(0, grad.shape[-1]) if grad_attr is None else grad_attr
+
+
+@_gather_embed_backward_op.register_fake
+def _(grad, item_ids, mask, attr_offsets, attr_ids, item_rows, attr_rows, deterministic):
+    rows = 0 if attr_ids is None else attr_rows
+    grad_item = grad.new_empty(item_rows, grad.shape[-1], dtype=torch.float32)
+    return grad_item, grad_item.new_empty(rows, grad.shape[-1])
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    item_ids, item_table, attr_offsets, attr_ids, attr_table, mask = inputs
+    ctx.save_for_backward(item_ids, attr_offsets, attr_ids, mask)
+    ctx.item_table = (item_table.shape[0], item_table.dtype)
+    ctx.attr_table = None if attr_table is None else (attr_table.shape[0], attr_table.dtype)
+
+
+def _backward(ctx, grad: Tensor):
+    item_ids, attr_offsets, attr_ids, mask = ctx.saved_tensors
+    (item_rows, item_dtype), attr = ctx.item_table, ctx.attr_table
+    grad_item, grad_attr = torch.ops.convrec.gather_embed_backward(
+        grad,
+        item_ids,
+        mask,
+        attr_offsets,
+        attr_ids,
+        item_rows,
+        0 if attr is None else attr[0],
+        torch.are_deterministic_algorithms_enabled(),
+    )
+    grad_attr = None if attr is None else grad_attr.to(attr[1])
+    return None, grad_item.to(item_dtype), None, None, grad_attr, None
+
+
+_gather_embed_op.register_autograd(_backward, setup_context=_setup_context)
