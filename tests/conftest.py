@@ -13,7 +13,12 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-SHARED_DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
+# The real datasets live beside the repository (../shared/data); CONVREC_SHARED_DATA overrides.
+SHARED_DATA = pathlib.Path(
+    os.environ.get(
+        "CONVREC_SHARED_DATA", pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
+    )
+)
 
 
 @pytest.fixture(autouse=True)
