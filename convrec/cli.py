@@ -8,6 +8,8 @@ import pathlib
 import sys
 import tempfile
 
+from convrec.bench import kernels as bench_kernels
+from convrec.bench import scaling as bench_scaling
 from convrec.training.config import TrainConfig
 
 
@@ -236,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     encoder.add_argument("--repeats", type=int, default=5)
     encoder.add_argument("--seed", type=int, default=0)
     encoder.set_defaults(run=_bench_encoder)
+    bench_scaling.add_parser(bench)
+    bench_kernels.add_parser(bench)
     return parser
 
 

@@ -1,0 +1,156 @@
+"""``convrec bench kernels``: run the operators' pytest-benchmark groups and summarise them.
+
+The microbenchmarks are ``benchmarks/bench_<op>.py`` (helpers in ``benchmarks/kernel_bench.py``):
+one group per "<op> <shape> <mode>", one benchmark per provider ("reference" is the PyTorch
+reference in eager mode, "compiled" the same under ``torch.compile``, then the fast paths). This
+runs them with ``--benchmark-json`` and turns the JSON into a Markdown table of medians with the
+speedup of each provider over the eager reference of the same group.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+REFERENCE = "reference"
+PROVIDER_ORDER = ("reference", "compiled", "triton", "cpp", "cuda")
+MODES = ("fwd", "fwd+bwd")
+
+
+def run_benchmarks(
+    bench_dir: pathlib.Path, json_path: pathlib.Path, select: str | None, interpret: bool
+) -> None:
+    """``pytest bench_dir --benchmark-only --benchmark-json=json_path``; raise if nothing ran."""
+    command = [
+        sys.executable, "-m", "pytest", str(bench_dir), "--benchmark-only",
+        f"--benchmark-json={json_path}", "-o", "python_files=bench_*.py", "-q",
+    ]  # fmt: skip
+    if select:
+        command += ["-k", select]
+    env = os.environ | ({"CONVREC_BENCH_INTERPRET": "1"} if interpret else {})
+    code = subprocess.run(command, env=env).returncode
+    if code == 5:
+        raise SystemExit(f"no benchmarks collected from {bench_dir}/bench_*.py")
+    if code != 0:
+        raise SystemExit(f"the benchmarks failed (pytest exit code {code}): see the output above")
+
+
+def _split_group(group: str) -> tuple[str, str, str]:
+    """ "conv_pool B32-L512 fp32 fwd" -> ("conv_pool", "B32-L512 fp32", "fwd"): the first word
+    is the op, a word in ``MODES`` the mode, the rest the shape (any order after the op)."""
+    op, *words = group.split()
+    mode = next((w for w in words if w in MODES), "")
+    return op, " ".join(w for w in words if w != mode), mode
+
+
+def summarise(data: dict) -> list[dict]:
+    """One row per benchmark: op, shape, mode, provider, median seconds, speedup vs reference.
+
+    The provider is the ``provider`` parameter (or ``extra_info["provider"]``). Other
+    parameters that the group name does not already show (a dtype, say) join the shape, and
+    the reference is looked up among benchmarks with the same group and parameters.
+    """
+    rows = []
+    for bench in data.get("benchmarks", []):
+        params = dict(bench.get("params") or {})
+        group = bench.get("group") or bench["name"]
+        provider = str(params.pop("provider", bench.get("extra_info", {}).get("provider", "?")))
+        op, shape, mode = _split_group(group)
+        extra = [str(v) for v in params.values() if str(v) not in group.split()]
+        rows.append(
+            {
+                "key": (group, tuple(sorted((k, str(v)) for k, v in params.items()))),
+                "op": op,
+                "shape": " ".join([shape, *extra]).strip(),
+                "mode": mode,
+                "provider": provider,
+                "median_s": bench["stats"]["median"],
+                "rounds": bench["stats"]["rounds"],
+            }
+        )
+    reference = {r["key"]: r["median_s"] for r in rows if r["provider"] == REFERENCE}
+    for r in rows:
+        ref = reference.get(r.pop("key"))
+        r["speedup"] = None if ref is None or r["median_s"] <= 0 else ref / r["median_s"]
+    rank = {p: i for i, p in enumerate(PROVIDER_ORDER)}
+    rows.sort(key=lambda r: (r["op"], r["shape"], r["mode"], rank.get(r["provider"], 99)))
+    return rows
+
+
+def _duration(seconds: float) -> str:
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("µs", 1e-6)):
+        if seconds >= scale:
+            return f"{seconds / scale:.3g} {unit}"
+    return f"{seconds / 1e-9:.3g} ns"
+
+
+def format_summary(rows: list[dict], data: dict) -> str:
+    """Markdown: where it ran, then op | shape | mode | provider | median | speedup."""
+    machine = data.get("machine_info", {})
+    cpu = machine.get("cpu", {}).get("brand_raw", machine.get("processor", "unknown CPU"))
+    lines = [
+        f"Kernel microbenchmarks, {data.get('datetime', 'unknown date')}, {cpu}, "
+        f"Python {machine.get('python_version', '?')}: median of the rounds; speedup = eager "
+        "reference median / provider median, same group and parameters.",
+        "",
+    ]
+    if not rows:
+        return "\n".join([*lines, "No benchmark ran (without a GPU they skip; see the log)."])
+    lines += [
+        "| op | shape | mode | provider | median | rounds | speedup vs reference (eager) |",
+        "|---|---|---|---|---:|---:|---:|",
+    ]
+    for r in rows:
+        speedup = "" if r["speedup"] is None else f"{r['speedup']:.2f}x"
+        lines.append(
+            f"| {r['op']} | {r['shape']} | {r['mode']} | {r['provider']} "
+            f"| {_duration(r['median_s'])} | {r['rounds']} | {speedup} |"
+        )
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> None:
+    """The ``kernels`` subcommand: run (unless ``--from-json``), summarise, write Markdown."""
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path = pathlib.Path(args.from_json) if args.from_json else out / "kernels.json"
+    if not args.from_json:
+        run_benchmarks(pathlib.Path(args.benchmarks), json_path, args.select, args.interpret)
+    data = json.loads(json_path.read_text())
+    summary = format_summary(summarise(data), data)
+    (out / "kernels.md").write_text(summary + "\n")
+    print(summary)
+
+
+def add_parser(bench_subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``kernels`` under ``convrec bench``; the CLI calls ``args.run(args)``."""
+    p = bench_subparsers.add_parser(
+        "kernels",
+        help="run the operators' pytest-benchmark groups and summarise them in Markdown",
+        description="Runs benchmarks/bench_*.py with pytest-benchmark and writes a Markdown "
+        "table of medians and speedups over the eager PyTorch reference.",
+    )
+    p.add_argument(
+        "--benchmarks", default="benchmarks", help="folder of the bench_*.py files (benchmarks)"
+    )
+    p.add_argument(
+        "--out",
+        default="benchmarks/results/kernels",
+        help="folder for kernels.json and kernels.md (benchmarks/results/kernels)",
+    )
+    p.add_argument("-k", dest="select", help="pytest -k expression choosing benchmarks")
+    p.add_argument(
+        "--interpret",
+        action="store_true",
+        help="without a GPU: tiny shapes in Triton's CPU interpreter (checks the benchmarks "
+        "themselves; timings meaningless)",
+    )
+    p.add_argument(
+        "--from-json", help="summarise this pytest-benchmark JSON instead of running anything"
+    )
+    p.set_defaults(run=run)
+    return p
