@@ -114,7 +114,7 @@ def _fake_benchmark(group: str, provider: str, median: float, **params: str) -> 
         "group": group,
         "name": f"test_op[{provider}]",
         "params": {"provider": provider, **params},
-        "extra_info": {"bytes": 1.0},
+        "extra_info": {"bytes": 4.3e9 * median, "flops": 2e12 * median},
         "stats": {"median": median, "rounds": 20},
     }
 
@@ -140,11 +140,15 @@ def test_kernels_summary_from_json(tmp_path, capsys) -> None:
         ("downscale", "B8-L50 cpu", "cpp"),
     ]
     assert [r["speedup"] for r in rows] == [None, 1.0, 2.0, 4.0, None]
+    assert [r["vs_compiled"] for r in rows] == [None, 0.5, 1.0, 2.0, None]
     assert rows[-1]["mode"] == "fwd+bwd"
 
     path = tmp_path / "bench.json"
     path.write_text(json.dumps(data))
     _bench_command(["kernels", "--from-json", str(path), "--out", str(tmp_path / "out")])
     table = (tmp_path / "out" / "kernels.md").read_text()
-    assert "| conv_pool | B32 L512 fp32 | fwd | triton | 500 µs | 20 | 4.00x |" in table
+    row = (
+        "| conv_pool | B32 L512 fp32 | fwd | triton | 500 µs | 20 | 4.00x | 2.00x | 4.3 (0 %) | 2 |"
+    )
+    assert row in table
     assert "Test CPU" in table and table.strip() in capsys.readouterr().out

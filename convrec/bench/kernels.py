@@ -17,6 +17,8 @@ import subprocess
 import sys
 
 REFERENCE = "reference"
+COMPILED = "compiled"
+COPY_CEILING_BYTES_PER_S = 4.3e12  # H200 device-to-device copy measured here (DESIGN.md)
 PROVIDER_ORDER = ("reference", "compiled", "triton", "cpp", "cuda")
 MODES = ("fwd", "fwd+bwd")
 
@@ -48,7 +50,8 @@ def _split_group(group: str) -> tuple[str, str, str]:
 
 
 def summarise(data: dict) -> list[dict]:
-    """One row per benchmark: op, shape, mode, provider, median seconds, speedup vs reference.
+    """One row per benchmark: op, shape, mode, provider, median seconds, speedups over the
+    eager and the compiled reference, and the bytes/FLOPs the benchmark recorded.
 
     The provider is the ``provider`` parameter (or ``extra_info["provider"]``). Other
     parameters that the group name does not already show (a dtype, say) join the shape, and
@@ -70,12 +73,16 @@ def summarise(data: dict) -> list[dict]:
                 "provider": provider,
                 "median_s": bench["stats"]["median"],
                 "rounds": bench["stats"]["rounds"],
+                "bytes": bench.get("extra_info", {}).get("bytes"),
+                "flops": bench.get("extra_info", {}).get("flops"),
             }
         )
     reference = {r["key"]: r["median_s"] for r in rows if r["provider"] == REFERENCE}
+    compiled = {r["key"]: r["median_s"] for r in rows if r["provider"] == COMPILED}
     for r in rows:
-        ref = reference.get(r.pop("key"))
-        r["speedup"] = None if ref is None or r["median_s"] <= 0 else ref / r["median_s"]
+        key = r.pop("key")
+        for name, base in (("speedup", reference.get(key)), ("vs_compiled", compiled.get(key))):
+            r[name] = None if base is None or r["median_s"] <= 0 else base / r["median_s"]
     rank = {p: i for i, p in enumerate(PROVIDER_ORDER)}
     rows.sort(key=lambda r: (r["op"], r["shape"], r["mode"], rank.get(r["provider"], 99)))
     return rows
@@ -101,14 +108,25 @@ def format_summary(rows: list[dict], data: dict) -> str:
     if not rows:
         return "\n".join([*lines, "No benchmark ran (without a GPU they skip; see the log)."])
     lines += [
-        "| op | shape | mode | provider | median | rounds | speedup vs reference (eager) |",
-        "|---|---|---|---|---:|---:|---:|",
+        "GB/s = compulsory bytes / median (the % is of the 4.3 TB/s H200 copy ceiling, "
+        "meaningful on that GPU only); TFLOP/s = counted FLOPs / median.",
+        "",
+        "| op | shape | mode | provider | median | rounds | vs eager | vs compiled "
+        "| GB/s (% of 4.3 TB/s) | TFLOP/s |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        speedup = "" if r["speedup"] is None else f"{r['speedup']:.2f}x"
+        ratio = {k: "" if r[k] is None else f"{r[k]:.2f}x" for k in ("speedup", "vs_compiled")}
+        rate = flops = ""
+        if r["bytes"] and r["median_s"] > 0:
+            per_s = r["bytes"] / r["median_s"]
+            rate = f"{per_s / 1e9:.1f} ({100 * per_s / COPY_CEILING_BYTES_PER_S:.0f} %)"
+        if r["flops"] and r["median_s"] > 0:
+            flops = f"{r['flops'] / r['median_s'] / 1e12:.3g}"
         lines.append(
             f"| {r['op']} | {r['shape']} | {r['mode']} | {r['provider']} "
-            f"| {_duration(r['median_s'])} | {r['rounds']} | {speedup} |"
+            f"| {_duration(r['median_s'])} | {r['rounds']} | {ratio['speedup']} "
+            f"| {ratio['vs_compiled']} | {rate} | {flops} |"
         )
     return "\n".join(lines)
 
