@@ -63,7 +63,8 @@ def _reason(name: str, device: torch.device) -> str | None:
 
 
 @functools.cache
-def _warn_once(message: str) -> None:
+def warn_once(message: str) -> None:
+    """Warn once per distinct message and process (fallbacks must not flood the log)."""
     warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
@@ -85,5 +86,5 @@ def resolve_backend(name: str, device: torch.device) -> str:
             return native
         if device.type == "cuda" and _reason("triton", device) is None:
             return "triton"
-        _warn_once(f"convrec: using the PyTorch reference on {device.type}: {reason}")
+        warn_once(f"convrec: using the PyTorch reference on {device.type}: {reason}")
     return "reference"

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from convrec.backends import _warn_once, check_backend, resolve_backend
+from convrec.backends import check_backend, resolve_backend, warn_once
 from convrec.checks import check_sequence
 from convrec.ops.downscale import LevelParams, downscale, level_mix
 from convrec.ops.embed_conv_pool import embed_conv_pool
@@ -206,6 +206,6 @@ def _level_backend(name: str, device: torch.device, widest_kernel: int) -> str:
     backend = resolve_backend(name, device)
     problem = kernel_size_problem(widest_kernel)
     if backend == "triton" and problem is not None:  # only "auto" gets here (see __init__)
-        _warn_once(f"convrec: ConvRecEncoder uses the PyTorch reference: {problem}")
+        warn_once(f"convrec: ConvRecEncoder uses the PyTorch reference: {problem}")
         return "reference"
     return backend

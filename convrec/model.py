@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from convrec.backends import _warn_once, check_backend
+from convrec.backends import check_backend, warn_once
 from convrec.encoder import ConvRecEncoder
 from convrec.item_encoder import FaithfulItemEncoder, ItemAttributes, ItemEncoder
 from convrec.recommender import SequentialRecommender
@@ -98,7 +98,7 @@ class ConvRec(SequentialRecommender):
         if self.faithful or self.encoder.backend_for(device) != "triton":
             return False
         if self._unfusable is not None:  # only "auto" gets here (see __init__)
-            _warn_once(
+            warn_once(
                 f"convrec: ConvRec gathers items unfused: the fused kernel lacks {self._unfusable}"
             )
             return False

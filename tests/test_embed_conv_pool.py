@@ -288,7 +288,7 @@ def test_auto_falls_back_with_one_warning(attribute_lists, monkeypatch) -> None:
     from convrec import backends, encoder
 
     monkeypatch.setattr(encoder, "resolve_backend", lambda name, device: "triton")
-    backends._warn_once.cache_clear()
+    backends.warn_once.cache_clear()
     model = ConvRec(30, d_model=8, item_features=torch.randn(31, 3), backend="auto")
     model = model.to(DEVICE).eval()
     wide = ConvRecEncoder(8, levels=[(17, 17)], backend="auto").to(DEVICE).eval()

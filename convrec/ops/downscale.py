@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from convrec.ops.conv_pool import ConvPoolOutput, conv_pool
+from convrec.ops.downscale_ext import downscale_extension
 
 
 class LevelParams(NamedTuple):
@@ -85,6 +86,8 @@ def downscale(
     """Dispatch to the implementation named by ``backend`` (see ``convrec.backends``).
 
     "triton" runs each level's ``conv_pool`` as a Triton kernel and the rest in PyTorch.
+    "cpp" / "cuda" run the whole stack in the ``convrec._C`` extension (``downscale_ext``);
+    with no levels there is nothing to fuse and the reference computes the readout.
     """
     if len(params) != len(strides):
         raise ValueError(f"{len(params)} level parameter sets but {len(strides)} strides")
@@ -94,6 +97,11 @@ def downscale(
     if backend == "triton":
         conv = functools.partial(conv_pool, backend="triton")
         return downscale_reference(*args, residual=residual, conv_pool_fn=conv)
+    if backend in ("cpp", "cuda") and len(params) > 0:
+        user, levels = downscale_extension(*args, residual=residual, backend=backend)
+        return DownscaleOutput(user, levels)
+    if backend in ("cpp", "cuda"):
+        return downscale_reference(*args, residual=residual)
     raise NotImplementedError(f"downscale has no {backend!r} implementation")
 
 

@@ -14,7 +14,7 @@ from types import ModuleType
 
 import torch
 
-from convrec.backends import _warn_once, triton_status
+from convrec.backends import triton_status, warn_once
 
 OP_BACKENDS = ("reference", "triton", "auto")
 MAX_KERNEL = 16  # widest window the conv kernels unroll; wider ones run on the reference
@@ -50,6 +50,6 @@ def use_triton(op: str, backend: str, device: torch.device, problem: str | None 
     if device.type != "cuda":
         return False
     if reason is not None:
-        _warn_once(f"convrec: {op} uses the PyTorch reference: {reason}")
+        warn_once(f"convrec: {op} uses the PyTorch reference: {reason}")
         return False
     return True

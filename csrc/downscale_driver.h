@@ -1,0 +1,490 @@
+// The level loop of the downscale op, written once for both devices. `Dev` runs the row passes
+// of downscale.h (CpuDevice in downscale_cpu.cpp, CudaDevice in downscale_cuda.cu); the GEMMs go
+// through ATen (MKL/oneDNN on CPU, cuBLAS on CUDA, on the current stream) via the stable ABI.
+//
+// Each level's grouped conv and Linear arrive folded into one (kernel * D, D) matrix W and one
+// bias (see convrec/ops/downscale_ext.py), so a level is: window pass, one GEMM, one epilogue.
+// The window matrix of a level input is (B, windows, kernel, D): for kernel == stride it is the
+// zero-padded sequence itself; overlapping windows hold a position once per window.
+#pragma once
+
+#include <torch/csrc/stable/ops.h>
+#include <torch/csrc/stable/tensor.h>
+#include <torch/headeronly/core/ScalarType.h>
+#include <torch/headeronly/util/Exception.h>
+
+#include <array>
+#include <optional>
+#include <sstream>
+#include <string>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#include "downscale.h"
+
+namespace convrec {
+
+using torch::headeronly::ScalarType;
+using torch::stable::Tensor;
+
+using ForwardOut = std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>>;
+// grad x, grad residual, grad W per level, grad bias, alpha, beta, norm weight, norm bias
+using BackwardOut =
+    std::tuple<Tensor, Tensor, std::vector<Tensor>, Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+// Entries the forward saves per level, in this order, then the readout divisors.
+constexpr int kSavedPerLevel = 6;
+enum SavedSlot { kWin = 0, kPre, kPooled, kResPooled, kRowStats, kRowMask };
+
+// ------------------------------------------------------------------------- validation ----
+
+inline std::string shape_str(const Tensor& t) {
+  std::ostringstream out;
+  out << "(";
+  for (int64_t i = 0; i < t.dim(); ++i) out << (i ? ", " : "") << t.size(i);
+  out << (t.dim() == 1 ? ",)" : ")");
+  return out.str();
+}
+
+inline std::string shape_str(const std::vector<int64_t>& sizes) {
+  std::ostringstream out;
+  out << "(";
+  for (size_t i = 0; i < sizes.size(); ++i) out << (i ? ", " : "") << sizes[i];
+  out << (sizes.size() == 1 ? ",)" : ")");
+  return out.str();
+}
+
+inline bool same_device(const Tensor& a, const Tensor& b) {
+  return a.is_cuda() == b.is_cuda() && a.get_device_index() == b.get_device_index();
+}
+
+// `t` has exactly `sizes`, dtype `dtype` and lives on `ref`'s device.
+inline void check_tensor(const Tensor& t, const std::string& name,
+                         const std::vector<int64_t>& sizes, ScalarType dtype, const Tensor& ref) {
+  bool same = t.dim() == static_cast<int64_t>(sizes.size());
+  for (size_t i = 0; same && i < sizes.size(); ++i) same = t.size(i) == sizes[i];
+  STD_TORCH_CHECK(same, "downscale: ", name, " must have shape ", shape_str(sizes), ", got ",
+                  shape_str(t));
+  STD_TORCH_CHECK(t.scalar_type() == dtype, "downscale: ", name, " must have dtype ",
+                  torch::headeronly::toString(dtype), ", got ",
+                  torch::headeronly::toString(t.scalar_type()));
+  STD_TORCH_CHECK(same_device(t, ref), "downscale: ", name, " is on another device than x");
+}
+
+// Validated sizes of one call: batch, length, width and each level's geometry.
+struct Geometry {
+  int64_t batch = 0, length = 0, d = 0;
+  std::vector<Level> levels;
+};
+
+inline Geometry check_geometry(int64_t batch, int64_t length, int64_t d,
+                               const std::vector<int64_t>& kernels,
+                               const std::vector<int64_t>& strides) {
+  STD_TORCH_CHECK(batch >= 1 && length >= 1 && d >= 1,
+                  "downscale: x must be a non-empty (B, L, D) tensor, got (", batch, ", ", length,
+                  ", ", d, ")");
+  STD_TORCH_CHECK(!kernels.empty(), "downscale: the extension needs at least one level");
+  STD_TORCH_CHECK(kernels.size() == strides.size(), "downscale: ", kernels.size(),
+                  " kernels but ", strides.size(), " strides");
+  Geometry g{batch, length, d, {}};
+  int64_t n = length;
+  for (size_t l = 0; l < kernels.size(); ++l) {
+    const int64_t k = kernels[l], s = strides[l];
+    STD_TORCH_CHECK(k >= 1 && s >= 1 && s <= k, "downscale: level ", l,
+                    " needs 1 <= stride <= kernel, got kernel ", k, ", stride ", s);
+    const Level lv{n, out_length(n, k, s), k, s, left_pad(n, k, s)};
+    g.levels.push_back(lv);
+    n = lv.windows;
+  }
+  return g;
+}
+
+inline ScalarType acc_type(ScalarType t) {
+  return t == ScalarType::Double ? ScalarType::Double : ScalarType::Float;
+}
+
+// Level parameters, stacked: W per level (kernel * D, D); bias, norm weight/bias (M, D);
+// alpha, beta (M,).
+struct Params {
+  std::vector<Tensor> weight;
+  Tensor bias, alpha, beta, norm_weight, norm_bias;
+};
+
+inline void check_params(const Params& p, const Geometry& g, const Tensor& x,
+                         bool need_bias = true) {
+  const int64_t m = static_cast<int64_t>(g.levels.size());
+  const ScalarType dt = x.scalar_type();
+  STD_TORCH_CHECK(static_cast<int64_t>(p.weight.size()) == m, "downscale: ", p.weight.size(),
+                  " weight matrices for ", m, " levels");
+  for (int64_t l = 0; l < m; ++l)
+    check_tensor(p.weight[l], "weight[" + std::to_string(l) + "]",
+                 {g.levels[l].kernel * g.d, g.d}, dt, x);
+  if (need_bias) check_tensor(p.bias, "bias", {m, g.d}, dt, x);
+  check_tensor(p.alpha, "alpha", {m}, dt, x);
+  check_tensor(p.beta, "beta", {m}, dt, x);
+  check_tensor(p.norm_weight, "norm_weight", {m, g.d}, dt, x);
+  if (need_bias) check_tensor(p.norm_bias, "norm_bias", {m, g.d}, dt, x);
+}
+
+inline void check_keep(const std::vector<Tensor>& keep, const Geometry& g, const Tensor& x) {
+  STD_TORCH_CHECK(keep.empty() || keep.size() == g.levels.size(), "downscale: ", keep.size(),
+                  " dropout masks for ", g.levels.size(), " levels (give none or one per level)");
+  for (size_t l = 0; l < keep.size(); ++l)
+    check_tensor(keep[l], "dropout_keep[" + std::to_string(l) + "]",
+                 {g.batch, g.levels[l].windows, g.d}, ScalarType::Bool, x);
+}
+
+inline void check_mask(const std::optional<Tensor>& mask, bool mask_aware, const Geometry& g,
+                       const Tensor& x) {
+  STD_TORCH_CHECK(!mask_aware || mask.has_value(), "downscale: mask_aware needs a mask");
+  if (mask.has_value()) check_tensor(*mask, "mask", {g.batch, g.length}, ScalarType::Bool, x);
+}
+
+template <typename T>
+T* ptr(const Tensor& t) {
+  return static_cast<T*>(t.mutable_data_ptr());
+}
+
+template <typename T>
+T* ptr_or_null(const std::optional<Tensor>& t) {
+  return t.has_value() ? ptr<T>(*t) : nullptr;
+}
+
+inline Tensor view2d(const Tensor& t, int64_t rows, int64_t cols) {
+  return torch::stable::view(t, {rows, cols});
+}
+
+// out = a @ b through ATen's mm.out (a GEMM writing straight into a caller's buffer).
+inline void mm_out(const Tensor& out, const Tensor& a, const Tensor& b) {
+  std::array<StableIValue, 3> stack{torch::stable::detail::from(a), torch::stable::detail::from(b),
+                                    torch::stable::detail::from(out)};
+  STABLE_TORCH_ERROR_CODE_CHECK(
+      torch_call_dispatcher("aten::mm", "out", stack.data(), TORCH_ABI_VERSION));
+  torch::stable::detail::to<Tensor>(stack[0]);  // release the returned reference to out
+}
+
+// Level 0 may read x in place (no window-matrix copy, x saved instead) when its windows tile x
+// exactly: kernel == stride and no padding. With a mask x must also be zero where masked; only
+// devices that can check that without a host sync (the CPU) take masked inputs in place.
+// convrec/ops/downscale_ext.py mirrors this rule for the shapes of the fake implementation.
+template <class Dev>
+bool first_level_in_place(const Geometry& g, bool has_mask) {
+  const Level& v = g.levels[0];
+  return v.kernel == v.stride && v.pad == 0 && (Dev::kChecksMaskOnHost || !has_mask);
+}
+
+// x, as the level-0 window matrix, when first_level_in_place holds and x is zero where masked.
+template <typename T, class Dev>
+bool x_is_window_matrix(const Dev& dev, const Geometry& g, const Tensor& x,
+                        const std::optional<Tensor>& mask) {
+  return !mask.has_value() ||
+         dev.zero_where_masked(ptr<T>(x), ptr<bool>(*mask), g.batch * g.length, g.d);
+}
+
+// ---------------------------------------------------------------------------- forward ----
+
+template <typename T, typename A, class Dev>
+ForwardOut forward_levels(Dev& dev, const Geometry& g, const Tensor& x,
+                          const std::optional<Tensor>& residual,
+                          const std::optional<Tensor>& mask, const Params& p, bool mask_aware,
+                          const std::vector<Tensor>& keep, double scale, double eps,
+                          bool return_levels) {
+  const int64_t m = static_cast<int64_t>(g.levels.size()), d = g.d, batch = g.batch;
+  const ScalarType acc = acc_type(x.scalar_type());
+  std::vector<Tensor> levels, saved;
+  const Level& first = g.levels[0];
+  const bool in_place = first_level_in_place<Dev>(g, mask.has_value());
+  const bool use_x = in_place && x_is_window_matrix<T>(dev, g, x, mask);
+  Tensor win;  // the level's window matrix (level 0: unless x serves as one)
+  if (!use_x) win = torch::stable::new_empty(x, {batch, first.windows, first.kernel, d});
+  Tensor prev_res, prev_mask;
+  for (int64_t l = 0; l < m; ++l) {
+    const Level& v = g.levels[l];
+    const int64_t rows = batch * v.windows;
+    Tensor pooled = torch::stable::new_empty(x, {batch, v.windows, d});
+    // level 0 without an explicit residual pools x twice: one tensor holds both
+    const bool shared_pools = l == 0 && !residual.has_value();
+    Tensor res_pooled = shared_pools ? pooled : torch::stable::new_empty(x, {batch, v.windows, d});
+    Tensor stats = torch::stable::new_empty(x, {rows, kStats}, acc);
+    Tensor row_mask =
+        torch::stable::new_empty(x, {mask_aware ? batch : 0, v.windows}, ScalarType::Bool);
+
+    WindowRow<T, A> window{v,
+                           d,
+                           l == 0 ? ptr<T>(x) : nullptr,
+                           l == 0 && use_x ? nullptr : ptr<T>(win),
+                           l == 0 ? ptr_or_null<T>(residual) : ptr<T>(prev_res),
+                           l == 0 ? ptr_or_null<bool>(mask)
+                                  : (mask_aware ? ptr<bool>(prev_mask) : nullptr),
+                           l == 0 && mask_aware && residual.has_value(),
+                           mask_aware,
+                           ptr<T>(pooled),
+                           ptr<T>(res_pooled),
+                           ptr<A>(stats),
+                           mask_aware ? ptr<bool>(row_mask) : nullptr};
+    dev.rows(rows, d, window);
+
+    const Tensor& windows = l == 0 && use_x ? x : win;
+    Tensor pre = torch::stable::matmul(view2d(windows, rows, v.kernel * d), p.weight[l]);
+    const bool last = l == m - 1;
+    Tensor next_win, plain;
+    Level next{};
+    if (!last) {
+      next = g.levels[l + 1];
+      next_win = torch::stable::new_zeros(x, {batch, next.windows, next.kernel, d});
+    }
+    if (return_levels || last) plain = torch::stable::new_empty(x, {batch, v.windows, d});
+    EpilogueRow<T, A> epilogue{v.windows,
+                               d,
+                               ptr<T>(pre),
+                               ptr<T>(p.bias) + l * d,
+                               keep.empty() ? nullptr : ptr<bool>(keep[l]),
+                               static_cast<A>(scale),
+                               ptr<T>(pooled),
+                               ptr<T>(res_pooled),
+                               ptr<T>(p.alpha) + l,
+                               ptr<T>(p.beta) + l,
+                               ptr<T>(p.norm_weight) + l * d,
+                               ptr<T>(p.norm_bias) + l * d,
+                               static_cast<A>(eps),
+                               mask_aware ? ptr<bool>(row_mask) : nullptr,
+                               ptr<A>(stats),
+                               last ? nullptr : ptr<T>(next_win),
+                               next,
+                               plain.defined() ? ptr<T>(plain) : nullptr};
+    dev.rows(rows, d, epilogue);
+
+    // in place, level 0 saves no window matrix: the backward reads x (or rebuilds from it)
+    const Tensor saved_win = l == 0 && in_place ? torch::stable::new_empty(x, {0}) : win;
+    const Tensor saved_res = shared_pools ? torch::stable::new_empty(x, {0}) : res_pooled;
+    saved.insert(saved.end(), {saved_win, pre, pooled, saved_res, stats, row_mask});
+    if (plain.defined()) levels.push_back(plain);
+    win = next_win;
+    prev_res = res_pooled;
+    prev_mask = row_mask;
+  }
+  const Level& end = g.levels[m - 1];
+  Tensor user = torch::stable::new_empty(x, {batch, d});
+  Tensor denom = torch::stable::new_empty(x, {batch}, acc);
+  ReadoutRow<T, A> readout{end.windows, d, ptr<T>(levels.back()),
+                           mask_aware ? ptr<bool>(prev_mask) : nullptr, ptr<T>(user),
+                           ptr<A>(denom)};
+  dev.rows(batch, d, readout);
+  saved.push_back(denom);
+  return {user, levels, saved};
+}
+
+// --------------------------------------------------------------------------- backward ----
+
+template <typename T, typename A, class Dev>
+BackwardOut backward_levels(Dev& dev, const Geometry& g, const Tensor& x, const Tensor& grad_user,
+                            const std::vector<Tensor>& grad_levels,
+                            const std::optional<Tensor>& mask, const Params& p, bool mask_aware,
+                            bool has_residual, const std::vector<Tensor>& keep, double scale,
+                            const std::vector<Tensor>& saved) {
+  const int64_t m = static_cast<int64_t>(g.levels.size()), d = g.d, batch = g.batch;
+  const ScalarType acc = acc_type(grad_user.scalar_type());
+  const Tensor& ref = grad_user;
+  Tensor grad_x = torch::stable::new_empty(ref, {batch, g.length, d});
+  Tensor grad_res =
+      torch::stable::new_empty(ref, {has_residual ? batch : 0, g.length, d});
+  std::vector<Tensor> grad_weight(m);
+  Tensor grad_bias = torch::stable::new_empty(ref, {m, d});
+  Tensor grad_alpha = torch::stable::new_empty(ref, {m});
+  Tensor grad_beta = torch::stable::new_empty(ref, {m});
+  Tensor grad_gamma = torch::stable::new_empty(ref, {m, d});
+  Tensor grad_shift = torch::stable::new_empty(ref, {m, d});
+  const Tensor& denom = saved[kSavedPerLevel * m];
+
+  WindowGrads<T, A> after{};
+  Tensor after_win, after_pooled, after_res;  // keep level l + 1's gradients alive
+  for (int64_t l = m - 1; l >= 0; --l) {
+    const Level& v = g.levels[l];
+    const int64_t rows = batch * v.windows;
+    const Tensor* s = &saved[kSavedPerLevel * l];
+    Tensor grad_pre = torch::stable::new_empty(ref, {rows, d});
+    Tensor grad_pooled = torch::stable::new_empty(ref, {rows, d});
+    Tensor grad_res_pooled = torch::stable::new_empty(ref, {rows, d});
+    constexpr int64_t scratch_rows = EpilogueGradRow<T, A>::scratch_rows;
+    const int64_t slots = dev.slots(rows, scratch_rows * d * static_cast<int64_t>(sizeof(A)));
+    Tensor table = torch::stable::new_zeros(ref, {slots, 3 * d + 2}, acc);
+    const bool last = l == m - 1;
+    const Tensor* grad_plain =
+        grad_levels.empty() || grad_levels[l].numel() == 0 ? nullptr : &grad_levels[l];
+    EpilogueGradRow<T, A> epilogue{v.windows,
+                                   d,
+                                   ptr<T>(s[kPre]),
+                                   keep.empty() ? nullptr : ptr<bool>(keep[l]),
+                                   static_cast<A>(scale),
+                                   ptr<T>(s[kPooled]),
+                                   ptr<T>(s[s[kResPooled].numel() == 0 ? kPooled : kResPooled]),
+                                   ptr<T>(p.alpha) + l,
+                                   ptr<T>(p.beta) + l,
+                                   ptr<T>(p.norm_weight) + l * d,
+                                   ptr<A>(s[kRowStats]),
+                                   mask_aware ? ptr<bool>(s[kRowMask]) : nullptr,
+                                   last,
+                                   last && grad_user.numel() > 0 ? ptr<T>(grad_user) : nullptr,
+                                   ptr<A>(denom),
+                                   after,
+                                   grad_plain ? ptr<T>(*grad_plain) : nullptr,
+                                   ptr<T>(grad_pre),
+                                   ptr<T>(grad_pooled),
+                                   ptr<T>(grad_res_pooled)};
+    dev.grad_rows(rows, d, epilogue, ptr<A>(table), slots);
+    // deterministic: fixed slots, summed by ATen in a fixed order
+    const std::vector<int64_t> slot_dim{0};
+    Tensor sums = torch::stable::sum(table, torch::headeronly::IntHeaderOnlyArrayRef(slot_dim));
+    StoreParamGrads<T, A> store{d,
+                                ptr<A>(sums),
+                                ptr<T>(grad_gamma) + l * d,
+                                ptr<T>(grad_shift) + l * d,
+                                ptr<T>(grad_bias) + l * d,
+                                ptr<T>(grad_alpha) + l,
+                                ptr<T>(grad_beta) + l};
+    dev.columns(3 * d + 2, store);
+
+    const Tensor weight_t = torch::stable::transpose(p.weight[l], 0, 1);
+    Tensor win2d;
+    if (l == 0 && s[kWin].numel() == 0) {  // the forward read x in place
+      if (x_is_window_matrix<T>(dev, g, x, mask)) {
+        win2d = view2d(x, rows, v.kernel * d);
+      } else {
+        win2d = torch::stable::new_empty(x, {rows, v.kernel * d});
+        dev.rows(rows, d, WindowMatrixRow<T, A>{v, d, ptr<T>(x), ptr_or_null<bool>(mask),
+                                                ptr<T>(win2d)});
+      }
+      // windows tile x: the window gradient is grad x itself, finished in place below
+      after_win = grad_x;
+      mm_out(view2d(grad_x, rows, v.kernel * d), grad_pre, weight_t);
+    } else {
+      win2d = view2d(s[kWin], rows, v.kernel * d);
+      after_win = torch::stable::matmul(grad_pre, weight_t);
+    }
+    grad_weight[l] = torch::stable::matmul(torch::stable::transpose(win2d, 0, 1), grad_pre);
+    after_pooled = grad_pooled;
+    after_res = grad_res_pooled;
+    after = WindowGrads<T, A>{v, ptr<T>(after_win), ptr<T>(after_pooled), ptr<T>(after_res),
+                              ptr<A>(s[kRowStats])};
+  }
+  InputGradRow<T, A> input{g.length,
+                           d,
+                           after,
+                           ptr_or_null<bool>(mask),
+                           !has_residual,
+                           mask_aware && has_residual,
+                           ptr<T>(grad_x),
+                           has_residual ? ptr<T>(grad_res) : nullptr};
+  dev.rows(batch * g.length, d, input);
+  return {grad_x, grad_res, grad_weight, grad_bias, grad_alpha, grad_beta, grad_gamma, grad_shift};
+}
+
+// ------------------------------------------------------------------------ op entries ----
+
+// The op bodies, shared by the CPU and CUDA registrations: validate, then run for the dtype of
+// x. `Dev::dispatch(dtype, f)` calls f(T{}, A{}) for a dtype the device supports.
+template <class Dev>
+ForwardOut downscale_forward(Tensor x, std::optional<Tensor> residual, std::optional<Tensor> mask,
+                             std::vector<Tensor> weight, Tensor bias, Tensor alpha, Tensor beta,
+                             Tensor norm_weight, Tensor norm_bias, std::vector<int64_t> kernels,
+                             std::vector<int64_t> strides, bool mask_aware,
+                             std::vector<Tensor> keep, double scale, double eps,
+                             bool return_levels) {
+  STD_TORCH_CHECK(x.dim() == 3, "downscale: x must have shape (B, L, D), got ", shape_str(x));
+  Dev::check_dtype(x.scalar_type());
+  const Geometry g = check_geometry(x.size(0), x.size(1), x.size(2), kernels, strides);
+  x = torch::stable::contiguous(x);
+  if (residual.has_value()) {
+    check_tensor(*residual, "residual", {g.batch, g.length, g.d}, x.scalar_type(), x);
+    residual = torch::stable::contiguous(*residual);
+  }
+  check_mask(mask, mask_aware, g, x);
+  if (mask.has_value()) mask = torch::stable::contiguous(*mask);
+  Params p{weight, bias, alpha, beta, norm_weight, norm_bias};
+  check_params(p, g, x);
+  for (auto& w : p.weight) w = torch::stable::contiguous(w);
+  p.bias = torch::stable::contiguous(p.bias);
+  p.norm_weight = torch::stable::contiguous(p.norm_weight);
+  p.norm_bias = torch::stable::contiguous(p.norm_bias);
+  check_keep(keep, g, x);
+  for (auto& k : keep) k = torch::stable::contiguous(k);
+  Dev dev(x);
+  return Dev::dispatch(x.scalar_type(), [&](auto t, auto a) {
+    using T = decltype(t);
+    using A = decltype(a);
+    return forward_levels<T, A>(dev, g, x, residual, mask, p, mask_aware, keep, scale, eps,
+                                return_levels);
+  });
+}
+
+template <class Dev>
+BackwardOut downscale_backward(Tensor grad_user, std::vector<Tensor> grad_levels, Tensor x,
+                               std::optional<Tensor> mask, std::vector<Tensor> weight,
+                               Tensor alpha, Tensor beta, Tensor norm_weight,
+                               std::vector<int64_t> kernels, std::vector<int64_t> strides,
+                               bool mask_aware, bool has_residual, std::vector<Tensor> keep,
+                               double scale, int64_t length, std::vector<Tensor> saved) {
+  STD_TORCH_CHECK(grad_user.dim() == 2,
+                  "downscale_backward: grad_user must have shape (B, D), got ", shape_str(grad_user));
+  Dev::check_dtype(grad_user.scalar_type());
+  const Geometry g =
+      check_geometry(grad_user.size(0), length, grad_user.size(1), kernels, strides);
+  const Tensor& ref = grad_user;
+  grad_user = torch::stable::contiguous(grad_user);
+  check_mask(mask, mask_aware, g, ref);
+  if (mask.has_value()) mask = torch::stable::contiguous(*mask);
+  Params p{weight, Tensor(), alpha, beta, norm_weight, Tensor()};
+  check_params(p, g, ref, /*need_bias=*/false);
+  for (auto& w : p.weight) w = torch::stable::contiguous(w);
+  p.norm_weight = torch::stable::contiguous(p.norm_weight);
+  check_keep(keep, g, ref);
+  for (auto& k : keep) k = torch::stable::contiguous(k);
+  const int64_t m = static_cast<int64_t>(g.levels.size());
+  STD_TORCH_CHECK(grad_levels.empty() || static_cast<int64_t>(grad_levels.size()) == m,
+                  "downscale_backward: ", grad_levels.size(), " level gradients for ", m,
+                  " levels (give none or one per level)");
+  for (int64_t l = 0; l < static_cast<int64_t>(grad_levels.size()); ++l) {
+    if (grad_levels[l].numel() == 0) continue;
+    check_tensor(grad_levels[l], "grad_levels[" + std::to_string(l) + "]",
+                 {g.batch, g.levels[l].windows, g.d}, ref.scalar_type(), ref);
+    grad_levels[l] = torch::stable::contiguous(grad_levels[l]);
+  }
+  STD_TORCH_CHECK(static_cast<int64_t>(saved.size()) == kSavedPerLevel * m + 1,
+                  "downscale_backward: saved holds ", saved.size(), " tensors, expected ",
+                  kSavedPerLevel * m + 1, " (the forward's third output)");
+  for (const auto& t : saved)
+    STD_TORCH_CHECK(t.is_contiguous() && same_device(t, ref),
+                    "downscale_backward: saved tensors must be the forward's own outputs");
+  if (saved[kWin].numel() == 0) {  // level 0 read x in place: the backward needs x
+    check_tensor(x, "x", {g.batch, g.length, g.d}, ref.scalar_type(), ref);
+    x = torch::stable::contiguous(x);
+  }
+  Dev dev(ref);
+  return Dev::dispatch(ref.scalar_type(), [&](auto t, auto a) {
+    using T = decltype(t);
+    using A = decltype(a);
+    return backward_levels<T, A>(dev, g, x, grad_user, grad_levels, mask, p, mask_aware,
+                                 has_residual, keep, scale, saved);
+  });
+}
+
+// GELU and its derivative elementwise, as the row passes compute them (tests pin the float32
+// erf/exp polynomials of downscale.h against float64).
+template <class Dev>
+std::tuple<Tensor, Tensor> gelu_points(Tensor y) {
+  Dev::check_dtype(y.scalar_type());
+  y = torch::stable::contiguous(y);
+  Tensor value = torch::stable::empty_like(y);
+  Tensor grad = torch::stable::empty_like(y);
+  Dev dev(y);
+  Dev::dispatch(y.scalar_type(), [&](auto t, auto a) {
+    using T = decltype(t);
+    using A = decltype(a);
+    dev.columns(y.numel(), GeluPoints<T, A>{ptr<T>(y), ptr<T>(value), ptr<T>(grad)});
+    return 0;
+  });
+  return {value, grad};
+}
+
+}  // namespace convrec

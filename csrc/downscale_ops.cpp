@@ -1,0 +1,35 @@
+// Schemas of the convrec ops implemented in C++, declared once; the CPU and CUDA files register
+// their kernels under the CPU and CUDA keys, Python adds fake and autograd implementations
+// (convrec/ops/downscale_ext.py). Also the module init that lets `import convrec._C` load
+// this library with the limited Python API (one _C.abi3.so for every CPython >= 3.10).
+#include <Python.h>
+#include <torch/csrc/stable/library.h>
+
+STABLE_TORCH_LIBRARY(convrec, m) {
+  // Forward over all levels. `weight[l]` is level l's grouped conv and Linear folded into one
+  // (kernel * D, D) matrix, `bias` (M, D) the folded bias. Returns the user vectors (B, D), the
+  // level outputs (all of them with return_levels, else the last) and the tensors the backward
+  // needs, opaque to callers.
+  m.def(
+      "downscale(Tensor x, Tensor? residual, Tensor? mask, Tensor[] weight, Tensor bias, "
+      "Tensor alpha, Tensor beta, Tensor norm_weight, Tensor norm_bias, int[] kernels, "
+      "int[] strides, bool mask_aware, Tensor[] dropout_keep, float dropout_scale, float eps, "
+      "bool return_levels) -> (Tensor, Tensor[], Tensor[])");
+  // Gradients of x, the residual (empty without one), weight[l], bias, alpha, beta and the
+  // LayerNorm weight and bias. Empty entries of grad_levels (or an empty grad_user) mean zero.
+  // x is read only when the forward used it in place (saved[0] empty), else may be empty.
+  m.def(
+      "downscale_backward(Tensor grad_user, Tensor[] grad_levels, Tensor x, Tensor? mask, "
+      "Tensor[] weight, Tensor alpha, Tensor beta, Tensor norm_weight, int[] kernels, "
+      "int[] strides, bool mask_aware, bool has_residual, Tensor[] dropout_keep, "
+      "float dropout_scale, int length, Tensor[] saved) "
+      "-> (Tensor, Tensor, Tensor[], Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // GELU(y) and GELU'(y) with the kernels' arithmetic, for tests of the float32 polynomials.
+  m.def("gelu_points(Tensor y) -> (Tensor, Tensor)");
+}
+
+PyMODINIT_FUNC PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C",
+                               "convrec C++/CUDA operators (torch.ops.convrec.*)", -1, nullptr};
+  return PyModule_Create(&module);
+}
