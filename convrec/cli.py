@@ -171,10 +171,13 @@ def _demo(args: argparse.Namespace) -> None:
 
 
 def _bench_encoder(args: argparse.Namespace) -> None:
-    from convrec.bench.encoder_cost import compare_encoders, format_table
+    from convrec.bench.encoder_cost import compare_encoders, format_table, write_results
 
     rows = compare_encoders(args.lengths, args.batch_size, args.d_model, args.repeats, args.seed)
-    print(format_table(rows))
+    table = format_table(rows)
+    print(table)
+    if args.out:
+        write_results(pathlib.Path(args.out), "encoder_cpu", rows, table, "convrec bench encoder")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -237,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     encoder.add_argument("--d-model", type=int, default=64)
     encoder.add_argument("--repeats", type=int, default=5)
     encoder.add_argument("--seed", type=int, default=0)
+    encoder.add_argument("--out", help="also write encoder_cpu.csv and .md into this folder")
     encoder.set_defaults(run=_bench_encoder)
     bench_scaling.add_parser(bench)
     bench_kernels.add_parser(bench)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from convrec.bench.encoder_cost import compare_encoders, format_table
+from convrec.backends import extension_status
+from convrec.bench.encoder_cost import compare_encoders, format_table, write_results
 from convrec.bench.measure import saved_tensor_bytes
 from convrec.cli import main
 
@@ -22,12 +23,20 @@ def test_saved_tensor_bytes_is_exact() -> None:
 
 def test_compare_encoders_rows() -> None:
     rows = compare_encoders(lengths=[8, 20], batch_size=2, d_model=8, repeats=1)
-    assert {(r["encoder"], r["L"]) for r in rows} == {
-        (e, n) for e in ("ConvRecEncoder", "SASRec-2blk-sdpa") for n in (8, 20)
-    }
+    encoders = ["ConvRecEncoder-reference", "SASRec-2blk-sdpa"]
+    if extension_status() is None:
+        encoders.append("ConvRecEncoder-cpp")
+    assert {(r["encoder"], r["L"]) for r in rows} == {(e, n) for e in encoders for n in (8, 20)}
     assert all(r["saved_bytes"] > 0 and r["fwd_bwd_ms"] > 0 for r in rows)
     table = format_table(rows)
-    assert "| 20 | ConvRecEncoder |" in table and "SASRec/ConvRec" in table
+    assert "| 20 | ConvRecEncoder-reference |" in table and "SASRec/ConvRec" in table
+
+
+def test_write_results(tmp_path) -> None:
+    rows = compare_encoders(lengths=[8], batch_size=2, d_model=8, repeats=1)
+    write_results(tmp_path, "encoder_cpu", rows, format_table(rows), "convrec bench encoder")
+    assert (tmp_path / "encoder_cpu.csv").read_text().startswith("encoder,L,B,D,levels")
+    assert "Command: `convrec bench encoder" in (tmp_path / "encoder_cpu.md").read_text()
 
 
 def test_cli_bench_encoder(capsys) -> None:

@@ -6,24 +6,34 @@ on a noisy machine even when absolute seconds do not.
 
 from __future__ import annotations
 
+import csv
+import pathlib
 import platform
+import sys
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
+from convrec.backends import extension_status
 from convrec.baselines.sasrec import TransformerEncoder
 from convrec.bench.measure import median_spread, parameter_tensors, saved_tensor_bytes, time_call
 from convrec.encoder import ConvRecEncoder
 
+ATTENTION = "SASRec-2blk-sdpa"
+
 
 def _encoders(length: int, d_model: int) -> dict[str, nn.Module]:
-    return {
-        "ConvRecEncoder": ConvRecEncoder.for_length(length, d_model, dropout=0.1),
-        "SASRec-2blk-sdpa": TransformerEncoder(
-            d_model, max_len=length, num_blocks=2, heads=2, dropout=0.2, attention="sdpa"
-        ),
+    """ConvRecEncoder on the reference and, when built, the C++ extension; SASRec's encoder."""
+    backends = ["reference"] + (["cpp"] if extension_status() is None else [])
+    encoders: dict[str, nn.Module] = {
+        f"ConvRecEncoder-{b}": ConvRecEncoder.for_length(length, d_model, dropout=0.1, backend=b)
+        for b in backends
     }
+    encoders[ATTENTION] = TransformerEncoder(
+        d_model, max_len=length, num_blocks=2, heads=2, dropout=0.2, attention="sdpa"
+    )
+    return encoders
 
 
 def compare_encoders(
@@ -80,14 +90,28 @@ def format_table(rows: list[dict]) -> str:
             f"({r['fwd_bwd_ms_min']:.1f}..{r['fwd_bwd_ms_max']:.1f}) "
             f"| {r['saved_bytes'] / 2**20:.1f} MiB | {r['levels']} |"
         )
-    lines += ["", "| L | time SASRec/ConvRec | saved bytes SASRec/ConvRec |", "|---|---|---|"]
+    lines += ["", "| L | ConvRec | time SASRec/ConvRec | saved bytes SASRec/ConvRec |"]
+    lines.append("|---|---|---|---|")
     by_length: dict[int, dict[str, dict]] = {}
     for r in rows:
         by_length.setdefault(r["L"], {})[r["encoder"]] = r
-    for length, pair in by_length.items():
-        conv, attn = pair["ConvRecEncoder"], pair["SASRec-2blk-sdpa"]
-        lines.append(
-            f"| {length} | {attn['fwd_bwd_ms'] / conv['fwd_bwd_ms']:.1f}x "
-            f"| {attn['saved_bytes'] / conv['saved_bytes']:.1f}x |"
-        )
+    for length, group in by_length.items():
+        attn = group[ATTENTION]
+        for name, conv in group.items():
+            if name != ATTENTION:
+                lines.append(
+                    f"| {length} | {name} | {attn['fwd_bwd_ms'] / conv['fwd_bwd_ms']:.1f}x "
+                    f"| {attn['saved_bytes'] / conv['saved_bytes']:.1f}x |"
+                )
     return "\n".join(lines)
+
+
+def write_results(out: pathlib.Path, stem: str, rows: list[dict], table: str, command: str) -> None:
+    """``stem.csv`` (one row per encoder and L) and ``stem.md`` (the table and the command)."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / f"{stem}.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    flags = " ".join(sys.argv[3:]) if len(sys.argv) > 3 else ""
+    (out / f"{stem}.md").write_text(f"{table}\n\nCommand: `{command} {flags}`\n")
