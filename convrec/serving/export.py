@@ -36,7 +36,7 @@ def export_model(
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
     model, meta = load_model(checkpoint)
     k = min(k, model.num_items)
-    serving = ServingModule(model, meta["max_len"], k).eval()
+    serving = ServingModule(model, meta["max_len"], k, portable=True).eval()
     info = json.dumps(dict(meta, k=k))
     example = _example(meta["max_len"])
     out = pathlib.Path(out)

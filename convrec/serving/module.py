@@ -18,9 +18,13 @@ from convrec.recommender import SequentialRecommender
 
 
 class ServingModule(nn.Module):
-    """Frozen inference form of a trained model (no time context; reference kernels)."""
+    """Frozen inference form of a trained model (no time context)."""
 
-    def __init__(self, model: SequentialRecommender, max_len: int, k: int) -> None:
+    def __init__(
+        self, model: SequentialRecommender, max_len: int, k: int, portable: bool = False
+    ) -> None:
+        """``portable`` runs the encoder on the PyTorch reference (no custom ops in the graph),
+        which exports need; otherwise it keeps the model's backend (the C++ kernel, say)."""
         super().__init__()
         if model.item_encoder.use_time:
             raise ValueError("serving exports do not support time-context models yet")
@@ -30,8 +34,8 @@ class ServingModule(nn.Module):
         with torch.no_grad():
             self.register_buffer("table", model.item_vectors().detach().clone())
         self.encoder = copy.deepcopy(model.encoder).eval()
-        if hasattr(self.encoder, "backend"):
-            self.encoder.backend = "reference"  # portable: no custom ops in exported graphs
+        if portable and hasattr(self.encoder, "backend"):
+            self.encoder.backend = "reference"
 
     def forward(self, item_ids: Tensor, exclude: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``item_ids`` (B, L) left-padded history, ``exclude`` (B, E) ids never returned
