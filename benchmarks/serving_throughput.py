@@ -14,6 +14,7 @@ import csv
 import pathlib
 import platform
 import statistics
+import sys
 import time
 
 import torch
@@ -98,7 +99,7 @@ def main() -> None:
         "",
         f"ConvRec serves {ratio:.2f}x the requests per second of SASRec.",
         "",
-        "Command: `python benchmarks/serving_throughput.py --out benchmarks/results`",
+        f"Command: `python {' '.join(sys.argv)}`",
     ]
     text = "\n".join(lines) + "\n"
     print(text)
