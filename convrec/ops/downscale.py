@@ -97,11 +97,11 @@ def downscale(
     if backend == "triton":
         conv = functools.partial(conv_pool, backend="triton")
         return downscale_reference(*args, residual=residual, conv_pool_fn=conv)
-    if backend in ("cpp", "cuda") and len(params) > 0:
+    if backend in ("cpp", "cuda"):
+        if not params:  # only the readout is left
+            return downscale_reference(*args, residual=residual)
         user, levels = downscale_extension(*args, residual=residual, backend=backend)
         return DownscaleOutput(user, levels)
-    if backend in ("cpp", "cuda"):
-        return downscale_reference(*args, residual=residual)
     raise NotImplementedError(f"downscale has no {backend!r} implementation")
 
 
