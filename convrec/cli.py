@@ -54,7 +54,12 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default=s, choices=["auto", "reference", "triton", "cpp", "cuda"])
     p.add_argument("--loss", default=s, choices=["full", "sampled"], help="full softmax (default)")
     p.add_argument("--negatives", type=int, default=s, help="sampled-softmax negatives (100)")
-    p.add_argument("--train-sampling", default=s, choices=["random-cut", "all-prefixes"])
+    p.add_argument(
+        "--train-sampling",
+        default=s,
+        choices=["random-cut", "all-prefixes", "all-positions"],
+        help="one target per user, every prefix, or every slot of a causal model (sasrec)",
+    )
     p.add_argument("--epochs", type=int, default=s, help=f"maximum epochs (default {d.epochs})")
     p.add_argument("--batch-size", type=int, default=s, help=f"default {d.batch_size}")
     p.add_argument("--lr", type=float, default=s, help=f"AdamW learning rate (default {d.lr})")

@@ -26,8 +26,16 @@ class SequentialRecommender(nn.Module):
     def _encode(self, item_ids: Tensor, mask: Tensor, timestamps: Tensor | None) -> Tensor:
         raise NotImplementedError
 
-    def encode(self, item_ids: Tensor, timestamps: Tensor | None = None) -> Tensor:
-        """Left-padded histories (B, L), 0 = padding, newest last -> user vectors (B, D)."""
+    def _encode_positions(
+        self, item_ids: Tensor, mask: Tensor, timestamps: Tensor | None
+    ) -> Tensor:
+        """(B, L, D): slot t encodes the history up to t. Only causal models can."""
+        raise TypeError(
+            f"{type(self).__name__} encodes a history into one vector, not one per position: "
+            "train it with train_sampling='all-prefixes' or 'random-cut'"
+        )
+
+    def _checked_ids(self, item_ids: Tensor, timestamps: Tensor | None) -> Tensor:
         check_item_ids(item_ids, self.num_items)
         item_ids = item_ids.long()
         if self.item_encoder.use_time:
@@ -40,6 +48,11 @@ class SequentialRecommender(nn.Module):
                 )
         elif timestamps is not None:
             raise ValueError("this model was built without time context (use_time=False)")
+        return item_ids
+
+    def encode(self, item_ids: Tensor, timestamps: Tensor | None = None) -> Tensor:
+        """Left-padded histories (B, L), 0 = padding, newest last -> user vectors (B, D)."""
+        item_ids = self._checked_ids(item_ids, timestamps)
         return self._encode(item_ids, item_ids != 0, timestamps)
 
     def item_vectors(self, item_ids: Tensor | None = None) -> Tensor:
@@ -50,10 +63,29 @@ class SequentialRecommender(nn.Module):
         return self.item_encoder.vectors(item_ids.long())
 
     def forward(
-        self, item_ids: Tensor, candidates: Tensor | None = None, timestamps: Tensor | None = None
+        self,
+        item_ids: Tensor,
+        candidates: Tensor | None = None,
+        timestamps: Tensor | None = None,
+        every_position: bool = False,
     ) -> Tensor:
-        """Same as ``score``: calling the module lets wrappers such as DDP see the forward."""
+        """``score``, or ``score_positions`` with ``every_position``: calling the module lets
+        wrappers such as DDP see the forward."""
+        if every_position:
+            if candidates is not None:
+                raise ValueError("every_position scores all items: candidates must be None")
+            return self.score_positions(item_ids, timestamps)
         return self.score(item_ids, candidates, timestamps)
+
+    def score_positions(self, item_ids: Tensor, timestamps: Tensor | None = None) -> Tensor:
+        """(P, N + 1) all-item scores of every real (non-padding) slot, in row-major order, each
+        from the history up to that slot: one forward trains every next-item target (causal
+        models only; column 0 is -inf)."""
+        item_ids = self._checked_ids(item_ids, timestamps)
+        mask = item_ids != 0
+        users = self._encode_positions(item_ids, mask, timestamps)[mask]
+        scores = users @ self.item_vectors().T
+        return scores.index_fill(1, torch.tensor([0], device=scores.device), float("-inf"))
 
     def score(
         self, item_ids: Tensor, candidates: Tensor | None = None, timestamps: Tensor | None = None

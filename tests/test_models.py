@@ -93,6 +93,32 @@ def test_sasrec_sdpa_equals_naive_attention(attribute_lists) -> None:
     assert (sdpa.encode(ids)[3] == 0).all()
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "naive"])
+def test_sasrec_scores_every_position_causally(attribute_lists, attention: str) -> None:
+    model = SASRec(30, d_model=16, max_len=12, attention=attention, item_attributes=attribute_lists)
+    model.eval()
+    ids = _histories()
+    every = model(ids, every_position=True)
+    mask = ids != 0
+    assert every.shape == (int(mask.sum()), 31) and (every[:, 0] == float("-inf")).all()
+    # the newest slot of each non-empty row is the ordinary score
+    last_rows = mask.sum(1).cumsum(0)[mask[:, -1]] - 1
+    torch.testing.assert_close(every[last_rows], model.score(ids)[mask[:, -1]])
+    # causal: changing the newest items leaves every earlier slot unchanged
+    changed = ids.clone()
+    changed[:, -2:] = torch.randint(1, 31, (ids.shape[0], 2))
+    earlier = mask.clone()
+    earlier[:, -2:] = False
+    keep = earlier[mask]
+    torch.testing.assert_close(model(changed, every_position=True)[keep], every[keep])
+
+
+def test_convrec_refuses_every_position(attribute_lists) -> None:
+    model = ConvRec(30, d_model=16, item_attributes=attribute_lists)
+    with pytest.raises(TypeError, match="all-prefixes"):
+        model(_histories(), every_position=True)
+
+
 def test_faithful_matches_paper_input_block(attribute_lists) -> None:
     """Re-derive the paper code's forward: multi-hot features -> Linear(4D), fusion Linear,
     concat with the id embedding, Linear; GELU, LayerNorm, Linear, GELU, mask; fixed padding."""

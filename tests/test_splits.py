@@ -48,6 +48,30 @@ def test_training_samples_never_touch_valid_or_test(data) -> None:
         index.train_samples("everything", rng)
 
 
+@pytest.mark.parametrize("max_len", [1, 2, 3, 7])
+def test_all_positions_windows_cover_every_training_target_once(max_len: int) -> None:
+    lengths = (4, 5, 9, 12, 30)
+    events = [Event(str(u), str(i), None, i) for u, n in enumerate(lengths) for i in range(n)]
+    data = build_dataset("toy", events, {}, "toy")
+    index = SequenceIndex.from_dataset(data)
+    users, cuts = index.train_samples("all-positions", np.random.default_rng(0), max_len)
+    inputs, _ = index.histories(users, cuts, max_len)
+    targets = index.window_targets(users, cuts, max_len)
+    covered = []
+    for user, row_in, row_out in zip(users, inputs, targets, strict=True):
+        start = index.starts[user]
+        for slot in np.flatnonzero(row_in):
+            position = int(
+                np.flatnonzero(index.items[start : start + index.lengths[user]] == row_out[slot])[0]
+            )
+            assert row_out[slot] != 0 and position >= 1
+            # the target directly follows its input slot in the user's sequence
+            assert index.items[start + position - 1] == row_in[slot]
+            covered.append((int(user), position))
+    expected = [(u, p) for u, n in enumerate(lengths) for p in range(1, n - 2)]
+    assert sorted(covered) == expected  # every training target once, never valid/test
+
+
 def test_negatives_avoid_history_and_are_seeded() -> None:
     events = [Event(str(u), str(i), None, i) for u in range(5) for i in range(u, u + 10)]
     data = build_dataset("toy", events, {}, "toy")

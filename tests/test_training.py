@@ -99,6 +99,15 @@ def test_convrec_beats_popularity(tmp_path: pathlib.Path) -> None:
         assert summary["test"][metric] > floor[metric] + 0.05, (metric, summary["test"], floor)
 
 
+def test_sasrec_trains_on_every_position(tmp_path: pathlib.Path) -> None:
+    config = _config(model="sasrec", train_sampling="all-positions", epochs=2, max_len=8)
+    summary = train(config, tmp_path, progress=False, echo=_quiet)
+    log = (tmp_path / "log.csv").read_text().splitlines()
+    assert len(log) == 3 and summary["epochs_trained"] == 2
+    first, second = (float(line.split(",")[1]) for line in log[1:])
+    assert second < first  # the loss over every position goes down
+
+
 def test_config_validation() -> None:
     with pytest.raises(ValueError, match="unknown configuration keys: colour"):
         TrainConfig.from_dict({"colour": "red"})
@@ -107,3 +116,7 @@ def test_config_validation() -> None:
     with pytest.raises(ValueError, match="max_len must be >= 1"):
         TrainConfig(max_len=0).check()
     assert TrainConfig.from_dict({"max-len": 30}).max_len == 30
+    with pytest.raises(ValueError, match=r"all-positions.*causal"):
+        TrainConfig(train_sampling="all-positions").check()  # convrec
+    with pytest.raises(ValueError, match="loss='sampled'"):
+        TrainConfig(model="sasrec", train_sampling="all-positions", loss="sampled").check()

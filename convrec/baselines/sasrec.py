@@ -113,7 +113,8 @@ class TransformerEncoder(nn.Module):
         )
         self.final_norm = nn.LayerNorm(d_model)
 
-    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor, every_position: bool = False) -> Tensor:
+        """(B, D) from the newest slot, or (B, L, D) from every slot with ``every_position``."""
         length = x.shape[1]
         if length > self.max_len:
             raise ValueError(f"history length {length} exceeds max_len={self.max_len}")
@@ -123,6 +124,8 @@ class TransformerEncoder(nn.Module):
         x = self.input_dropout(x * keep + self.positions(positions)) * keep
         for block in self.blocks:
             x = block(x, mask)
+        if every_position:
+            return self.final_norm(x) * keep
         return self.final_norm(x[:, -1]) * keep[:, -1]
 
 
@@ -162,3 +165,9 @@ class SASRec(SequentialRecommender):
 
     def _encode(self, item_ids: Tensor, mask: Tensor, timestamps: Tensor | None) -> Tensor:
         return self.encoder(self.item_encoder(item_ids, mask, timestamps), mask)
+
+    def _encode_positions(
+        self, item_ids: Tensor, mask: Tensor, timestamps: Tensor | None
+    ) -> Tensor:
+        x = self.item_encoder(item_ids, mask, timestamps)
+        return self.encoder(x, mask, every_position=True)

@@ -14,7 +14,7 @@ import numpy as np
 from convrec.data.dataset import SequenceDataset
 
 SPLITS = ("valid", "test")
-TRAIN_SAMPLING = ("random-cut", "all-prefixes")
+TRAIN_SAMPLING = ("random-cut", "all-prefixes", "all-positions")
 
 
 @dataclass
@@ -61,8 +61,16 @@ class SequenceIndex:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         return self.lengths - (2 if split == "valid" else 1)
 
-    def train_samples(self, mode: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        """(users, cuts) of one epoch: one random cut per user, or every prefix."""
+    def train_samples(
+        self, mode: str, rng: np.random.Generator, max_len: int = 50
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(users, cuts) of one epoch, shuffled.
+
+        "random-cut": one random target per user; "all-prefixes": every training target once;
+        "all-positions" (causal models): windows of ``max_len`` targets ending at each user's
+        last training target and stepping back by ``max_len``, so every training target is
+        predicted once per epoch from one forward pass per window (see ``window_targets``).
+        """
         if mode not in TRAIN_SAMPLING:
             raise ValueError(f"train sampling must be one of {TRAIN_SAMPLING}, got {mode!r}")
         last = self.lengths - 3  # last training target position
@@ -70,13 +78,22 @@ class SequenceIndex:
         if mode == "random-cut":
             cuts = rng.integers(1, last[users] + 1)
         else:
-            counts = last[users]
+            step = 1 if mode == "all-prefixes" else max_len
+            counts = -(-last[users] // step)
             repeated = np.repeat(users, counts)
             first = np.cumsum(counts) - counts
-            cuts = np.arange(len(repeated)) - np.repeat(first, counts) + 1
+            position = np.arange(len(repeated)) - np.repeat(first, counts)
+            cuts = np.repeat(last[users] - (counts - 1) * step, counts) + position * step
             users = repeated
         order = rng.permutation(len(users))
         return users[order], cuts[order]
+
+    def window_targets(self, users: np.ndarray, cuts: np.ndarray, max_len: int) -> np.ndarray:
+        """(S, max_len) targets of the inputs ``histories(users, cuts, max_len)``: the item
+        after each input slot, 0 where the slot is padding. Slot -1 targets position ``cut``."""
+        inputs, _ = self.histories(users, cuts, max_len)
+        targets, _ = self.histories(users, cuts + 1, max_len)
+        return np.where(inputs != 0, targets, 0)
 
 
 def sampled_negatives(data: SequenceDataset, count: int = 99, seed: int = 12345) -> np.ndarray:

@@ -31,7 +31,7 @@ class TrainConfig:
     backend: str = "auto"
     loss: str = "full"  # full | sampled
     negatives: int = 100
-    train_sampling: str = "random-cut"  # random-cut | all-prefixes
+    train_sampling: str = "random-cut"  # random-cut | all-prefixes | all-positions (sasrec)
     epochs: int = 200
     batch_size: int = 256
     lr: float = 1e-3
@@ -61,7 +61,7 @@ class TrainConfig:
         choices = {
             "model": ("convrec", "sasrec"),
             "loss": ("full", "sampled"),
-            "train_sampling": ("random-cut", "all-prefixes"),
+            "train_sampling": ("random-cut", "all-prefixes", "all-positions"),
             "device": ("cpu", "cuda"),
         }
         for name, allowed in choices.items():
@@ -73,6 +73,13 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.train_sampling == "all-positions" and (
+            self.model != "sasrec" or self.loss != "full"
+        ):
+            raise ValueError(
+                "train_sampling='all-positions' needs a causal model and the full softmax "
+                f"(model='sasrec', loss='full'), got model={self.model!r}, loss={self.loss!r}"
+            )
         if "/" not in self.select:
             raise ValueError(f"select must look like 'full/NDCG@10', got {self.select!r}")
         return self

@@ -36,3 +36,12 @@ def sampled_softmax_loss(
     scores = model(item_ids, torch.cat([targets[:, None], negs], dim=1), timestamps)
     scores[:, 1:] = scores[:, 1:].masked_fill(negs == targets[:, None], float("-inf"))
     return F.cross_entropy(scores, torch.zeros_like(targets))
+
+
+def all_positions_loss(
+    model: nn.Module, item_ids: Tensor, targets: Tensor, timestamps: Tensor | None
+) -> Tensor:
+    """Full-softmax cross-entropy of the next item at every real slot of (B, L) windows, from
+    one forward of a causal model (``targets`` (B, L) from ``SequenceIndex.window_targets``)."""
+    scores = model(item_ids, None, timestamps, every_position=True)
+    return F.cross_entropy(scores, targets[item_ids != 0])

@@ -27,7 +27,11 @@ from convrec.training.checkpoint import atomic_write, load_checkpoint, save_chec
 from convrec.training.config import TrainConfig
 from convrec.training.distributed import ProcessGroup
 from convrec.training.factory import model_spec
-from convrec.training.losses import full_softmax_loss, sampled_softmax_loss
+from convrec.training.losses import (
+    all_positions_loss,
+    full_softmax_loss,
+    sampled_softmax_loss,
+)
 
 # Settings that may change between a run and its resumption without changing its results.
 RESUMABLE_CHANGES = ("epochs", "patience", "time_budget", "eval_batch_size")
@@ -68,7 +72,7 @@ def train_one_epoch(
     rng = np.random.default_rng(_epoch_seed(config, epoch, 0))
     torch.manual_seed(_epoch_seed(config, epoch, 1 + 3 * group.rank))  # dropout
     negatives = torch.Generator().manual_seed(_epoch_seed(config, epoch, 2 + 3 * group.rank))
-    users, cuts = index.train_samples(config.train_sampling, rng)
+    users, cuts = index.train_samples(config.train_sampling, rng, config.max_len)
     if len(users) == 0:
         raise ValueError("no training samples: every user has fewer than 4 interactions")
     batch_size = config.batch_size
@@ -91,10 +95,14 @@ def train_one_epoch(
         ids, times = index.histories(u, c, config.max_len)
         ids_t = torch.from_numpy(ids).to(group.device)
         times_t = torch.from_numpy(times).to(group.device) if config.use_time else None
-        targets = torch.from_numpy(index.targets(u, c)).to(group.device)
-        if config.loss == "full":
+        if config.train_sampling == "all-positions":
+            targets = torch.from_numpy(index.window_targets(u, c, config.max_len))
+            loss = all_positions_loss(model, ids_t, targets.to(group.device), times_t)
+        elif config.loss == "full":
+            targets = torch.from_numpy(index.targets(u, c)).to(group.device)
             loss = full_softmax_loss(model, ids_t, targets, times_t)
         else:
+            targets = torch.from_numpy(index.targets(u, c)).to(group.device)
             loss = sampled_softmax_loss(
                 model, ids_t, targets, times_t, config.negatives, num_items, negatives
             )
