@@ -8,6 +8,7 @@ import pathlib
 import sys
 import tempfile
 
+from convrec.bench import accuracy as bench_accuracy
 from convrec.bench import kernels as bench_kernels
 from convrec.bench import scaling as bench_scaling
 from convrec.training.config import TrainConfig
@@ -249,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     encoder.set_defaults(run=_bench_encoder)
     bench_scaling.add_parser(bench)
     bench_kernels.add_parser(bench)
+    bench_accuracy.add_parser(bench)
     return parser
 
 

@@ -209,3 +209,12 @@ def test_synthetic_is_deterministic_and_configurable() -> None:
     )
     assert long.stats()["length_max"] > 2000
     assert long.timestamps is not None and all((np.diff(t) >= 0).all() for t in long.timestamps)
+
+
+def test_data_format_errors_survive_pickling() -> None:
+    import pickle
+
+    from convrec.data.dataset import DataFormatError
+
+    error = pickle.loads(pickle.dumps(DataFormatError("f.txt", 3, "bad id")))
+    assert isinstance(error, DataFormatError) and str(error) == "f.txt:3: bad id"

@@ -20,6 +20,11 @@ class DataFormatError(ValueError):
     def __init__(self, path: object, line: int | None, problem: str) -> None:
         where = f"{path}:{line}" if line is not None else f"{path}"
         super().__init__(f"{where}: {problem}")
+        self.where = (path, line, problem)
+
+    def __reduce__(self):
+        """Picklable, so an error in a worker process reaches the parent intact."""
+        return type(self), self.where
 
 
 @dataclass

@@ -250,6 +250,7 @@ def _train(
         )
         seconds = group.broadcast(time.perf_counter() - start)
         valid = evaluate(model, data, "valid", PROTOCOLS, **evaluate_args)
+        state["wall_seconds"] = state.get("wall_seconds", 0.0) + time.perf_counter() - start
         if config.select not in valid:
             raise ValueError(
                 f"select={config.select!r} is not a metric; choose from {sorted(valid)}"
@@ -289,7 +290,9 @@ def _train(
         writer.close()
     best = load_checkpoint(best_path, group.device)
     model.load_state_dict(best["model"])
+    start = time.perf_counter()
     test = evaluate(model, data, "test", PROTOCOLS, **evaluate_args)
+    test_seconds = time.perf_counter() - start
     summary = {
         "model": config.model,
         "data": data.name,
@@ -300,6 +303,8 @@ def _train(
         f"best_valid/{config.select}": state["best"],
         "train_seconds": state["seconds"],
         "seconds_per_epoch": state["seconds"] / max(len(state["log"]), 1),
+        # training, validation every epoch and the final test evaluation
+        "wall_seconds": state.get("wall_seconds", 0.0) + test_seconds,
         "test": test,
     }
     if group.is_main:

@@ -1,0 +1,346 @@
+"""Accuracy benchmark: ConvRec and our SASRec on the S3-Rec data, next to published numbers.
+
+One TOML plan per dataset (``benchmarks/configs/accuracy/``) names the data, the seeds, the
+published numbers, the settings shared by every run, the final models (trained with every
+seed, reported on test) and the tuning variants (seed 0 only, compared on validation). A run
+lives in a folder named by a hash of its configuration, so a variant and a final model with
+the same settings share their seed-0 run, and an interrupted benchmark resumes where it
+stopped. Selection is on validation NDCG@10 (full ranking) only; test numbers are read once
+per run, from its best-validation checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import csv
+import hashlib
+import json
+import multiprocessing
+import os
+import pathlib
+import statistics
+import tomllib
+from dataclasses import dataclass
+
+from convrec.training.checkpoint import atomic_write
+from convrec.training.config import TrainConfig
+
+METRICS = ("HR@10", "NDCG@10")
+PROTOCOL_NAMES = {"full": "full ranking", "sampled": "99 sampled negatives"}
+SELECT = "full/NDCG@10"
+
+
+@dataclass
+class Plan:
+    """One dataset's benchmark, read from its TOML file."""
+
+    name: str
+    data: str
+    seeds: list[int]
+    published: dict[str, dict[str, list[float]]]  # protocol -> system -> [HR@10, NDCG@10]
+    common: dict
+    models: dict[str, dict]
+    variants: dict[str, dict]
+    source: str
+
+    def config(self, name: str, seed: int) -> TrainConfig:
+        """The run's full configuration: defaults < common < the model's or variant's keys."""
+        values = self.models.get(name) or self.variants[name]
+        config = TrainConfig.from_dict(self.common | values | {"data": self.data, "seed": seed})
+        config.select = SELECT
+        return config.check()
+
+    def runs(
+        self, names: list[str] | None = None, seeds: list[int] | None = None
+    ) -> list[tuple[str, int]]:
+        """(name, seed) of the runs the plan asks for (final models x seeds, variants x the
+        first seed), optionally only those of the given names and seeds."""
+        pairs = [(n, s) for n in self.variants for s in self.seeds[:1]]
+        pairs += [(n, s) for s in self.seeds for n in self.models]
+        return [(n, s) for n, s in pairs if (not names or n in names) and (not seeds or s in seeds)]
+
+
+def load_plan(path: str | pathlib.Path, data_root: str | pathlib.Path) -> Plan:
+    path = pathlib.Path(path)
+    try:
+        values = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as error:
+        raise ValueError(f"{path}: {error}") from None
+    missing = [k for k in ("dataset", "data", "seeds", "models") if k not in values]
+    if missing:
+        raise ValueError(f"{path}: missing keys {', '.join(missing)}")
+    plan = Plan(
+        name=values["dataset"],
+        data=str(pathlib.Path(data_root) / values["data"]),
+        seeds=[int(s) for s in values["seeds"]],
+        published=values.get("published", {}),
+        common=values.get("common", {}),
+        models=values["models"],
+        variants=values.get("variants", {}),
+        source=str(path),
+    )
+    for name in list(plan.models) + list(plan.variants):
+        plan.config(name, plan.seeds[0])  # every entry is a valid configuration
+    return plan
+
+
+def run_folder(runs_root: pathlib.Path, plan: Plan, name: str, seed: int) -> pathlib.Path:
+    """``runs_root/<dataset>/<hash of the configuration without its data path>``."""
+    settings = plan.config(name, seed).to_dict()
+    settings.pop("data")
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    return runs_root / plan.name / f"{settings['model']}-{digest}-seed{seed}"
+
+
+def _train_one(config: TrainConfig, folder: pathlib.Path, label: str, threads: int) -> dict:
+    """Train (or resume, or just read) one run; runs in a worker process."""
+    import torch
+
+    from convrec.training.trainer import train
+
+    torch.set_num_threads(threads)
+    summary_path = folder / "summary.json"
+    if summary_path.exists():
+        return json.loads(summary_path.read_text())
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write(
+        folder / "config.json", lambda f: f.write(json.dumps(config.to_dict(), indent=1).encode())
+    )
+    resume = (folder / "last.pt").exists()
+    return train(
+        config,
+        folder,
+        resume=resume,
+        progress=False,
+        echo=lambda message: print(f"[{label}] {message}", flush=True),
+    )
+
+
+def run_plans(
+    plans: list[Plan],
+    runs_root: pathlib.Path,
+    jobs: int,
+    names: list[str] | None = None,
+    seeds: list[int] | None = None,
+) -> None:
+    """Train every missing run of the plans, ``jobs`` at a time, each on cpus/jobs threads."""
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    todo: dict[pathlib.Path, tuple[TrainConfig, str]] = {}
+    for plan in plans:
+        for name, seed in plan.runs(names, seeds):
+            folder = run_folder(runs_root, plan, name, seed)
+            label = f"{plan.name} {name} seed {seed}"
+            todo.setdefault(folder, (plan.config(name, seed), label))
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
+        futures = {
+            pool.submit(_train_one, config, folder, label, threads): label
+            for folder, (config, label) in todo.items()
+        }
+        for future in concurrent.futures.as_completed(futures):
+            summary = future.result()
+            test = summary["test"]
+            print(
+                f"[{futures[future]}] done: best epoch {summary['best_epoch']}, test full "
+                f"NDCG@10 {test['full/NDCG@10']:.4f}, sampled NDCG@10 "
+                f"{test['sampled/NDCG@10']:.4f}",
+                flush=True,
+            )
+
+
+def _best_valid(folder: pathlib.Path) -> dict[str, float]:
+    """Validation metrics of the best epoch, from the run's log."""
+    with open(folder / "log.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    best = max(rows, key=lambda row: float(row[f"valid/{SELECT}"]))
+    return {k[len("valid/") :]: float(v) for k, v in best.items() if k.startswith("valid/")}
+
+
+def collect(plan: Plan, runs_root: pathlib.Path) -> list[dict]:
+    """One row per finished run of the plan (unfinished runs are left out)."""
+    rows = []
+    for name, seed in plan.runs():
+        folder = run_folder(runs_root, plan, name, seed)
+        if not (folder / "summary.json").exists():
+            continue
+        summary = json.loads((folder / "summary.json").read_text())
+        values = plan.models.get(name) or plan.variants[name]
+        row = {
+            "dataset": plan.name,
+            "name": name,
+            "role": "final" if name in plan.models else "variant",
+            "seed": seed,
+            "settings": " ".join(f"{k}={v}" for k, v in sorted(values.items())),
+            "parameters": summary["parameters"],
+            "epochs": summary["epochs_trained"],
+            "best_epoch": summary["best_epoch"],
+            "train_seconds": round(summary["train_seconds"], 1),
+            "wall_seconds": round(summary.get("wall_seconds", float("nan")), 1),
+        }
+        row |= {f"valid/{k}": v for k, v in _best_valid(folder).items()}
+        row |= {f"test/{k}": v for k, v in summary["test"].items()}
+        row["run"] = folder.name
+        rows.append(row)
+    return rows
+
+
+def _mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+
+
+def _final_table(plan: Plan, rows: list[dict]) -> list[str]:
+    lines = [
+        "| protocol | system | HR@10 | NDCG@10 | seeds | parameters | epochs (best) | "
+        "train min / run | wall min / run |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for protocol, title in PROTOCOL_NAMES.items():
+        for system, (hr, ndcg) in plan.published.get(protocol, {}).items():
+            lines.append(f"| {title} | {system} (published) | {hr:.4f} | {ndcg:.4f} | | | | | |")
+        for name in plan.models:
+            runs = [r for r in rows if r["name"] == name and r["role"] == "final"]
+            if not runs:
+                lines.append(f"| {title} | {name} (ours) | not run | | | | | | |")
+                continue
+            cells = [_mean_std([r[f"test/{protocol}/{m}"] for r in runs]) for m in METRICS]
+            epochs = ", ".join(f"{r['epochs']} ({r['best_epoch']})" for r in runs)
+            train_min = statistics.mean(r["train_seconds"] for r in runs) / 60
+            wall_min = statistics.mean(r["wall_seconds"] for r in runs) / 60
+            lines.append(
+                f"| {title} | **{name}** (ours) | {cells[0]} | {cells[1]} | {len(runs)} | "
+                f"{runs[0]['parameters']:,} | {epochs} | {train_min:.1f} | {wall_min:.1f} |"
+            )
+    return lines
+
+
+def _verdicts(plan: Plan, rows: list[dict], ours: str) -> list[str]:
+    """Plain statements of where ``ours`` (mean over seeds) wins and where it does not."""
+    runs = [r for r in rows if r["name"] == ours and r["role"] == "final"]
+    if not runs:
+        return [f"- {ours}: no finished run."]
+    lines = []
+    for protocol, title in PROTOCOL_NAMES.items():
+        rivals = {f"{s} (published)": v for s, v in plan.published.get(protocol, {}).items()}
+        for name in plan.models:
+            theirs = [r for r in rows if r["name"] == name and r["role"] == "final"]
+            if name != ours and theirs:
+                rivals[f"our {name}"] = [
+                    statistics.mean(r[f"test/{protocol}/{m}"] for r in theirs) for m in METRICS
+                ]
+        mine = [statistics.mean(r[f"test/{protocol}/{m}"] for r in runs) for m in METRICS]
+        for rival, values in rivals.items():
+            for metric, a, b in zip(METRICS, mine, values, strict=True):
+                word = "beats" if a > b else "does NOT beat"
+                lines.append(
+                    f"- {title}, {metric}: {ours} {a:.4f} {word} {rival} {b:.4f} "
+                    f"({(a / b - 1) * 100:+.1f} %)"
+                )
+    return lines
+
+
+def _variant_table(plan: Plan, rows: list[dict]) -> list[str]:
+    variants = [r for r in rows if r["name"] in plan.variants and r["seed"] == plan.seeds[0]]
+    if not variants:
+        return []
+    best = max(variants, key=lambda r: r[f"valid/{SELECT}"])
+    lines = [
+        f"Variants tried (seed {plan.seeds[0]}, selected on validation {SELECT}; test not "
+        "consulted). Settings are on top of the plan's common ones.",
+        "",
+        "| variant | settings | valid full HR@10 | valid full NDCG@10 | valid sampled NDCG@10 "
+        "| epochs (best) | train min |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(variants, key=lambda r: -r[f"valid/{SELECT}"]):
+        mark = " (best)" if r is best else ""
+        lines.append(
+            f"| {r['name']}{mark} | {r['settings']} | {r['valid/full/HR@10']:.4f} | "
+            f"{r['valid/full/NDCG@10']:.4f} | {r['valid/sampled/NDCG@10']:.4f} | "
+            f"{r['epochs']} ({r['best_epoch']}) | {r['train_seconds'] / 60:.1f} |"
+        )
+    return lines
+
+
+def write_report(plans: list[Plan], runs_root: pathlib.Path, out: pathlib.Path, command: str):
+    """``accuracy.md`` and ``accuracy.csv`` in ``out`` from every finished run."""
+    from convrec.bench.machine import machine_info
+
+    rows = [row for plan in plans for row in collect(plan, runs_root)]
+    lines = [
+        "# Accuracy on the S3-Rec benchmark data",
+        "",
+        f"Command: `{command}`",
+        "",
+        "Machine: " + ", ".join(f"{k} {v}" for k, v in machine_info("cpu").items()),
+        "",
+        "Test metrics of the best-validation checkpoint (validation full-ranking NDCG@10), mean "
+        "± sample std over seeds. Full ranking excludes the user's seen items; sampled ranks "
+        "the target against 99 unseen negatives. Published numbers: S3-Rec paper (CIKM 2020), "
+        "same data and protocols. Train minutes count epochs only; wall minutes add evaluation.",
+    ]
+    for plan in plans:
+        plan_rows = [r for r in rows if r["dataset"] == plan.name]
+        lines += ["", f"## {plan.name}", "", f"Plan: `{plan.source}`", ""]
+        lines += _final_table(plan, plan_rows)
+        lines += ["", *_verdicts(plan, plan_rows, next(iter(plan.models)))]
+        variants = _variant_table(plan, plan_rows)
+        if variants:
+            lines += ["", *variants]
+    out.mkdir(parents=True, exist_ok=True)
+    text = "\n".join(lines) + "\n"
+    atomic_write(out / "accuracy.md", lambda f: f.write(text.encode()))
+    if rows:
+        fields = list(dict.fromkeys(k for row in rows for k in row))
+        with open(out / "accuracy.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(rows)
+    return text
+
+
+def _default_data_root() -> str:
+    return os.environ.get(
+        "CONVREC_SHARED_DATA", str(pathlib.Path(__file__).resolve().parents[3] / "shared" / "data")
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("plans", nargs="+", help="plan files, e.g. benchmarks/configs/accuracy/*")
+    parser.add_argument(
+        "--data-root",
+        default=_default_data_root(),
+        help="folder holding s3rec/ (default: $CONVREC_SHARED_DATA or ../shared/data)",
+    )
+    parser.add_argument("--runs", default="runs/accuracy", help="folder of the training runs")
+    parser.add_argument("--out", default="benchmarks/results", help="folder for the report")
+    parser.add_argument("--jobs", type=int, default=1, help="runs trained at once (1)")
+    parser.add_argument("--only", nargs="+", help="train only these models/variants")
+    parser.add_argument("--seeds", type=int, nargs="+", help="train only these seeds")
+    parser.add_argument(
+        "--report-only", action="store_true", help="write the report from finished runs"
+    )
+
+
+def run(args: argparse.Namespace, command: str) -> None:
+    plans = [load_plan(path, args.data_root) for path in args.plans]
+    runs_root = pathlib.Path(args.runs)
+    known = {name for plan in plans for name in [*plan.models, *plan.variants]}
+    unknown = sorted(set(args.only or ()) - known)
+    if unknown:
+        raise SystemExit(f"no model or variant named {', '.join(unknown)} in the plans")
+    if not args.report_only:
+        run_plans(plans, runs_root, args.jobs, args.only, args.seeds)
+    print(write_report(plans, runs_root, pathlib.Path(args.out), command))
+
+
+def add_parser(bench) -> None:
+    parser = bench.add_parser(
+        "accuracy", help="ConvRec vs SASRec vs published numbers on the S3-Rec data"
+    )
+    add_arguments(parser)
+    parser.set_defaults(
+        run=lambda args: run(args, "convrec bench accuracy " + " ".join(args.plans))
+    )

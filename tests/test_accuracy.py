@@ -1,0 +1,110 @@
+"""The accuracy benchmark: plans, shared runs, resumption, the report's verdicts, bad plans."""
+
+from __future__ import annotations
+
+import csv
+import json
+import pathlib
+
+import numpy as np
+import pytest
+
+from convrec.bench.accuracy import collect, load_plan, run_folder, run_plans, write_report
+
+PLAN = """
+dataset = "Toy"
+data = "s3rec/Toy"
+seeds = [0, 1]
+
+[published.full]
+Paper = [0.5, 0.25]
+
+[common]
+max_len = 10
+d_model = 8
+epochs = 2
+batch_size = 64
+
+[models.convrec]
+model = "convrec"
+train_sampling = "all-prefixes"
+dropout = 0.2
+
+[models.sasrec]
+model = "sasrec"
+train_sampling = "all-positions"
+
+[variants.same-as-final]
+model = "convrec"
+train_sampling = "all-prefixes"
+dropout = 0.2
+
+[variants.random-cut]
+model = "convrec"
+dropout = 0.2
+"""
+
+
+def _toy_data(root: pathlib.Path) -> None:
+    rng = np.random.default_rng(0)
+    folder = root / "s3rec"
+    folder.mkdir(parents=True)
+    lines, items = [], set()
+    for user in range(1, 61):
+        start = int(rng.integers(1, 150))
+        sequence = range(start, start + int(rng.integers(5, 15)))
+        items.update(sequence)
+        lines.append(" ".join(map(str, [user, *sequence])))
+    (folder / "Toy.txt").write_text("\n".join(lines) + "\n")
+    attributes = {str(i): [i % 5 + 1, i % 3 + 6] for i in sorted(items)}
+    (folder / "Toy_item2attributes.json").write_text(json.dumps(attributes))
+
+
+@pytest.mark.slow
+def test_plan_runs_once_and_reports(tmp_path: pathlib.Path) -> None:
+    _toy_data(tmp_path / "data")
+    (tmp_path / "toy.toml").write_text(PLAN)
+    plan = load_plan(tmp_path / "toy.toml", tmp_path / "data")
+    runs = tmp_path / "runs"
+    # the variant with the final settings shares the final model's seed-0 folder
+    assert run_folder(runs, plan, "same-as-final", 0) == run_folder(runs, plan, "convrec", 0)
+    assert run_folder(runs, plan, "convrec", 0) != run_folder(runs, plan, "convrec", 1)
+    run_plans([plan], runs, jobs=2)
+    assert len(list((runs / "Toy").iterdir())) == 5  # 2 models x 2 seeds + 1 distinct variant
+    stamps = {p: p.stat().st_mtime for p in (runs / "Toy").glob("*/summary.json")}
+    run_plans([plan], runs, jobs=1)  # everything finished: nothing is trained again
+    assert {p: p.stat().st_mtime for p in stamps} == stamps
+
+    rows = collect(plan, runs)
+    assert sorted((r["name"], r["seed"]) for r in rows) == [
+        ("convrec", 0),
+        ("convrec", 1),
+        ("random-cut", 0),
+        ("same-as-final", 0),
+        ("sasrec", 0),
+        ("sasrec", 1),
+    ]
+    assert all(0 <= r["test/full/NDCG@10"] <= r["test/full/HR@10"] <= 1 for r in rows)
+    text = write_report([plan], runs, tmp_path / "out", "test command")
+    assert "| full ranking | Paper (published) | 0.5000 | 0.2500 |" in text
+    verdicts = [line for line in text.splitlines() if line.startswith("- full ranking")]
+    assert len(verdicts) == 4  # HR and NDCG against Paper and against our sasrec
+    convrec_hr = np.mean([r["test/full/HR@10"] for r in rows if r["name"] == "convrec"])
+    word = "beats" if convrec_hr > 0.5 else "does NOT beat"
+    assert f"HR@10: convrec {convrec_hr:.4f} {word} Paper (published)" in text
+    assert "(best)" in text  # the variant table marks the validation winner
+    with open(tmp_path / "out" / "accuracy.csv") as f:
+        assert len(list(csv.DictReader(f))) == 6
+
+
+def test_bad_plans_name_the_problem(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text('dataset = "X"\ndata = "x"\n')
+    with pytest.raises(ValueError, match=r"bad.toml: missing keys seeds, models"):
+        load_plan(path, tmp_path)
+    path.write_text(PLAN.replace("dropout = 0.2\n\n[models.sasrec]", "colour = 1\n[models.sasrec]"))
+    with pytest.raises(ValueError, match="unknown configuration keys: colour"):
+        load_plan(path, tmp_path)
+    path.write_text("dataset = \n")
+    with pytest.raises(ValueError, match=r"bad\.toml"):
+        load_plan(path, tmp_path)
