@@ -108,3 +108,19 @@ def test_bad_plans_name_the_problem(tmp_path: pathlib.Path) -> None:
     path.write_text("dataset = \n")
     with pytest.raises(ValueError, match=r"bad\.toml"):
         load_plan(path, tmp_path)
+
+
+def test_a_locked_run_is_left_to_its_owner(tmp_path: pathlib.Path) -> None:
+    import fcntl
+
+    from convrec.bench.accuracy import _train_one
+
+    _toy_data(tmp_path / "data")
+    (tmp_path / "toy.toml").write_text(PLAN)
+    plan = load_plan(tmp_path / "toy.toml", tmp_path / "data")
+    folder = run_folder(tmp_path / "runs", plan, "convrec", 0)
+    folder.mkdir(parents=True)
+    with open(folder / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert _train_one(plan.config("convrec", 0), folder, "toy", 1) is None
+    assert not (folder / "last.pt").exists()

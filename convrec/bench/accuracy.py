@@ -44,10 +44,14 @@ class Plan:
     variants: dict[str, dict]
     source: str
 
+    def settings(self, name: str) -> dict:
+        """A final model's or a variant's own keys (on top of ``common``)."""
+        return self.models[name] if name in self.models else self.variants[name]
+
     def config(self, name: str, seed: int) -> TrainConfig:
         """The run's full configuration: defaults < common < the model's or variant's keys."""
-        values = self.models.get(name) or self.variants[name]
-        config = TrainConfig.from_dict(self.common | values | {"data": self.data, "seed": seed})
+        values = self.common | self.settings(name) | {"data": self.data, "seed": seed}
+        config = TrainConfig.from_dict(values)
         config.select = SELECT
         return config.check()
 
@@ -93,8 +97,11 @@ def run_folder(runs_root: pathlib.Path, plan: Plan, name: str, seed: int) -> pat
     return runs_root / plan.name / f"{settings['model']}-{digest}-seed{seed}"
 
 
-def _train_one(config: TrainConfig, folder: pathlib.Path, label: str, threads: int) -> dict:
-    """Train (or resume, or just read) one run; runs in a worker process."""
+def _train_one(config: TrainConfig, folder: pathlib.Path, label: str, threads: int) -> dict | None:
+    """Train (or resume, or just read) one run in a worker process; None when another process
+    holds the run's lock (two benchmarks sharing a runs folder never train the same run)."""
+    import fcntl
+
     import torch
 
     from convrec.training.trainer import train
@@ -104,17 +111,22 @@ def _train_one(config: TrainConfig, folder: pathlib.Path, label: str, threads: i
     if summary_path.exists():
         return json.loads(summary_path.read_text())
     folder.mkdir(parents=True, exist_ok=True)
-    atomic_write(
-        folder / "config.json", lambda f: f.write(json.dumps(config.to_dict(), indent=1).encode())
-    )
-    resume = (folder / "last.pt").exists()
-    return train(
-        config,
-        folder,
-        resume=resume,
-        progress=False,
-        echo=lambda message: print(f"[{label}] {message}", flush=True),
-    )
+    with open(folder / ".lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return None
+        if summary_path.exists():  # finished while we waited for the lock
+            return json.loads(summary_path.read_text())
+        text = json.dumps(config.to_dict(), indent=1).encode()
+        atomic_write(folder / "config.json", lambda f: f.write(text))
+        return train(
+            config,
+            folder,
+            resume=(folder / "last.pt").exists(),
+            progress=False,
+            echo=lambda message: print(f"[{label}] {message}", flush=True),
+        )
 
 
 def run_plans(
@@ -126,12 +138,20 @@ def run_plans(
 ) -> None:
     """Train every missing run of the plans, ``jobs`` at a time, each on cpus/jobs threads."""
     threads = max(1, (os.cpu_count() or 1) // jobs)
+    # seed by seed across the plans, so a benchmark cut short has every dataset's first seeds
+    ordered = sorted(
+        (
+            (plan.seeds.index(seed), number, plan, name, seed)
+            for number, plan in enumerate(plans)
+            for name, seed in plan.runs(names, seeds)
+        ),
+        key=lambda entry: entry[:2],
+    )
     todo: dict[pathlib.Path, tuple[TrainConfig, str]] = {}
-    for plan in plans:
-        for name, seed in plan.runs(names, seeds):
-            folder = run_folder(runs_root, plan, name, seed)
-            label = f"{plan.name} {name} seed {seed}"
-            todo.setdefault(folder, (plan.config(name, seed), label))
+    for _, _, plan, name, seed in ordered:
+        folder = run_folder(runs_root, plan, name, seed)
+        label = f"{plan.name} {name} seed {seed}"
+        todo.setdefault(folder, (plan.config(name, seed), label))
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
         futures = {
@@ -140,6 +160,9 @@ def run_plans(
         }
         for future in concurrent.futures.as_completed(futures):
             summary = future.result()
+            if summary is None:
+                print(f"[{futures[future]}] skipped: another process is training it", flush=True)
+                continue
             test = summary["test"]
             print(
                 f"[{futures[future]}] done: best epoch {summary['best_epoch']}, test full "
@@ -165,7 +188,7 @@ def collect(plan: Plan, runs_root: pathlib.Path) -> list[dict]:
         if not (folder / "summary.json").exists():
             continue
         summary = json.loads((folder / "summary.json").read_text())
-        values = plan.models.get(name) or plan.variants[name]
+        values = plan.settings(name)
         row = {
             "dataset": plan.name,
             "name": name,
