@@ -67,6 +67,14 @@ def test_resume_refuses_a_different_run(tmp_path: pathlib.Path) -> None:
         train(_config(), tmp_path / "fresh", resume=True, progress=False, echo=_quiet)
 
 
+def test_a_best_checkpoint_from_another_writer_is_refused(tmp_path: pathlib.Path) -> None:
+    train(_config(epochs=1), tmp_path, progress=False, echo=_quiet)
+    best = load_checkpoint(tmp_path / "best.pt")
+    save_checkpoint(tmp_path / "best.pt", best | {"epoch": 7})
+    with pytest.raises(RuntimeError, match="holds epoch 7 but the run's best is epoch 1"):
+        train(_config(epochs=1), tmp_path, resume=True, progress=False, echo=_quiet)
+
+
 def test_interrupted_write_keeps_the_old_checkpoint(tmp_path, monkeypatch) -> None:
     path = tmp_path / "ckpt.pt"
     save_checkpoint(path, {"model_spec": {}, "value": 1})

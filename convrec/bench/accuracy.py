@@ -135,9 +135,11 @@ def run_plans(
     jobs: int,
     names: list[str] | None = None,
     seeds: list[int] | None = None,
+    threads: int | None = None,
 ) -> None:
-    """Train every missing run of the plans, ``jobs`` at a time, each on cpus/jobs threads."""
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    """Train every missing run of the plans, ``jobs`` at a time, each on ``threads`` threads
+    (default cpus / jobs)."""
+    threads = threads or max(1, (os.cpu_count() or 1) // jobs)
     # seed by seed across the plans, so a benchmark cut short has every dataset's first seeds
     ordered = sorted(
         (
@@ -172,37 +174,42 @@ def run_plans(
             )
 
 
-def _best_valid(folder: pathlib.Path) -> dict[str, float]:
-    """Validation metrics of the best epoch, from the run's log."""
+def _log_summary(folder: pathlib.Path) -> dict:
+    """Epochs, best epoch, training seconds and best validation metrics from ``log.csv``."""
     with open(folder / "log.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    best = max(rows, key=lambda row: float(row[f"valid/{SELECT}"]))
-    return {k[len("valid/") :]: float(v) for k, v in best.items() if k.startswith("valid/")}
+        log = list(csv.DictReader(f))
+    best = max(log, key=lambda row: float(row[f"valid/{SELECT}"]))
+    return {
+        "epochs": len(log),
+        "best_epoch": int(best["epoch"]),
+        "train_seconds": round(sum(float(row["epoch_seconds"]) for row in log), 1),
+    } | {k: float(v) for k, v in best.items() if k.startswith("valid/")}
 
 
 def collect(plan: Plan, runs_root: pathlib.Path) -> list[dict]:
-    """One row per finished run of the plan (unfinished runs are left out)."""
+    """One row per run of the plan with at least one epoch; ``finished`` is False for a run
+    stopped before early stopping ended it (it has validation metrics only)."""
     rows = []
     for name, seed in plan.runs():
         folder = run_folder(runs_root, plan, name, seed)
-        if not (folder / "summary.json").exists():
+        if not (folder / "log.csv").exists():
             continue
-        summary = json.loads((folder / "summary.json").read_text())
-        values = plan.settings(name)
+        finished = (folder / "summary.json").exists()
         row = {
             "dataset": plan.name,
             "name": name,
             "role": "final" if name in plan.models else "variant",
             "seed": seed,
-            "settings": " ".join(f"{k}={v}" for k, v in sorted(values.items())),
-            "parameters": summary["parameters"],
-            "epochs": summary["epochs_trained"],
-            "best_epoch": summary["best_epoch"],
-            "train_seconds": round(summary["train_seconds"], 1),
-            "wall_seconds": round(summary.get("wall_seconds", float("nan")), 1),
-        }
-        row |= {f"valid/{k}": v for k, v in _best_valid(folder).items()}
-        row |= {f"test/{k}": v for k, v in summary["test"].items()}
+            "settings": " ".join(f"{k}={v}" for k, v in sorted(plan.settings(name).items())),
+            "finished": finished,
+        } | _log_summary(folder)
+        if finished:
+            summary = json.loads((folder / "summary.json").read_text())
+            row |= {
+                "parameters": summary["parameters"],
+                "wall_seconds": round(summary["wall_seconds"], 1),
+            }
+            row |= {f"test/{k}": v for k, v in summary["test"].items()}
         row["run"] = folder.name
         rows.append(row)
     return rows
@@ -212,6 +219,10 @@ def _mean_std(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.4f}"
     return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+
+
+def _finished(rows: list[dict], name: str) -> list[dict]:
+    return [r for r in rows if r["name"] == name and r["role"] == "final" and r["finished"]]
 
 
 def _final_table(plan: Plan, rows: list[dict]) -> list[str]:
@@ -224,7 +235,7 @@ def _final_table(plan: Plan, rows: list[dict]) -> list[str]:
         for system, (hr, ndcg) in plan.published.get(protocol, {}).items():
             lines.append(f"| {title} | {system} (published) | {hr:.4f} | {ndcg:.4f} | | | | | |")
         for name in plan.models:
-            runs = [r for r in rows if r["name"] == name and r["role"] == "final"]
+            runs = _finished(rows, name)
             if not runs:
                 lines.append(f"| {title} | {name} (ours) | not run | | | | | | |")
                 continue
@@ -241,14 +252,14 @@ def _final_table(plan: Plan, rows: list[dict]) -> list[str]:
 
 def _verdicts(plan: Plan, rows: list[dict], ours: str) -> list[str]:
     """Plain statements of where ``ours`` (mean over seeds) wins and where it does not."""
-    runs = [r for r in rows if r["name"] == ours and r["role"] == "final"]
+    runs = _finished(rows, ours)
     if not runs:
         return [f"- {ours}: no finished run."]
     lines = []
     for protocol, title in PROTOCOL_NAMES.items():
         rivals = {f"{s} (published)": v for s, v in plan.published.get(protocol, {}).items()}
         for name in plan.models:
-            theirs = [r for r in rows if r["name"] == name and r["role"] == "final"]
+            theirs = _finished(rows, name)
             if name != ours and theirs:
                 rivals[f"our {name}"] = [
                     statistics.mean(r[f"test/{protocol}/{m}"] for r in theirs) for m in METRICS
@@ -279,6 +290,8 @@ def _variant_table(plan: Plan, rows: list[dict]) -> list[str]:
     ]
     for r in sorted(variants, key=lambda r: -r[f"valid/{SELECT}"]):
         mark = " (best)" if r is best else ""
+        if not r["finished"]:
+            mark += " (stopped early by hand)"
         lines.append(
             f"| {r['name']}{mark} | {r['settings']} | {r['valid/full/HR@10']:.4f} | "
             f"{r['valid/full/NDCG@10']:.4f} | {r['valid/sampled/NDCG@10']:.4f} | "
@@ -342,6 +355,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--jobs", type=int, default=1, help="runs trained at once (1)")
     parser.add_argument("--only", nargs="+", help="train only these models/variants")
     parser.add_argument("--seeds", type=int, nargs="+", help="train only these seeds")
+    parser.add_argument("--threads", type=int, help="threads per run (default cpus / jobs)")
     parser.add_argument(
         "--report-only", action="store_true", help="write the report from finished runs"
     )
@@ -355,7 +369,7 @@ def run(args: argparse.Namespace, command: str) -> None:
     if unknown:
         raise SystemExit(f"no model or variant named {', '.join(unknown)} in the plans")
     if not args.report_only:
-        run_plans(plans, runs_root, args.jobs, args.only, args.seeds)
+        run_plans(plans, runs_root, args.jobs, args.only, args.seeds, args.threads)
     print(write_report(plans, runs_root, pathlib.Path(args.out), command))
 
 

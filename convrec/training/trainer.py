@@ -289,6 +289,11 @@ def _train(
     if writer is not None:
         writer.close()
     best = load_checkpoint(best_path, group.device)
+    if best["epoch"] != state["best_epoch"]:
+        raise RuntimeError(
+            f"{best_path} holds epoch {best['epoch']} but the run's best is epoch "
+            f"{state['best_epoch']}: another process wrote to {out}; train this run again"
+        )
     model.load_state_dict(best["model"])
     start = time.perf_counter()
     test = evaluate(model, data, "test", PROTOCOLS, **evaluate_args)
