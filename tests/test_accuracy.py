@@ -15,6 +15,7 @@ PLAN = """
 dataset = "Toy"
 data = "s3rec/Toy"
 seeds = [0, 1]
+notes = ["A toy plan."]
 
 [published.full]
 Paper = [0.5, 0.25]
@@ -87,6 +88,7 @@ def test_plan_runs_once_and_reports(tmp_path: pathlib.Path) -> None:
     assert all(0 <= r["test/full/NDCG@10"] <= r["test/full/HR@10"] <= 1 for r in rows)
     text = write_report([plan], runs, tmp_path / "out", "test command")
     assert "| full ranking | Paper (published) | 0.5000 | 0.2500 |" in text
+    assert "\n- A toy plan.\n" in text
     verdicts = [line for line in text.splitlines() if line.startswith("- full ranking")]
     assert len(verdicts) == 4  # HR and NDCG against Paper and against our sasrec
     convrec_hr = np.mean([r["test/full/HR@10"] for r in rows if r["name"] == "convrec"])

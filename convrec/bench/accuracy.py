@@ -43,6 +43,7 @@ class Plan:
     models: dict[str, dict]
     variants: dict[str, dict]
     source: str
+    notes: list[str]  # printed under the dataset's heading in the report
 
     def settings(self, name: str) -> dict:
         """A final model's or a variant's own keys (on top of ``common``)."""
@@ -83,6 +84,7 @@ def load_plan(path: str | pathlib.Path, data_root: str | pathlib.Path) -> Plan:
         models=values["models"],
         variants=values.get("variants", {}),
         source=str(path),
+        notes=list(values.get("notes", [])),
     )
     for name in list(plan.models) + list(plan.variants):
         plan.config(name, plan.seeds[0])  # every entry is a valid configuration
@@ -320,6 +322,7 @@ def write_report(plans: list[Plan], runs_root: pathlib.Path, out: pathlib.Path, 
     for plan in plans:
         plan_rows = [r for r in rows if r["dataset"] == plan.name]
         lines += ["", f"## {plan.name}", "", f"Plan: `{plan.source}`", ""]
+        lines += [f"- {note}" for note in plan.notes] + ([""] if plan.notes else [])
         lines += _final_table(plan, plan_rows)
         lines += ["", *_verdicts(plan, plan_rows, next(iter(plan.models)))]
         variants = _variant_table(plan, plan_rows)

@@ -98,14 +98,14 @@ def train_one_epoch(
         if config.train_sampling == "all-positions":
             targets = torch.from_numpy(index.window_targets(u, c, config.max_len))
             loss = all_positions_loss(model, ids_t, targets.to(group.device), times_t)
-        elif config.loss == "full":
-            targets = torch.from_numpy(index.targets(u, c)).to(group.device)
-            loss = full_softmax_loss(model, ids_t, targets, times_t)
         else:
             targets = torch.from_numpy(index.targets(u, c)).to(group.device)
-            loss = sampled_softmax_loss(
-                model, ids_t, targets, times_t, config.negatives, num_items, negatives
-            )
+            if config.loss == "full":
+                loss = full_softmax_loss(model, ids_t, targets, times_t)
+            else:
+                loss = sampled_softmax_loss(
+                    model, ids_t, targets, times_t, config.negatives, num_items, negatives
+                )
         if not torch.isfinite(loss):
             raise FloatingPointError(f"epoch {epoch}: loss became {loss.item()}; lower --lr")
         optimizer.zero_grad(set_to_none=True)
