@@ -107,6 +107,9 @@ def test_bad_plans_name_the_problem(tmp_path: pathlib.Path) -> None:
     path.write_text(PLAN.replace("dropout = 0.2\n\n[models.sasrec]", "colour = 1\n[models.sasrec]"))
     with pytest.raises(ValueError, match="unknown configuration keys: colour"):
         load_plan(path, tmp_path)
+    path.write_text(PLAN.replace("batch_size = 64", "batch_size = 64\nselect = 'full/HR@10'"))
+    with pytest.raises(ValueError, match=r"\[common\] sets select, which the benchmark fixes"):
+        load_plan(path, tmp_path)
     path.write_text("dataset = \n")
     with pytest.raises(ValueError, match=r"bad\.toml"):
         load_plan(path, tmp_path)
@@ -126,3 +129,17 @@ def test_a_locked_run_is_left_to_its_owner(tmp_path: pathlib.Path) -> None:
         fcntl.flock(held, fcntl.LOCK_EX)
         assert _train_one(plan.config("convrec", 0), folder, "toy", 1) is None
     assert not (folder / "last.pt").exists()
+
+
+def test_command_line_names_bad_selections(tmp_path: pathlib.Path) -> None:
+    from convrec.cli import main
+
+    (tmp_path / "toy.toml").write_text(PLAN)
+    plan = str(tmp_path / "toy.toml")
+    common = ["bench", "accuracy", plan, "--data-root", str(tmp_path), "--runs", str(tmp_path)]
+    with pytest.raises(SystemExit, match="no model or variant named bert"):
+        main([*common, "--only", "bert"])
+    with pytest.raises(SystemExit, match="no plan has seed 7"):
+        main([*common, "--seeds", "7"])
+    with pytest.raises(SystemExit, match="--jobs and --threads must be >= 1, got 0"):
+        main([*common, "--jobs", "0"])

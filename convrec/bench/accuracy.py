@@ -51,10 +51,8 @@ class Plan:
 
     def config(self, name: str, seed: int) -> TrainConfig:
         """The run's full configuration: defaults < common < the model's or variant's keys."""
-        values = self.common | self.settings(name) | {"data": self.data, "seed": seed}
-        config = TrainConfig.from_dict(values)
-        config.select = SELECT
-        return config.check()
+        fixed = {"data": self.data, "seed": seed, "select": SELECT}
+        return TrainConfig.from_dict(self.common | self.settings(name) | fixed).check()
 
     def runs(
         self, names: list[str] | None = None, seeds: list[int] | None = None
@@ -86,6 +84,16 @@ def load_plan(path: str | pathlib.Path, data_root: str | pathlib.Path) -> Plan:
         source=str(path),
         notes=list(values.get("notes", [])),
     )
+    tables = {"common": plan.common}
+    tables |= {f"models.{n}": v for n, v in plan.models.items()}
+    tables |= {f"variants.{n}": v for n, v in plan.variants.items()}
+    for table, settings in tables.items():
+        fixed = sorted({"data", "seed", "select"} & set(settings))
+        if fixed:
+            raise ValueError(
+                f"{path}: [{table}] sets {', '.join(fixed)}, which the benchmark fixes "
+                "(data from the plan, seeds from 'seeds', selection on validation full NDCG@10)"
+            )
     for name in list(plan.models) + list(plan.variants):
         plan.config(name, plan.seeds[0])  # every entry is a valid configuration
     return plan
@@ -371,6 +379,11 @@ def run(args: argparse.Namespace, command: str) -> None:
     unknown = sorted(set(args.only or ()) - known)
     if unknown:
         raise SystemExit(f"no model or variant named {', '.join(unknown)} in the plans")
+    missing = sorted(set(args.seeds or ()) - {s for plan in plans for s in plan.seeds})
+    if missing:
+        raise SystemExit(f"no plan has seed {', '.join(map(str, missing))}")
+    if args.jobs < 1 or (args.threads is not None and args.threads < 1):
+        raise SystemExit(f"--jobs and --threads must be >= 1, got {args.jobs}, {args.threads}")
     if not args.report_only:
         run_plans(plans, runs_root, args.jobs, args.only, args.seeds, args.threads)
     print(write_report(plans, runs_root, pathlib.Path(args.out), command))
