@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from convrec.backends import check_backend, warn_once
@@ -21,11 +22,15 @@ class ConvRec(SequentialRecommender):
     by item id (row 0 = padding); ``item_features``: a dense frozen (N + 1, F) matrix (e.g. image
     features); ``use_time``: add time context from timestamps. ``faithful=True`` uses the paper
     code's input block and its padding fixed at construction from ``max_len`` (required then).
+    ``input_dropout`` drops entries of the history item vectors in training (candidates are
+    never dropped), the regulariser SASRec applies to its inputs.
 
     ``backend="triton"`` runs the item gather fused into level 1 (``ops.embed_conv_pool``) and
     the other levels and candidate vectors on Triton too. The fused kernel covers item rows and
     attributes only: "triton" refuses dense features, time context and the faithful block;
     "auto" runs the first two unfused with one warning, and never fuses the faithful block.
+    The kernel never stores the item vectors, so training with ``input_dropout`` gathers them
+    unfused (evaluation stays fused).
     Every backend reads the same ``state_dict``.
     """
 
@@ -42,6 +47,7 @@ class ConvRec(SequentialRecommender):
         item_features: Tensor | None = None,
         use_time: bool = False,
         mask_aware: bool = False,
+        input_dropout: float = 0.0,
         faithful: bool = False,
         max_len: int | None = None,
         backend: str = "auto",
@@ -52,7 +58,10 @@ class ConvRec(SequentialRecommender):
             raise ValueError("faithful=True fixes the padding at construction: pass max_len")
         if faithful and mask_aware:
             raise ValueError("faithful=True uses the paper's plain pooling: set mask_aware=False")
+        if not 0.0 <= input_dropout < 1.0:
+            raise ValueError(f"input_dropout must be in [0, 1), got {input_dropout}")
         check_backend(backend)
+        self.input_dropout = input_dropout
         self.max_len, self.faithful, self.check_inputs = max_len, faithful, check_inputs
         inputs = dict(
             item_attributes=item_attributes,
@@ -88,7 +97,8 @@ class ConvRec(SequentialRecommender):
             raise ValueError(f"history length {item_ids.shape[1]} exceeds max_len={self.max_len}")
         if self._fused(item_ids.device):
             return self.encoder.forward_ids(item_ids, *self.item_encoder.table_args(), mask=mask)
-        return self.encoder(self.item_encoder(item_ids, mask, timestamps), mask)
+        x = self.item_encoder(item_ids, mask, timestamps)
+        return self.encoder(F.dropout(x, self.input_dropout, self.training), mask)
 
     def _fused(self, device: torch.device) -> bool:
         """Whether level 1 runs as ``embed_conv_pool``: on Triton, for what the kernel covers.
@@ -97,6 +107,8 @@ class ConvRec(SequentialRecommender):
         """
         if self.faithful or self.encoder.backend_for(device) != "triton":
             return False
+        if self.training and self.input_dropout > 0:
+            return False  # the dropped vectors must exist: see the class docstring
         if self._unfusable is not None:  # only "auto" gets here (see __init__)
             warn_once(
                 f"convrec: ConvRec gathers items unfused: the fused kernel lacks {self._unfusable}"

@@ -119,6 +119,30 @@ def test_convrec_refuses_every_position(attribute_lists) -> None:
         model(_histories(), every_position=True)
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_convrec_input_dropout(attribute_lists, backend: str) -> None:
+    """Training drops history vectors before level 1 (the fused Triton path steps aside for
+    it); evaluation and the candidate vectors are untouched."""
+    kwargs = dict(d_model=16, item_attributes=attribute_lists, dropout=0.0, mask_aware=True)
+    model = ConvRec(30, input_dropout=0.5, backend=backend, **kwargs)
+    plain = ConvRec(30, backend="reference", **kwargs)
+    plain.load_state_dict(model.state_dict())
+    ids = _histories()
+    mask = ids != 0
+    model.train()
+    torch.manual_seed(3)
+    dropped = model.encode(ids)
+    torch.manual_seed(3)
+    x = F.dropout(plain.item_encoder(ids, mask), 0.5, training=True)
+    torch.testing.assert_close(dropped, plain.encoder(x, mask), rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(dropped, plain.train().encode(ids), atol=1e-3)
+    model.eval(), plain.eval()
+    torch.testing.assert_close(model.encode(ids), plain.encode(ids), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(model.item_encoder.all_items(), plain.item_encoder.all_items())
+    with pytest.raises(ValueError, match=r"input_dropout must be in \[0, 1\), got 1.0"):
+        ConvRec(30, input_dropout=1.0)
+
+
 def test_faithful_matches_paper_input_block(attribute_lists) -> None:
     """Re-derive the paper code's forward: multi-hot features -> Linear(4D), fusion Linear,
     concat with the id embedding, Linear; GELU, LayerNorm, Linear, GELU, mask; fixed padding."""

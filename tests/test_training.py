@@ -128,3 +128,5 @@ def test_config_validation() -> None:
         TrainConfig(train_sampling="all-positions").check()  # convrec
     with pytest.raises(ValueError, match="loss='sampled'"):
         TrainConfig(model="sasrec", train_sampling="all-positions", loss="sampled").check()
+    with pytest.raises(ValueError, match="input_dropout is a ConvRec setting"):
+        TrainConfig(model="sasrec", input_dropout=0.2).check()

@@ -24,6 +24,7 @@ class TrainConfig:
     heads: int | None = None  # conv heads (convrec, default 1) / attention heads (sasrec, 2)
     blocks: int = 2  # sasrec
     dropout: float | None = None  # default 0.1 for convrec, 0.2 for sasrec
+    input_dropout: float = 0.0  # convrec: on the history item vectors (sasrec: = dropout)
     mask_aware: bool = False
     faithful: bool = False
     use_attributes: bool = True
@@ -79,6 +80,10 @@ class TrainConfig:
             raise ValueError(
                 "train_sampling='all-positions' needs a causal model and the full softmax "
                 f"(model='sasrec', loss='full'), got model={self.model!r}, loss={self.loss!r}"
+            )
+        if self.input_dropout and self.model != "convrec":
+            raise ValueError(
+                f"input_dropout is a ConvRec setting; {self.model}'s inputs use its dropout"
             )
         if "/" not in self.select:
             raise ValueError(f"select must look like 'full/NDCG@10', got {self.select!r}")
