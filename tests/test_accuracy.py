@@ -95,6 +95,10 @@ def test_plan_runs_once_and_reports(tmp_path: pathlib.Path) -> None:
     word = "beats" if convrec_hr > 0.5 else "does NOT beat"
     assert f"HR@10: convrec {convrec_hr:.4f} {word} Paper (published)" in text
     assert "(best)" in text  # the variant table marks the validation winner
+    variants = [r for r in rows if r["role"] == "variant"]
+    best = max(variants, key=lambda r: r["valid/full/NDCG@10"])["name"]
+    uses = "uses" if best == "same-as-final" else "does NOT use"
+    assert f"The final convrec {uses} the settings of the best variant, {best}." in text
     with open(tmp_path / "out" / "accuracy.csv") as f:
         assert len(list(csv.DictReader(f))) == 6
 

@@ -285,14 +285,24 @@ def _verdicts(plan: Plan, rows: list[dict], ours: str) -> list[str]:
     return lines
 
 
-def _variant_table(plan: Plan, rows: list[dict]) -> list[str]:
+def _variant_table(plan: Plan, rows: list[dict], ours: str) -> list[str]:
+    """Every variant's validation scores, best first, and whether ``ours`` uses the best one's
+    settings (a plan edited before its last variant finished would otherwise go unnoticed)."""
     variants = [r for r in rows if r["name"] in plan.variants and r["seed"] == plan.seeds[0]]
     if not variants:
         return []
     best = max(variants, key=lambda r: r[f"valid/{SELECT}"])
+    if plan.settings(best["name"]) == plan.settings(ours):
+        choice = f"The final {ours} uses the settings of the best variant, {best['name']}."
+    else:
+        choice = (
+            f"**The final {ours} does NOT use the settings of the best variant, {best['name']}.**"
+        )
     lines = [
         f"Variants tried (seed {plan.seeds[0]}, selected on validation {SELECT}; test not "
         "consulted). Settings are on top of the plan's common ones.",
+        "",
+        choice,
         "",
         "| variant | settings | valid full HR@10 | valid full NDCG@10 | valid sampled NDCG@10 "
         "| epochs (best) | train min |",
@@ -332,8 +342,9 @@ def write_report(plans: list[Plan], runs_root: pathlib.Path, out: pathlib.Path, 
         lines += ["", f"## {plan.name}", "", f"Plan: `{plan.source}`", ""]
         lines += [f"- {note}" for note in plan.notes] + ([""] if plan.notes else [])
         lines += _final_table(plan, plan_rows)
-        lines += ["", *_verdicts(plan, plan_rows, next(iter(plan.models)))]
-        variants = _variant_table(plan, plan_rows)
+        ours = next(iter(plan.models))
+        lines += ["", *_verdicts(plan, plan_rows, ours)]
+        variants = _variant_table(plan, plan_rows, ours)
         if variants:
             lines += ["", *variants]
     out.mkdir(parents=True, exist_ok=True)
