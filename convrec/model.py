@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from convrec.backends import check_backend, warn_once
 from convrec.encoder import ConvRecEncoder
@@ -23,7 +23,10 @@ class ConvRec(SequentialRecommender):
     features); ``use_time``: add time context from timestamps. ``faithful=True`` uses the paper
     code's input block and its padding fixed at construction from ``max_len`` (required then).
     ``input_dropout`` drops entries of the history item vectors in training (candidates are
-    never dropped), the regulariser SASRec applies to its inputs.
+    never dropped), the regulariser SASRec applies to its inputs. ``last_item_skip`` (not in
+    the paper) adds ``g * v_last``, the newest history item's vector scaled by a learned
+    per-channel ``g`` (zero at start), to the user vector: the levels' averages dilute the
+    newest item as histories grow, while the next item depends on it most.
 
     ``backend="triton"`` runs the item gather fused into level 1 (``ops.embed_conv_pool``) and
     the other levels and candidate vectors on Triton too. The fused kernel covers item rows and
@@ -48,6 +51,7 @@ class ConvRec(SequentialRecommender):
         use_time: bool = False,
         mask_aware: bool = False,
         input_dropout: float = 0.0,
+        last_item_skip: bool = False,
         faithful: bool = False,
         max_len: int | None = None,
         backend: str = "auto",
@@ -91,14 +95,25 @@ class ConvRec(SequentialRecommender):
             fixed_length=max_len if faithful else None,
             check_inputs=check_inputs,
         )
+        self.last_item_gate = nn.Parameter(torch.zeros(d_model)) if last_item_skip else None
 
     def _encode(self, item_ids: Tensor, mask: Tensor, timestamps: Tensor | None) -> Tensor:
         if self.max_len is not None and item_ids.shape[1] > self.max_len:
             raise ValueError(f"history length {item_ids.shape[1]} exceeds max_len={self.max_len}")
         if self._fused(item_ids.device):
-            return self.encoder.forward_ids(item_ids, *self.item_encoder.table_args(), mask=mask)
-        x = self.item_encoder(item_ids, mask, timestamps)
-        return self.encoder(F.dropout(x, self.input_dropout, self.training), mask)
+            user = self.encoder.forward_ids(item_ids, *self.item_encoder.table_args(), mask=mask)
+            if self.last_item_gate is None:
+                return user
+            # the fused kernel never stores the item vectors: gather the newest one again
+            last = self.item_encoder(item_ids[:, -1:], mask[:, -1:]).squeeze(1)
+        else:
+            x = self.item_encoder(item_ids, mask, timestamps)
+            x = F.dropout(x, self.input_dropout, self.training)
+            user = self.encoder(x, mask)
+            if self.last_item_gate is None:
+                return user
+            last = x[:, -1]  # zero for an all-padding history
+        return user + self.last_item_gate * last
 
     def _fused(self, device: torch.device) -> bool:
         """Whether level 1 runs as ``embed_conv_pool``: on Triton, for what the kernel covers.

@@ -39,6 +39,7 @@ train_sampling = "all-positions"
 model = "convrec"
 train_sampling = "all-prefixes"
 dropout = 0.2
+weight_decay = 0.0  # the default, spelled out
 
 [variants.random-cut]
 model = "convrec"
@@ -67,7 +68,8 @@ def test_plan_runs_once_and_reports(tmp_path: pathlib.Path) -> None:
     (tmp_path / "toy.toml").write_text(PLAN)
     plan = load_plan(tmp_path / "toy.toml", tmp_path / "data")
     runs = tmp_path / "runs"
-    # the variant with the final settings shares the final model's seed-0 folder
+    # the variant with the final settings shares the final model's seed-0 folder (settings at
+    # their default do not count, so adding a setting to TrainConfig keeps existing runs)
     assert run_folder(runs, plan, "same-as-final", 0) == run_folder(runs, plan, "convrec", 0)
     assert run_folder(runs, plan, "convrec", 0) != run_folder(runs, plan, "convrec", 1)
     run_plans([plan], runs, jobs=2)

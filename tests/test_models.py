@@ -143,6 +143,26 @@ def test_convrec_input_dropout(attribute_lists, backend: str) -> None:
         ConvRec(30, input_dropout=1.0)
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_convrec_last_item_skip(attribute_lists, backend: str) -> None:
+    """user = levels' output + g * (newest history item's vector), on the fused path too."""
+    kwargs = dict(d_model=16, item_attributes=attribute_lists, mask_aware=True)
+    model = ConvRec(30, last_item_skip=True, backend=backend, **kwargs).eval()
+    plain = ConvRec(30, backend="reference", **kwargs).eval()
+    with torch.no_grad():
+        model.last_item_gate.normal_()
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if k != "last_item_gate"})
+    ids = _histories()
+    ids[3] = 0  # an all-padding row: nothing to add
+    newest = plain.item_encoder(ids, ids != 0)[:, -1]
+    expected = plain.encode(ids) + model.last_item_gate * newest
+    torch.testing.assert_close(model.encode(ids), expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(model.encode(ids)[3], plain.encode(ids)[3], rtol=1e-4, atol=1e-4)
+    model.train()
+    F.cross_entropy(model.score(ids[:3]), torch.tensor([1, 2, 3])).backward()
+    assert model.last_item_gate.grad is not None and model.last_item_gate.grad.abs().sum() > 0
+
+
 def test_faithful_matches_paper_input_block(attribute_lists) -> None:
     """Re-derive the paper code's forward: multi-hot features -> Linear(4D), fusion Linear,
     concat with the id embedding, Linear; GELU, LayerNorm, Linear, GELU, mask; fixed padding."""

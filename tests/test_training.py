@@ -130,3 +130,5 @@ def test_config_validation() -> None:
         TrainConfig(model="sasrec", train_sampling="all-positions", loss="sampled").check()
     with pytest.raises(ValueError, match="input_dropout is a ConvRec setting"):
         TrainConfig(model="sasrec", input_dropout=0.2).check()
+    with pytest.raises(ValueError, match="last_item_skip is a ConvRec setting"):
+        TrainConfig(model="sasrec", last_item_skip=True).check()

@@ -100,11 +100,14 @@ def load_plan(path: str | pathlib.Path, data_root: str | pathlib.Path) -> Plan:
 
 
 def run_folder(runs_root: pathlib.Path, plan: Plan, name: str, seed: int) -> pathlib.Path:
-    """``runs_root/<dataset>/<hash of the configuration without its data path>``."""
-    settings = plan.config(name, seed).to_dict()
-    settings.pop("data")
+    """``runs_root/<dataset>/<model>-<hash>-seed<k>``, hashing the settings that differ from
+    ``TrainConfig``'s defaults (the data path aside): a setting added to ``TrainConfig``
+    later leaves every existing run where it is."""
+    config = plan.config(name, seed)
+    defaults = TrainConfig().to_dict()
+    settings = {k: v for k, v in config.to_dict().items() if k != "data" and v != defaults[k]}
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
-    return runs_root / plan.name / f"{settings['model']}-{digest}-seed{seed}"
+    return runs_root / plan.name / f"{config.model}-{digest}-seed{seed}"
 
 
 def _train_one(config: TrainConfig, folder: pathlib.Path, label: str, threads: int) -> dict | None:
@@ -292,7 +295,7 @@ def _variant_table(plan: Plan, rows: list[dict], ours: str) -> list[str]:
     if not variants:
         return []
     best = max(variants, key=lambda r: r[f"valid/{SELECT}"])
-    if plan.settings(best["name"]) == plan.settings(ours):
+    if plan.config(best["name"], best["seed"]) == plan.config(ours, best["seed"]):
         choice = f"The final {ours} uses the settings of the best variant, {best['name']}."
     else:
         choice = (

@@ -25,6 +25,7 @@ class TrainConfig:
     blocks: int = 2  # sasrec
     dropout: float | None = None  # default 0.1 for convrec, 0.2 for sasrec
     input_dropout: float = 0.0  # convrec: on the history item vectors (sasrec: = dropout)
+    last_item_skip: bool = False  # convrec: newest item's vector added to the user vector
     mask_aware: bool = False
     faithful: bool = False
     use_attributes: bool = True
@@ -85,6 +86,8 @@ class TrainConfig:
             raise ValueError(
                 f"input_dropout is a ConvRec setting; {self.model}'s inputs use its dropout"
             )
+        if self.last_item_skip and self.model != "convrec":
+            raise ValueError(f"last_item_skip is a ConvRec setting; {self.model} has no use for it")
         if "/" not in self.select:
             raise ValueError(f"select must look like 'full/NDCG@10', got {self.select!r}")
         return self

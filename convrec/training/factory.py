@@ -24,6 +24,7 @@ def model_spec(config: TrainConfig, data: SequenceDataset) -> dict:
             levels=[list(level) for level in (config.levels or DEFAULT_LEVELS)],
             mask_aware=config.mask_aware,
             input_dropout=config.input_dropout,
+            last_item_skip=config.last_item_skip,
             faithful=config.faithful,
             max_len=config.max_len if config.faithful else None,
             backend=config.backend,
