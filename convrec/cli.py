@@ -46,6 +46,15 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
         "--mask-aware", action="store_true", default=s, help="exclude padding from pools"
     )
     p.add_argument(
+        "--input-dropout", type=float, default=s, help="convrec: on history item vectors (0)"
+    )
+    p.add_argument(
+        "--last-item-skip",
+        action="store_true",
+        default=s,
+        help="convrec: add the gated newest item's vector to the user vector",
+    )
+    p.add_argument(
         "--faithful", action="store_true", default=s, help="the paper code's input block"
     )
     p.add_argument("--no-attributes", dest="use_attributes", action="store_false", default=s)

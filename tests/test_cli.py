@@ -30,6 +30,9 @@ def run(tmp_path_factory) -> pathlib.Path:
             "--out",
             str(folder / "out"),
             "--no-progress",
+            "--input-dropout",
+            "0.1",
+            "--last-item-skip",
         ]
     )
     return folder / "out"
@@ -38,6 +41,7 @@ def run(tmp_path_factory) -> pathlib.Path:
 def test_train_respects_config_and_flags(run: pathlib.Path) -> None:
     saved = torch.load(run / "last.pt", weights_only=False)["config"]
     assert saved["d_model"] == 16 and saved["epochs"] == 2  # the flag beats the file
+    assert saved["input_dropout"] == 0.1 and saved["last_item_skip"]
 
 
 def test_evaluate_reproduces_metrics_json(run: pathlib.Path, capsys) -> None:
