@@ -3,8 +3,8 @@
 One TOML plan per dataset (``benchmarks/configs/accuracy/``) names the data, the seeds, the
 published numbers, the settings shared by every run, the final models (trained with every
 seed, reported on test) and the tuning variants (seed 0 only, compared on validation). A run
-lives in a folder named by a hash of its configuration, so a variant and a final model with
-the same settings share their seed-0 run, and an interrupted benchmark resumes where it
+lives in a folder named by a hash of its non-default settings, so a variant and a final model
+with the same settings share their seed-0 run, and an interrupted benchmark resumes where it
 stopped. Selection is on validation NDCG@10 (full ranking) only; test numbers are read once
 per run, from its best-validation checkpoint.
 """
