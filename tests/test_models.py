@@ -136,7 +136,8 @@ def test_convrec_input_dropout(attribute_lists, backend: str) -> None:
     x = F.dropout(plain.item_encoder(ids, mask), 0.5, training=True)
     torch.testing.assert_close(dropped, plain.encoder(x, mask), rtol=1e-4, atol=1e-4)
     assert not torch.allclose(dropped, plain.train().encode(ids), atol=1e-3)
-    model.eval(), plain.eval()
+    model.eval()
+    plain.eval()
     torch.testing.assert_close(model.encode(ids), plain.encode(ids), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(model.item_encoder.all_items(), plain.item_encoder.all_items())
     with pytest.raises(ValueError, match=r"input_dropout must be in \[0, 1\), got 1.0"):
