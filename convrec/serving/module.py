@@ -1,9 +1,10 @@
 """``ServingModule``: the inference graph that exports run, (B, L) ids -> user vectors, top-k.
 
 Item vectors are computed once and frozen into a table, so the graph is a lookup, the
-sequence encoder and one matmul; histories are left-padded or cut to the model's ``max_len``
-inside the graph (pad by ``max_len`` then keep the last ``max_len``), which keeps every shape
-after the input static while batch size and history length stay dynamic.
+sequence encoder (plus ConvRec's gated newest item, when it has one) and one matmul; histories
+are left-padded or cut to the model's ``max_len`` inside the graph (pad by ``max_len`` then
+keep the last ``max_len``), which keeps every shape after the input static while batch size
+and history length stay dynamic.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ class ServingModule(nn.Module):
         with torch.no_grad():
             self.register_buffer("table", model.item_vectors().detach().clone())
         self.encoder = copy.deepcopy(model.encoder).eval()
+        gate = getattr(model, "last_item_gate", None)  # ConvRec(last_item_skip=True)
+        self.register_buffer("last_item_gate", None if gate is None else gate.detach().clone())
         if portable and hasattr(self.encoder, "backend"):
             self.encoder.backend = "reference"
 
@@ -44,6 +47,8 @@ class ServingModule(nn.Module):
         mask = ids != 0
         x = self.table[ids] * mask.unsqueeze(-1).to(self.table.dtype)
         user = self.encoder(x, mask)
+        if self.last_item_gate is not None:
+            user = user + self.last_item_gate * x[:, -1]
         scores = user @ self.table.T
         scores = scores.scatter(1, exclude, float("-inf"))
         scores[:, 0] = float("-inf")
