@@ -55,6 +55,12 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
         help="convrec: add the gated newest item's vector to the user vector",
     )
     p.add_argument(
+        "--attention-readout",
+        action="store_true",
+        default=s,
+        help="convrec: add one attention query per user over its history",
+    )
+    p.add_argument(
         "--faithful", action="store_true", default=s, help="the paper code's input block"
     )
     p.add_argument("--no-attributes", dest="use_attributes", action="store_false", default=s)

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from convrec.backends import check_backend, warn_once
 from convrec.encoder import ConvRecEncoder
 from convrec.item_encoder import FaithfulItemEncoder, ItemAttributes, ItemEncoder
+from convrec.readout import AttentionReadout
 from convrec.recommender import SequentialRecommender
 from convrec.schedule import DEFAULT_LEVELS
 
@@ -27,13 +28,16 @@ class ConvRec(SequentialRecommender):
     the paper) adds ``g * v_last``, the newest history item's vector scaled by a learned
     per-channel ``g`` (zero at start), to the user vector: the levels' averages dilute the
     newest item as histories grow, while the next item depends on it most.
+    ``attention_readout`` (not in the paper) adds ``convrec.readout.AttentionReadout``: one
+    query per user over its history item vectors, so long histories are read by content too.
 
     ``backend="triton"`` runs the item gather fused into level 1 (``ops.embed_conv_pool``) and
     the other levels and candidate vectors on Triton too. The fused kernel covers item rows and
     attributes only: "triton" refuses dense features, time context and the faithful block;
     "auto" runs the first two unfused with one warning, and never fuses the faithful block.
     The kernel never stores the item vectors, so training with ``input_dropout`` gathers them
-    unfused (evaluation stays fused).
+    unfused (evaluation stays fused), and the readouts gather what they read again: the newest
+    item for the skip, the whole history for the attention readout.
     Every backend reads the same ``state_dict``.
     """
 
@@ -52,6 +56,7 @@ class ConvRec(SequentialRecommender):
         mask_aware: bool = False,
         input_dropout: float = 0.0,
         last_item_skip: bool = False,
+        attention_readout: bool = False,
         faithful: bool = False,
         max_len: int | None = None,
         backend: str = "auto",
@@ -96,24 +101,35 @@ class ConvRec(SequentialRecommender):
             check_inputs=check_inputs,
         )
         self.last_item_gate = nn.Parameter(torch.zeros(d_model)) if last_item_skip else None
+        self.attention_readout = AttentionReadout(d_model) if attention_readout else None
 
     def _encode(self, item_ids: Tensor, mask: Tensor, timestamps: Tensor | None) -> Tensor:
         if self.max_len is not None and item_ids.shape[1] > self.max_len:
             raise ValueError(f"history length {item_ids.shape[1]} exceeds max_len={self.max_len}")
-        if self._fused(item_ids.device):
-            user = self.encoder.forward_ids(item_ids, *self.item_encoder.table_args(), mask=mask)
-            if self.last_item_gate is None:
-                return user
-            # the fused kernel never stores the item vectors: gather the newest one again
-            last = self.item_encoder(item_ids[:, -1:], mask[:, -1:]).squeeze(1)
-        else:
+        if not self._fused(item_ids.device):
             x = self.item_encoder(item_ids, mask, timestamps)
-            x = F.dropout(x, self.input_dropout, self.training)
-            user = self.encoder(x, mask)
-            if self.last_item_gate is None:
-                return user
-            last = x[:, -1]  # zero for an all-padding history
-        return user + self.last_item_gate * last
+            return self.user_from_vectors(F.dropout(x, self.input_dropout, self.training), mask)
+        user = self.encoder.forward_ids(item_ids, *self.item_encoder.table_args(), mask=mask)
+        if self.last_item_gate is None and self.attention_readout is None:
+            return user
+        # the fused kernel never stores the item vectors: gather what the readouts read again
+        if self.attention_readout is None:
+            item_ids, mask = item_ids[:, -1:], mask[:, -1:]
+        return self._readouts(user, self.item_encoder(item_ids, mask), mask)
+
+    def user_from_vectors(self, x: Tensor, mask: Tensor) -> Tensor:
+        return self._readouts(self.encoder(x, mask), x, mask)
+
+    def _readouts(self, user: Tensor, x: Tensor, mask: Tensor) -> Tensor:
+        """Add the last-item skip and the attention readout, those the model has, to ``user``.
+
+        ``x`` (B, L, D) is zero at padding; the skip reads only its newest slot.
+        """
+        if self.last_item_gate is not None:
+            user = user + self.last_item_gate * x[:, -1]
+        if self.attention_readout is not None:
+            user = user + self.attention_readout(user, x, mask)
+        return user
 
     def _fused(self, device: torch.device) -> bool:
         """Whether level 1 runs as ``embed_conv_pool``: on Triton, for what the kernel covers.

@@ -14,9 +14,11 @@ from convrec.item_encoder import FaithfulItemEncoder, ItemEncoder
 
 
 class SequentialRecommender(nn.Module):
-    """Base class: subclasses set ``self.item_encoder`` and implement ``_encode``."""
+    """Base class: subclasses set ``self.item_encoder`` and ``self.encoder`` and implement
+    ``_encode``."""
 
     item_encoder: ItemEncoder | FaithfulItemEncoder
+    encoder: nn.Module
     check_inputs: bool = False
 
     @property
@@ -25,6 +27,12 @@ class SequentialRecommender(nn.Module):
 
     def _encode(self, item_ids: Tensor, mask: Tensor, timestamps: Tensor | None) -> Tensor:
         raise NotImplementedError
+
+    def user_from_vectors(self, x: Tensor, mask: Tensor) -> Tensor:
+        """History item vectors (B, L, D), zero at padding, + mask (B, L) -> user vectors (B, D):
+        everything ``encode`` does after the item lookup, which serving runs on a frozen table.
+        """
+        return self.encoder(x, mask)
 
     def _encode_positions(
         self, item_ids: Tensor, mask: Tensor, timestamps: Tensor | None

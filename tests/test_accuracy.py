@@ -44,6 +44,11 @@ weight_decay = 0.0  # the default, spelled out
 [variants.random-cut]
 model = "convrec"
 dropout = 0.2
+
+[variants.sasrec-wd]
+model = "sasrec"
+train_sampling = "all-positions"
+weight_decay = 0.1
 """
 
 
@@ -73,7 +78,7 @@ def test_plan_runs_once_and_reports(tmp_path: pathlib.Path) -> None:
     assert run_folder(runs, plan, "same-as-final", 0) == run_folder(runs, plan, "convrec", 0)
     assert run_folder(runs, plan, "convrec", 0) != run_folder(runs, plan, "convrec", 1)
     run_plans([plan], runs, jobs=2)
-    assert len(list((runs / "Toy").iterdir())) == 5  # 2 models x 2 seeds + 1 distinct variant
+    assert len(list((runs / "Toy").iterdir())) == 6  # 2 models x 2 seeds + 2 distinct variants
     stamps = {p: p.stat().st_mtime for p in (runs / "Toy").glob("*/summary.json")}
     run_plans([plan], runs, jobs=1)  # everything finished: nothing is trained again
     assert {p: p.stat().st_mtime for p in stamps} == stamps
@@ -86,6 +91,7 @@ def test_plan_runs_once_and_reports(tmp_path: pathlib.Path) -> None:
         ("same-as-final", 0),
         ("sasrec", 0),
         ("sasrec", 1),
+        ("sasrec-wd", 0),
     ]
     assert all(0 <= r["test/full/NDCG@10"] <= r["test/full/HR@10"] <= 1 for r in rows)
     text = write_report([plan], runs, tmp_path / "out", "test command")
@@ -96,13 +102,17 @@ def test_plan_runs_once_and_reports(tmp_path: pathlib.Path) -> None:
     convrec_hr = np.mean([r["test/full/HR@10"] for r in rows if r["name"] == "convrec"])
     word = "beats" if convrec_hr > 0.5 else "does NOT beat"
     assert f"HR@10: convrec {convrec_hr:.4f} {word} Paper (published)" in text
-    assert "(best)" in text  # the variant table marks the validation winner
-    variants = [r for r in rows if r["role"] == "variant"]
+    # each final model is checked against the best variant of its own model
+    variants = [r for r in rows if r["role"] == "variant" and r["name"] != "sasrec-wd"]
     best = max(variants, key=lambda r: r["valid/full/NDCG@10"])["name"]
     uses = "uses" if best == "same-as-final" else "does NOT use"
-    assert f"The final convrec {uses} the settings of the best variant, {best}." in text
+    assert f"The final convrec {uses} the settings of the best convrec variant, {best}." in text
+    assert f"| {best} (best convrec) |" in text
+    sasrec_choice = "The final sasrec does NOT use the settings of the best sasrec variant"
+    assert f"{sasrec_choice}, sasrec-wd." in text
+    assert "| sasrec-wd (best sasrec) |" in text
     with open(tmp_path / "out" / "accuracy.csv") as f:
-        assert len(list(csv.DictReader(f))) == 6
+        assert len(list(csv.DictReader(f))) == 7
 
 
 def test_bad_plans_name_the_problem(tmp_path: pathlib.Path) -> None:

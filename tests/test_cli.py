@@ -33,6 +33,7 @@ def run(tmp_path_factory) -> pathlib.Path:
             "--input-dropout",
             "0.1",
             "--last-item-skip",
+            "--attention-readout",
         ]
     )
     return folder / "out"
@@ -42,6 +43,7 @@ def test_train_respects_config_and_flags(run: pathlib.Path) -> None:
     saved = torch.load(run / "last.pt", weights_only=False)["config"]
     assert saved["d_model"] == 16 and saved["epochs"] == 2  # the flag beats the file
     assert saved["input_dropout"] == 0.1 and saved["last_item_skip"]
+    assert saved["attention_readout"]
 
 
 def test_evaluate_reproduces_metrics_json(run: pathlib.Path, capsys) -> None:

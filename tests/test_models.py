@@ -164,6 +164,53 @@ def test_convrec_last_item_skip(attribute_lists, backend: str) -> None:
     assert model.last_item_gate.grad is not None and model.last_item_gate.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_convrec_attention_readout(attribute_lists, backend: str) -> None:
+    """user = u + out(softmax over real slots of q(u) . x / sqrt(D) @ x), u = levels + skip,
+    on the fused path too; an all-padding history adds nothing."""
+    kwargs = dict(d_model=16, item_attributes=attribute_lists, mask_aware=True, last_item_skip=True)
+    model = ConvRec(30, attention_readout=True, backend=backend, **kwargs).eval()
+    plain = ConvRec(30, backend="reference", **kwargs).eval()
+    with torch.no_grad():
+        model.last_item_gate.normal_()
+        model.attention_readout.out.weight.normal_()
+    readout = model.attention_readout
+    plain.load_state_dict(
+        {k: v for k, v in model.state_dict().items() if not k.startswith("attention_readout.")}
+    )
+    ids = _histories()
+    ids[3] = 0
+    mask = ids != 0
+    x = plain.item_encoder(ids, mask)
+    u = plain.encode(ids)
+    expected = []
+    for b in range(ids.shape[0]):
+        real = x[b, mask[b]]
+        if real.shape[0] == 0:
+            expected.append(u[b])
+            continue
+        weights = (real @ readout.query(u[b]) / 4.0).softmax(0)
+        expected.append(u[b] + readout.out(weights @ real))
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode(ids), torch.stack(expected), rtol=1e-4, atol=1e-4)
+    model.train()
+    F.cross_entropy(model.score(ids[:3]), torch.tensor([1, 2, 3])).backward()
+    for weight in (readout.query.weight, readout.out.weight):
+        assert weight.grad is not None and weight.grad.abs().sum() > 0
+
+
+def test_attention_readout_starts_as_the_model_without_it(attribute_lists) -> None:
+    kwargs = dict(d_model=16, item_attributes=attribute_lists, backend="reference")
+    torch.manual_seed(0)
+    model = ConvRec(30, attention_readout=True, **kwargs).eval()
+    plain = ConvRec(30, **kwargs).eval()
+    plain.load_state_dict(
+        {k: v for k, v in model.state_dict().items() if not k.startswith("attention_readout.")}
+    )
+    ids = _histories()
+    torch.testing.assert_close(model.encode(ids), plain.encode(ids))
+
+
 def test_faithful_matches_paper_input_block(attribute_lists) -> None:
     """Re-derive the paper code's forward: multi-hot features -> Linear(4D), fusion Linear,
     concat with the id embedding, Linear; GELU, LayerNorm, Linear, GELU, mask; fixed padding."""

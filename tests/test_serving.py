@@ -1,5 +1,6 @@
 """Exports (torch.export, ONNX) and the Recommender agree with the eager model, on history
-lengths the export never saw, for ConvRec (with and without the last-item skip) and SASRec."""
+lengths the export never saw, for ConvRec (plain, and with the last-item skip and the attention
+readout) and SASRec."""
 
 from __future__ import annotations
 
@@ -19,14 +20,15 @@ TINY = {"num_users": 100, "num_items": 300, "mean_length": 10, "max_length": 30,
 HAS_ONNXRUNTIME = importlib.util.find_spec("onnxruntime") is not None
 
 
-@pytest.fixture(scope="module", params=["convrec", "convrec-last-item-skip", "sasrec"])
+@pytest.fixture(scope="module", params=["convrec", "convrec-readouts", "sasrec"])
 def checkpoint(request, tmp_path_factory) -> pathlib.Path:
     out = tmp_path_factory.mktemp(request.param)
     model, _, option = request.param.partition("-")
     config = TrainConfig(
         synthetic=TINY,
         model=model,
-        last_item_skip=option == "last-item-skip",
+        last_item_skip=option == "readouts",
+        attention_readout=option == "readouts",
         epochs=1,
         d_model=16,
         max_len=12,

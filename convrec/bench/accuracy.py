@@ -288,31 +288,41 @@ def _verdicts(plan: Plan, rows: list[dict], ours: str) -> list[str]:
     return lines
 
 
-def _variant_table(plan: Plan, rows: list[dict], ours: str) -> list[str]:
-    """Every variant's validation scores, best first, and whether ``ours`` uses the best one's
-    settings (a plan edited before its last variant finished would otherwise go unnoticed)."""
+def _variant_table(plan: Plan, rows: list[dict]) -> list[str]:
+    """Every variant's validation scores, best first, and for each final model whether it
+    uses the settings of the best variant of its own model (a plan edited before its last
+    variant finished would otherwise go unnoticed)."""
     variants = [r for r in rows if r["name"] in plan.variants and r["seed"] == plan.seeds[0]]
     if not variants:
         return []
-    best = max(variants, key=lambda r: r[f"valid/{SELECT}"])
-    if plan.config(best["name"], best["seed"]) == plan.config(ours, best["seed"]):
-        choice = f"The final {ours} uses the settings of the best variant, {best['name']}."
-    else:
-        choice = (
-            f"**The final {ours} does NOT use the settings of the best variant, {best['name']}.**"
+    seed = plan.seeds[0]
+    choices, best_of = [], {}
+    for final in plan.models:
+        model = plan.config(final, seed).model
+        rivals = [r for r in variants if plan.config(r["name"], seed).model == model]
+        if not rivals:
+            continue
+        best = max(rivals, key=lambda r: r[f"valid/{SELECT}"])
+        best_of[best["name"]] = model
+        uses = plan.config(best["name"], seed) == plan.config(final, seed)
+        choices.append(
+            f"The final {final} uses the settings of the best {model} variant, {best['name']}."
+            if uses
+            else f"**The final {final} does NOT use the settings of the best {model} variant, "
+            f"{best['name']}.**"
         )
     lines = [
-        f"Variants tried (seed {plan.seeds[0]}, selected on validation {SELECT}; test not "
-        "consulted). Settings are on top of the plan's common ones.",
+        f"Variants tried (seed {seed}, selected on validation {SELECT}; test not consulted). "
+        "Settings are on top of the plan's common ones.",
         "",
-        choice,
+        *choices,
         "",
         "| variant | settings | valid full HR@10 | valid full NDCG@10 | valid sampled NDCG@10 "
         "| epochs (best) | train min |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in sorted(variants, key=lambda r: -r[f"valid/{SELECT}"]):
-        mark = " (best)" if r is best else ""
+        mark = f" (best {best_of[r['name']]})" if r["name"] in best_of else ""
         if not r["finished"]:
             mark += " (stopped early by hand)"
         lines.append(
@@ -347,7 +357,7 @@ def write_report(plans: list[Plan], runs_root: pathlib.Path, out: pathlib.Path, 
         lines += _final_table(plan, plan_rows)
         ours = next(iter(plan.models))
         lines += ["", *_verdicts(plan, plan_rows, ours)]
-        variants = _variant_table(plan, plan_rows, ours)
+        variants = _variant_table(plan, plan_rows)
         if variants:
             lines += ["", *variants]
     out.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,7 @@
 """``ServingModule``: the inference graph that exports run, (B, L) ids -> user vectors, top-k.
 
-Item vectors are computed once and frozen into a table, so the graph is a lookup, the
-sequence encoder (plus ConvRec's gated newest item, when it has one) and one matmul; histories
+Item vectors are computed once and frozen into a table, so the graph is a lookup, the model's
+``user_from_vectors`` (its sequence encoder and readouts) and one matmul; histories
 are left-padded or cut to the model's ``max_len`` inside the graph (pad by ``max_len`` then
 keep the last ``max_len``), which keeps every shape after the input static while batch size
 and history length stay dynamic.
@@ -34,11 +34,11 @@ class ServingModule(nn.Module):
         self.max_len, self.k = max_len, k
         with torch.no_grad():
             self.register_buffer("table", model.item_vectors().detach().clone())
-        self.encoder = copy.deepcopy(model.encoder).eval()
-        gate = getattr(model, "last_item_gate", None)  # ConvRec(last_item_skip=True)
-        self.register_buffer("last_item_gate", None if gate is None else gate.detach().clone())
-        if portable and hasattr(self.encoder, "backend"):
-            self.encoder.backend = "reference"
+        # a copy of the model without its item encoder: the frozen table replaces it
+        self.model = copy.deepcopy(model, memo={id(model.item_encoder): None}).eval()
+        self.model.requires_grad_(False)
+        if portable and hasattr(self.model.encoder, "backend"):
+            self.model.encoder.backend = "reference"
 
     def forward(self, item_ids: Tensor, exclude: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``item_ids`` (B, L) left-padded history, ``exclude`` (B, E) ids never returned
@@ -46,9 +46,7 @@ class ServingModule(nn.Module):
         ids = F.pad(item_ids, (self.max_len, 0))[:, -self.max_len :]
         mask = ids != 0
         x = self.table[ids] * mask.unsqueeze(-1).to(self.table.dtype)
-        user = self.encoder(x, mask)
-        if self.last_item_gate is not None:
-            user = user + self.last_item_gate * x[:, -1]
+        user = self.model.user_from_vectors(x, mask)
         scores = user @ self.table.T
         scores = scores.scatter(1, exclude, float("-inf"))
         scores[:, 0] = float("-inf")

@@ -26,6 +26,7 @@ class TrainConfig:
     dropout: float | None = None  # default 0.1 for convrec, 0.2 for sasrec
     input_dropout: float = 0.0  # convrec: on the history item vectors (sasrec: = dropout)
     last_item_skip: bool = False  # convrec: newest item's vector added to the user vector
+    attention_readout: bool = False  # convrec: one query per user over its history
     mask_aware: bool = False
     faithful: bool = False
     use_attributes: bool = True
@@ -82,12 +83,15 @@ class TrainConfig:
                 "train_sampling='all-positions' needs a causal model and the full softmax "
                 f"(model='sasrec', loss='full'), got model={self.model!r}, loss={self.loss!r}"
             )
+        if not 0.0 <= self.input_dropout < 1.0:
+            raise ValueError(f"input_dropout must be in [0, 1), got {self.input_dropout}")
         if self.input_dropout and self.model != "convrec":
             raise ValueError(
                 f"input_dropout is a ConvRec setting; {self.model}'s inputs use its dropout"
             )
-        if self.last_item_skip and self.model != "convrec":
-            raise ValueError(f"last_item_skip is a ConvRec setting; {self.model} has no use for it")
+        for name in ("last_item_skip", "attention_readout"):
+            if getattr(self, name) and self.model != "convrec":
+                raise ValueError(f"{name} is a ConvRec setting; {self.model} has no use for it")
         if "/" not in self.select:
             raise ValueError(f"select must look like 'full/NDCG@10', got {self.select!r}")
         return self

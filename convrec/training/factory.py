@@ -25,6 +25,7 @@ def model_spec(config: TrainConfig, data: SequenceDataset) -> dict:
             mask_aware=config.mask_aware,
             input_dropout=config.input_dropout,
             last_item_skip=config.last_item_skip,
+            attention_readout=config.attention_readout,
             faithful=config.faithful,
             max_len=config.max_len if config.faithful else None,
             backend=config.backend,
