@@ -67,6 +67,18 @@ def test_resume_refuses_a_different_run(tmp_path: pathlib.Path) -> None:
         train(_config(), tmp_path / "fresh", resume=True, progress=False, echo=_quiet)
 
 
+def test_a_run_saved_before_a_setting_existed_resumes(tmp_path: pathlib.Path) -> None:
+    """A setting missing from the saved configuration had its default when the run was saved."""
+    train(_config(epochs=1), tmp_path, progress=False, echo=_quiet)
+    last = load_checkpoint(tmp_path / "last.pt")
+    del last["config"]["attention_readout"]
+    save_checkpoint(tmp_path / "last.pt", last)
+    summary = train(_config(epochs=2), tmp_path, resume=True, progress=False, echo=_quiet)
+    assert summary["epochs_trained"] == 2
+    with pytest.raises(ValueError, match=r"attention_readout: False -> True"):
+        train(_config(attention_readout=True), tmp_path, resume=True, progress=False, echo=_quiet)
+
+
 def test_a_best_checkpoint_from_another_writer_is_refused(tmp_path: pathlib.Path) -> None:
     train(_config(epochs=1), tmp_path, progress=False, echo=_quiet)
     best = load_checkpoint(tmp_path / "best.pt")

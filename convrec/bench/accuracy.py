@@ -289,9 +289,9 @@ def _verdicts(plan: Plan, rows: list[dict], ours: str) -> list[str]:
 
 
 def _variant_table(plan: Plan, rows: list[dict]) -> list[str]:
-    """Every variant's validation scores, best first, and for each final model whether it
-    uses the settings of the best variant of its own model (a plan edited before its last
-    variant finished would otherwise go unnoticed)."""
+    """Every variant's validation scores, best first, and whether the first final of each model
+    uses the settings of that model's best variant (a plan edited before its last variant
+    finished would otherwise go unnoticed)."""
     variants = [r for r in rows if r["name"] in plan.variants and r["seed"] == plan.seeds[0]]
     if not variants:
         return []
@@ -300,8 +300,8 @@ def _variant_table(plan: Plan, rows: list[dict]) -> list[str]:
     for final in plan.models:
         model = plan.config(final, seed).model
         rivals = [r for r in variants if plan.config(r["name"], seed).model == model]
-        if not rivals:
-            continue
+        if not rivals or model in best_of.values():
+            continue  # the first final of each model is the tuned one
         best = max(rivals, key=lambda r: r[f"valid/{SELECT}"])
         best_of[best["name"]] = model
         uses = plan.config(best["name"], seed) == plan.config(final, seed)

@@ -153,8 +153,10 @@ def _tensorboard(out: pathlib.Path, echo: Callable[[str], None]):
 
 
 def _check_resumable(saved: dict, config: TrainConfig) -> None:
+    """A setting the saved run lacks (added to ``TrainConfig`` since) had its default then."""
     now = config.to_dict()
-    changed = [k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k]]
+    saved = TrainConfig().to_dict() | saved
+    changed = [k for k in now if k not in RESUMABLE_CHANGES and saved[k] != now[k]]
     if changed:
         details = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed)
         raise ValueError(f"cannot resume: the configuration differs from the saved run ({details})")
