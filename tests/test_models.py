@@ -144,15 +144,21 @@ def test_convrec_input_dropout(attribute_lists, backend: str) -> None:
         ConvRec(30, input_dropout=1.0)
 
 
+def _without(model: ConvRec, extra: str, **kwargs) -> ConvRec:
+    """A ConvRec built from ``kwargs`` (no ``extra`` part) holding ``model``'s other weights."""
+    plain = ConvRec(model.num_items, **kwargs).eval()
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith(extra)})
+    return plain
+
+
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_convrec_last_item_skip(attribute_lists, backend: str) -> None:
     """user = levels' output + g * (newest history item's vector), on the fused path too."""
     kwargs = dict(d_model=16, item_attributes=attribute_lists, mask_aware=True)
     model = ConvRec(30, last_item_skip=True, backend=backend, **kwargs).eval()
-    plain = ConvRec(30, backend="reference", **kwargs).eval()
     with torch.no_grad():
         model.last_item_gate.normal_()
-    plain.load_state_dict({k: v for k, v in model.state_dict().items() if k != "last_item_gate"})
+    plain = _without(model, "last_item_gate", backend="reference", **kwargs)
     ids = _histories()
     ids[3] = 0  # an all-padding row: nothing to add
     newest = plain.item_encoder(ids, ids != 0)[:, -1]
@@ -170,14 +176,11 @@ def test_convrec_attention_readout(attribute_lists, backend: str) -> None:
     on the fused path too; an all-padding history adds nothing."""
     kwargs = dict(d_model=16, item_attributes=attribute_lists, mask_aware=True, last_item_skip=True)
     model = ConvRec(30, attention_readout=True, backend=backend, **kwargs).eval()
-    plain = ConvRec(30, backend="reference", **kwargs).eval()
     with torch.no_grad():
         model.last_item_gate.normal_()
         model.attention_readout.out.weight.normal_()
     readout = model.attention_readout
-    plain.load_state_dict(
-        {k: v for k, v in model.state_dict().items() if not k.startswith("attention_readout.")}
-    )
+    plain = _without(model, "attention_readout.", backend="reference", **kwargs)
     ids = _histories()
     ids[3] = 0
     mask = ids != 0
@@ -203,10 +206,7 @@ def test_attention_readout_starts_as_the_model_without_it(attribute_lists) -> No
     kwargs = dict(d_model=16, item_attributes=attribute_lists, backend="reference")
     torch.manual_seed(0)
     model = ConvRec(30, attention_readout=True, **kwargs).eval()
-    plain = ConvRec(30, **kwargs).eval()
-    plain.load_state_dict(
-        {k: v for k, v in model.state_dict().items() if not k.startswith("attention_readout.")}
-    )
+    plain = _without(model, "attention_readout.", **kwargs)
     ids = _histories()
     torch.testing.assert_close(model.encode(ids), plain.encode(ids))
 
