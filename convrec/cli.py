@@ -55,6 +55,24 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
         help="convrec: add the gated newest item's vector to the user vector",
     )
     p.add_argument(
+        "--last-item-transition",
+        action="store_true",
+        default=s,
+        help="convrec: add a learned (D, D) map of the newest item's vector to the user vector",
+    )
+    p.add_argument(
+        "--last-item-mlp",
+        action="store_true",
+        default=s,
+        help="convrec: add an MLP (D -> 4D -> D) of the newest item's vector to the user vector",
+    )
+    p.add_argument(
+        "--last-item-table",
+        action="store_true",
+        default=s,
+        help="convrec: add a learned row per newest item id to the user vector",
+    )
+    p.add_argument(
         "--attention-readout",
         action="store_true",
         default=s,

@@ -28,6 +28,13 @@ class ConvRec(SequentialRecommender):
     the paper) adds ``g * v_last``, the newest history item's vector scaled by a learned
     per-channel ``g`` (zero at start), to the user vector: the levels' averages dilute the
     newest item as histories grow, while the next item depends on it most.
+    ``last_item_transition`` (not in the paper) adds ``W v_last`` with a learned (D, D) ``W``
+    (zero at start): the gate can only favour items like the newest one, ``W`` also learns
+    which items follow it (shampoo -> conditioner), FPMC's item-to-item transition.
+    ``last_item_mlp`` (not in the paper) adds ``MLP(v_last)`` (D -> 4D -> D, GELU, output zero
+    at start), a non-linear transition like the feed-forward block SASRec applies to each item.
+    ``last_item_table`` (not in the paper) adds ``T[last item id]``, a learned per-item row (zero
+    at start): FPMC's factorised transition, free to remember what follows each single item.
     ``attention_readout`` (not in the paper) adds ``convrec.readout.AttentionReadout``: one
     query per user over its history item vectors, so long histories are read by content too.
 
@@ -56,6 +63,9 @@ class ConvRec(SequentialRecommender):
         mask_aware: bool = False,
         input_dropout: float = 0.0,
         last_item_skip: bool = False,
+        last_item_transition: bool = False,
+        last_item_mlp: bool = False,
+        last_item_table: bool = False,
         attention_readout: bool = False,
         faithful: bool = False,
         max_len: int | None = None,
@@ -101,6 +111,20 @@ class ConvRec(SequentialRecommender):
             check_inputs=check_inputs,
         )
         self.last_item_gate = nn.Parameter(torch.zeros(d_model)) if last_item_skip else None
+        self.last_item_transition = None
+        if last_item_transition:
+            self.last_item_transition = nn.Linear(d_model, d_model, bias=False)
+            nn.init.zeros_(self.last_item_transition.weight)
+        self.last_item_mlp = None
+        if last_item_mlp:
+            out = nn.Linear(4 * d_model, d_model)
+            nn.init.zeros_(out.weight)
+            nn.init.zeros_(out.bias)
+            self.last_item_mlp = nn.Sequential(nn.Linear(d_model, 4 * d_model), nn.GELU(), out)
+        self.last_item_table = None
+        if last_item_table:
+            self.last_item_table = nn.Embedding(num_items + 1, d_model, padding_idx=0)
+            nn.init.zeros_(self.last_item_table.weight)
         self.attention_readout = AttentionReadout(d_model) if attention_readout else None
 
     def _encode(self, item_ids: Tensor, mask: Tensor, timestamps: Tensor | None) -> Tensor:
@@ -108,27 +132,46 @@ class ConvRec(SequentialRecommender):
             raise ValueError(f"history length {item_ids.shape[1]} exceeds max_len={self.max_len}")
         if not self._fused(item_ids.device):
             x = self.item_encoder(item_ids, mask, timestamps)
-            return self.user_from_vectors(F.dropout(x, self.input_dropout, self.training), mask)
+            x = F.dropout(x, self.input_dropout, self.training)
+            return self.user_from_vectors(x, item_ids)
         user = self.encoder.forward_ids(item_ids, *self.item_encoder.table_args(), mask=mask)
-        if self.last_item_gate is None and self.attention_readout is None:
+        if not self._has_readouts():
             return user
         # the fused kernel never stores the item vectors: gather what the readouts read again
         if self.attention_readout is None:
             item_ids, mask = item_ids[:, -1:], mask[:, -1:]
-        return self._readouts(user, self.item_encoder(item_ids, mask), mask)
+        return self._readouts(user, self.item_encoder(item_ids, mask), item_ids)
 
-    def user_from_vectors(self, x: Tensor, mask: Tensor) -> Tensor:
-        return self._readouts(self.encoder(x, mask), x, mask)
+    def user_from_vectors(self, x: Tensor, item_ids: Tensor) -> Tensor:
+        return self._readouts(self.encoder(x, item_ids != 0), x, item_ids)
 
-    def _readouts(self, user: Tensor, x: Tensor, mask: Tensor) -> Tensor:
-        """Add the last-item skip and the attention readout, those the model has, to ``user``.
+    def _has_readouts(self) -> bool:
+        parts = (
+            self.last_item_gate,
+            self.last_item_transition,
+            self.last_item_mlp,
+            self.last_item_table,
+            self.attention_readout,
+        )
+        return any(part is not None for part in parts)
 
-        ``x`` (B, L, D) is zero at padding; the skip reads only its newest slot.
+    def _readouts(self, user: Tensor, x: Tensor, item_ids: Tensor) -> Tensor:
+        """Add the last-item readouts (skip, transition, MLP, table) and the attention readout,
+        those the model has, to ``user``.
+
+        ``x`` (B, L, D) is zero at padding, ``item_ids`` (B, L) its ids; the last-item readouts
+        read only the newest slot.
         """
         if self.last_item_gate is not None:
             user = user + self.last_item_gate * x[:, -1]
+        if self.last_item_transition is not None:
+            user = user + self.last_item_transition(x[:, -1])
+        if self.last_item_mlp is not None:
+            user = user + self.last_item_mlp(x[:, -1])
+        if self.last_item_table is not None:
+            user = user + self.last_item_table(item_ids[:, -1])
         if self.attention_readout is not None:
-            user = user + self.attention_readout(user, x, mask)
+            user = user + self.attention_readout(user, x, item_ids != 0)
         return user
 
     def _fused(self, device: torch.device) -> bool:

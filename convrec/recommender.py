@@ -28,11 +28,12 @@ class SequentialRecommender(nn.Module):
     def _encode(self, item_ids: Tensor, mask: Tensor, timestamps: Tensor | None) -> Tensor:
         raise NotImplementedError
 
-    def user_from_vectors(self, x: Tensor, mask: Tensor) -> Tensor:
-        """History item vectors (B, L, D), zero at padding, + mask (B, L) -> user vectors (B, D):
-        everything ``encode`` does after the item lookup, which serving runs on a frozen table.
+    def user_from_vectors(self, x: Tensor, item_ids: Tensor) -> Tensor:
+        """History item vectors (B, L, D), zero at padding, and their ids (B, L) -> user vectors
+        (B, D): everything ``encode`` does after the item lookup, which serving runs on a frozen
+        table. The ids are there for readouts keyed by item (ConvRec's ``last_item_table``).
         """
-        return self.encoder(x, mask)
+        return self.encoder(x, item_ids != 0)
 
     def _encode_positions(
         self, item_ids: Tensor, mask: Tensor, timestamps: Tensor | None

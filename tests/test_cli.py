@@ -33,6 +33,9 @@ def run(tmp_path_factory) -> pathlib.Path:
             "--input-dropout",
             "0.1",
             "--last-item-skip",
+            "--last-item-transition",
+            "--last-item-mlp",
+            "--last-item-table",
             "--attention-readout",
         ]
     )
@@ -43,6 +46,7 @@ def test_train_respects_config_and_flags(run: pathlib.Path) -> None:
     saved = torch.load(run / "last.pt", weights_only=False)["config"]
     assert saved["d_model"] == 16 and saved["epochs"] == 2  # the flag beats the file
     assert saved["input_dropout"] == 0.1 and saved["last_item_skip"]
+    assert saved["last_item_transition"] and saved["last_item_mlp"] and saved["last_item_table"]
     assert saved["attention_readout"]
 
 

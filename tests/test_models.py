@@ -171,6 +171,36 @@ def test_convrec_last_item_skip(attribute_lists, backend: str) -> None:
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("readout", ["last_item_transition", "last_item_mlp", "last_item_table"])
+def test_convrec_last_item_maps(attribute_lists, backend: str, readout: str) -> None:
+    """user = levels' output + map(newest history item's vector, or its id for the table), on
+    the fused path too; the map's output starts at zero, so the model starts as the one
+    without it."""
+    kwargs = dict(d_model=16, item_attributes=attribute_lists, mask_aware=True)
+    model = ConvRec(30, **{readout: True}, backend=backend, **kwargs).eval()
+    mapping = getattr(model, readout)
+    ids = _histories()
+    ids[3] = 0
+    plain = _without(model, f"{readout}.", backend="reference", **kwargs)
+    torch.testing.assert_close(model.encode(ids), plain.encode(ids), rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        for parameter in mapping.parameters():
+            parameter.normal_()
+    newest = (
+        ids[:, -1] if readout == "last_item_table" else plain.item_encoder(ids, ids != 0)[:, -1]
+    )
+    expected = plain.encode(ids) + mapping(newest)
+    torch.testing.assert_close(model.encode(ids), expected, rtol=1e-4, atol=1e-4)
+    model.train()
+    F.cross_entropy(model.score(ids[:3]), torch.tensor([1, 2, 3])).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in mapping.parameters())
+    if readout == "last_item_table":  # only the rows of the newest items learn
+        assert set(mapping.weight.grad.abs().sum(1).nonzero().flatten().tolist()) == set(
+            ids[:3, -1].tolist()
+        )
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_convrec_attention_readout(attribute_lists, backend: str) -> None:
     """user = u + out(softmax over real slots of q(u) . x / sqrt(D) @ x), u = levels + skip,
     on the fused path too; an all-padding history adds nothing."""

@@ -144,6 +144,9 @@ def test_config_validation() -> None:
         TrainConfig(model="sasrec", input_dropout=0.2).check()
     with pytest.raises(ValueError, match="last_item_skip is a ConvRec setting"):
         TrainConfig(model="sasrec", last_item_skip=True).check()
+    for name in ("last_item_transition", "last_item_mlp", "last_item_table"):
+        with pytest.raises(ValueError, match=f"{name} is a ConvRec setting"):
+            TrainConfig(model="sasrec", **{name: True}).check()
     with pytest.raises(ValueError, match="attention_readout is a ConvRec setting"):
         TrainConfig(model="sasrec", attention_readout=True).check()
     with pytest.raises(ValueError, match=r"input_dropout must be in \[0, 1\), got 1.5"):

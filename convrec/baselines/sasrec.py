@@ -164,7 +164,7 @@ class SASRec(SequentialRecommender):
         )
 
     def _encode(self, item_ids: Tensor, mask: Tensor, timestamps: Tensor | None) -> Tensor:
-        return self.user_from_vectors(self.item_encoder(item_ids, mask, timestamps), mask)
+        return self.user_from_vectors(self.item_encoder(item_ids, mask, timestamps), item_ids)
 
     def _encode_positions(
         self, item_ids: Tensor, mask: Tensor, timestamps: Tensor | None

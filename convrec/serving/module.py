@@ -46,7 +46,7 @@ class ServingModule(nn.Module):
         ids = F.pad(item_ids, (self.max_len, 0))[:, -self.max_len :]
         mask = ids != 0
         x = self.table[ids] * mask.unsqueeze(-1).to(self.table.dtype)
-        user = self.model.user_from_vectors(x, mask)
+        user = self.model.user_from_vectors(x, ids)
         scores = user @ self.table.T
         scores = scores.scatter(1, exclude, float("-inf"))
         scores[:, 0] = float("-inf")

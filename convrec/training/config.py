@@ -26,6 +26,9 @@ class TrainConfig:
     dropout: float | None = None  # default 0.1 for convrec, 0.2 for sasrec
     input_dropout: float = 0.0  # convrec: on the history item vectors (sasrec: = dropout)
     last_item_skip: bool = False  # convrec: newest item's vector added to the user vector
+    last_item_transition: bool = False  # convrec: a learned (D, D) map of it added too
+    last_item_mlp: bool = False  # convrec: a learned MLP of it added too
+    last_item_table: bool = False  # convrec: a learned row per newest item id added too
     attention_readout: bool = False  # convrec: one query per user over its history
     mask_aware: bool = False
     faithful: bool = False
@@ -89,7 +92,8 @@ class TrainConfig:
             raise ValueError(
                 f"input_dropout is a ConvRec setting; {self.model}'s inputs use its dropout"
             )
-        for name in ("last_item_skip", "attention_readout"):
+        last = ("last_item_skip", "last_item_transition", "last_item_mlp", "last_item_table")
+        for name in (*last, "attention_readout"):
             if getattr(self, name) and self.model != "convrec":
                 raise ValueError(f"{name} is a ConvRec setting; {self.model} has no use for it")
         if "/" not in self.select:
