@@ -159,3 +159,15 @@ def test_command_line_names_bad_selections(tmp_path: pathlib.Path) -> None:
         main([*common, "--seeds", "7"])
     with pytest.raises(SystemExit, match="--jobs and --threads must be >= 1, got 0"):
         main([*common, "--jobs", "0"])
+
+
+@pytest.mark.parametrize(
+    "path", sorted(pathlib.Path(__file__).parents[1].glob("benchmarks/configs/accuracy/*.toml"))
+)
+def test_committed_plans_load(path: pathlib.Path, tmp_path) -> None:
+    """Every committed plan is a valid configuration per entry (no data read), runs 3 seeds, and
+    its convrec and sasrec finals differ in folder from each other."""
+    plan = load_plan(path, tmp_path)
+    assert plan.seeds == [0, 1, 2] and {"convrec", "sasrec"} <= set(plan.models)
+    folders = {run_folder(tmp_path, plan, name, 0) for name in plan.models}
+    assert len(folders) == len(plan.models)
