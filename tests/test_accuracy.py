@@ -115,6 +115,22 @@ def test_plan_runs_once_and_reports(tmp_path: pathlib.Path) -> None:
         assert len(list(csv.DictReader(f))) == 7
 
 
+@pytest.mark.slow
+def test_a_failed_run_is_named_and_the_others_finish(tmp_path: pathlib.Path, capsys) -> None:
+    _toy_data(tmp_path / "data")
+    (tmp_path / "toy.toml").write_text(PLAN)
+    plan = load_plan(tmp_path / "toy.toml", tmp_path / "data")
+    runs = tmp_path / "runs"
+    broken = run_folder(runs, plan, "convrec", 0)
+    broken.mkdir(parents=True)
+    (broken / "last.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(RuntimeError, match=r"1 run\(s\) failed:\nToy convrec seed 0: "):
+        run_plans([plan], runs, jobs=1, names=["convrec"])
+    assert "[Toy convrec seed 0] failed: " in capsys.readouterr().out
+    assert (run_folder(runs, plan, "convrec", 1) / "summary.json").exists()
+    assert not (broken / "summary.json").exists()
+
+
 def test_bad_plans_name_the_problem(tmp_path: pathlib.Path) -> None:
     path = tmp_path / "bad.toml"
     path.write_text('dataset = "X"\ndata = "x"\n')

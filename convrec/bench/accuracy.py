@@ -151,7 +151,8 @@ def run_plans(
     threads: int | None = None,
 ) -> None:
     """Train every missing run of the plans, ``jobs`` at a time, each on ``threads`` threads
-    (default cpus / jobs)."""
+    (default cpus / jobs). A run that fails is reported when it fails and the others go on;
+    ``RuntimeError`` names every failed run at the end."""
     threads = threads or max(1, (os.cpu_count() or 1) // jobs)
     # seed by seed across the plans, so a benchmark cut short has every dataset's first seeds
     ordered = sorted(
@@ -173,8 +174,14 @@ def run_plans(
             pool.submit(_train_one, config, folder, label, threads): label
             for folder, (config, label) in todo.items()
         }
+        failed = []
         for future in concurrent.futures.as_completed(futures):
-            summary = future.result()
+            try:
+                summary = future.result()
+            except Exception as error:  # report it at once and let the other runs go on
+                failed.append(f"{futures[future]}: {error}")
+                print(f"[{futures[future]}] failed: {error}", flush=True)
+                continue
             if summary is None:
                 print(f"[{futures[future]}] skipped: another process is training it", flush=True)
                 continue
@@ -185,6 +192,8 @@ def run_plans(
                 f"{test['sampled/NDCG@10']:.4f}",
                 flush=True,
             )
+    if failed:
+        raise RuntimeError(f"{len(failed)} run(s) failed:\n" + "\n".join(failed))
 
 
 def _log_summary(folder: pathlib.Path) -> dict:
