@@ -11,7 +11,7 @@ import tempfile
 from convrec.bench import accuracy as bench_accuracy
 from convrec.bench import kernels as bench_kernels
 from convrec.bench import scaling as bench_scaling
-from convrec.training.config import TrainConfig
+from convrec.training.config import CONVREC_READOUTS, TrainConfig
 
 
 def _levels(text: str) -> list[list[int]]:
@@ -48,36 +48,13 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--input-dropout", type=float, default=s, help="convrec: on history item vectors (0)"
     )
-    p.add_argument(
-        "--last-item-skip",
-        action="store_true",
-        default=s,
-        help="convrec: add the gated newest item's vector to the user vector",
-    )
-    p.add_argument(
-        "--last-item-transition",
-        action="store_true",
-        default=s,
-        help="convrec: add a learned (D, D) map of the newest item's vector to the user vector",
-    )
-    p.add_argument(
-        "--last-item-mlp",
-        action="store_true",
-        default=s,
-        help="convrec: add an MLP (D -> 4D -> D) of the newest item's vector to the user vector",
-    )
-    p.add_argument(
-        "--last-item-table",
-        action="store_true",
-        default=s,
-        help="convrec: add a learned row per newest item id to the user vector",
-    )
-    p.add_argument(
-        "--attention-readout",
-        action="store_true",
-        default=s,
-        help="convrec: add one attention query per user over its history",
-    )
+    for name, what in CONVREC_READOUTS.items():
+        p.add_argument(
+            "--" + name.replace("_", "-"),
+            action="store_true",
+            default=s,
+            help=f"convrec: add {what} to the user vector",
+        )
     p.add_argument(
         "--faithful", action="store_true", default=s, help="the paper code's input block"
     )

@@ -7,6 +7,16 @@ import json
 import pathlib
 from dataclasses import dataclass
 
+# ConvRec's optional readouts (our additions, not in the paper): setting -> what it adds to the
+# user vector. One list for the configuration check, the model factory and the CLI flags.
+CONVREC_READOUTS = {
+    "last_item_skip": "the gated newest item's vector",
+    "last_item_transition": "a learned (D, D) map of the newest item's vector",
+    "last_item_mlp": "an MLP (D -> 4D -> D) of the newest item's vector",
+    "last_item_table": "a learned row per newest item id",
+    "attention_readout": "one attention query per user over its history",
+}
+
 
 @dataclass
 class TrainConfig:
@@ -92,8 +102,7 @@ class TrainConfig:
             raise ValueError(
                 f"input_dropout is a ConvRec setting; {self.model}'s inputs use its dropout"
             )
-        last = ("last_item_skip", "last_item_transition", "last_item_mlp", "last_item_table")
-        for name in (*last, "attention_readout"):
+        for name in CONVREC_READOUTS:
             if getattr(self, name) and self.model != "convrec":
                 raise ValueError(f"{name} is a ConvRec setting; {self.model} has no use for it")
         if "/" not in self.select:
