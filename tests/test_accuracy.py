@@ -67,6 +67,12 @@ def _toy_data(root: pathlib.Path) -> None:
     (folder / "Toy_item2attributes.json").write_text(json.dumps(attributes))
 
 
+def _mean(rows: list[dict], name: str, selected_on: str, metric: str) -> float:
+    """Mean test ``metric`` of the runs of ``name`` selected on ``selected_on``."""
+    runs = [r for r in rows if r["name"] == name and r["selected_on"] == selected_on]
+    return float(np.mean([r[f"test/{metric}"] for r in runs]))
+
+
 @pytest.mark.slow
 def test_plan_runs_once_and_reports(tmp_path: pathlib.Path) -> None:
     _toy_data(tmp_path / "data")
@@ -77,29 +83,42 @@ def test_plan_runs_once_and_reports(tmp_path: pathlib.Path) -> None:
     # their default do not count, so adding a setting to TrainConfig keeps existing runs)
     assert run_folder(runs, plan, "same-as-final", 0) == run_folder(runs, plan, "convrec", 0)
     assert run_folder(runs, plan, "convrec", 0) != run_folder(runs, plan, "convrec", 1)
+    # each final model is trained once per protocol, early-stopped on that protocol
+    full, sampled = (run_folder(runs, plan, "convrec", 0, p) for p in ("full", "sampled"))
+    assert full != sampled
     run_plans([plan], runs, jobs=2)
-    assert len(list((runs / "Toy").iterdir())) == 6  # 2 models x 2 seeds + 2 distinct variants
+    assert len(list((runs / "Toy").iterdir())) == 10  # 2 models x 2 seeds x 2 protocols + 2
     stamps = {p: p.stat().st_mtime for p in (runs / "Toy").glob("*/summary.json")}
     run_plans([plan], runs, jobs=1)  # everything finished: nothing is trained again
     assert {p: p.stat().st_mtime for p in stamps} == stamps
+    for folder, protocol in ((full, "full"), (sampled, "sampled")):
+        with open(folder / "log.csv") as f:
+            log = [float(row[f"valid/{protocol}/NDCG@10"]) for row in csv.DictReader(f)]
+        summary = json.loads((folder / "summary.json").read_text())
+        assert summary["best_epoch"] == 1 + int(np.argmax(log))
+        assert summary[f"best_valid/{protocol}/NDCG@10"] == pytest.approx(max(log))
 
     rows = collect(plan, runs)
-    assert sorted((r["name"], r["seed"]) for r in rows) == [
-        ("convrec", 0),
-        ("convrec", 1),
-        ("random-cut", 0),
-        ("same-as-final", 0),
-        ("sasrec", 0),
-        ("sasrec", 1),
-        ("sasrec-wd", 0),
-    ]
+    finals = [(n, s, p) for n in ("convrec", "sasrec") for s in (0, 1) for p in ("full", "sampled")]
+    variants = [("random-cut", 0, "full"), ("same-as-final", 0, "full"), ("sasrec-wd", 0, "full")]
+    assert sorted((r["name"], r["seed"], r["selected_on"]) for r in rows) == sorted(
+        finals + variants
+    )
     assert all(0 <= r["test/full/NDCG@10"] <= r["test/full/HR@10"] <= 1 for r in rows)
     text = write_report([plan], runs, tmp_path / "out", "test command")
-    assert "| full ranking | Paper (published) | 0.5000 | 0.2500 |" in text
+    assert "| full ranking | Paper (published) | | 0.5000 | 0.2500 |" in text
     assert "\n- A toy plan.\n" in text
     verdicts = [line for line in text.splitlines() if line.startswith("- full ranking")]
     assert len(verdicts) == 4  # HR and NDCG against Paper and against our sasrec
-    convrec_hr = np.mean([r["test/full/HR@10"] for r in rows if r["name"] == "convrec"])
+    sampled_verdicts = [line for line in text.splitlines() if line.startswith("- 99 sampled")]
+    assert len(sampled_verdicts) == 2  # no published sampled numbers: our sasrec only
+    # under the sampled protocol both selections are listed, the protocol's own in bold
+    assert "| 99 sampled negatives | **convrec** (ours) | 99 sampled negatives |" in text
+    assert "| 99 sampled negatives | convrec (ours) | full ranking |" in text
+    mine, theirs = (_mean(rows, name, "sampled", "sampled/HR@10") for name in ("convrec", "sasrec"))
+    word = "beats" if mine > theirs else "does NOT beat"
+    assert f"- 99 sampled negatives, HR@10: convrec {mine:.4f} {word} our sasrec" in text
+    convrec_hr = _mean(rows, "convrec", "full", "full/HR@10")
     word = "beats" if convrec_hr > 0.5 else "does NOT beat"
     assert f"HR@10: convrec {convrec_hr:.4f} {word} Paper (published)" in text
     # each final model is checked against the best variant of its own model
@@ -112,7 +131,7 @@ def test_plan_runs_once_and_reports(tmp_path: pathlib.Path) -> None:
     assert f"{sasrec_choice}, sasrec-wd." in text
     assert "| sasrec-wd (best sasrec) |" in text
     with open(tmp_path / "out" / "accuracy.csv") as f:
-        assert len(list(csv.DictReader(f))) == 7
+        assert len(list(csv.DictReader(f))) == 11
 
 
 @pytest.mark.slow
