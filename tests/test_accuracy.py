@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import pathlib
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -206,3 +211,57 @@ def test_committed_plans_load(path: pathlib.Path, tmp_path) -> None:
     assert plan.seeds == [0, 1, 2] and {"convrec", "sasrec"} <= set(plan.models)
     folders = {run_folder(tmp_path, plan, name, 0) for name in plan.models}
     assert len(folders) == len(plan.models)
+
+
+def _state(pid: int | str) -> tuple[str, int] | None:
+    """(state letter, parent pid) of a process from /proc, None once it is gone."""
+    try:
+        fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return fields[0], int(fields[1])
+
+
+def _alive(pid: int) -> bool:
+    state = _state(pid)
+    return state is not None and state[0] != "Z"  # a zombie has ended
+
+
+def _live_children(pid: int) -> list[int]:
+    pids = [int(p.name) for p in pathlib.Path("/proc").glob("[0-9]*")]
+    return [c for c in pids if _alive(c) and _state(c)[1] == pid]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_killed_benchmark_takes_its_workers_along(tmp_path: pathlib.Path) -> None:
+    """SIGTERM to the benchmark alone (``pkill -f "convrec bench"``) stops its training workers
+    too; before, an orphaned worker kept training and took the next queued run."""
+    _toy_data(tmp_path / "data")
+    endless = PLAN.replace("epochs = 2", "epochs = 100000\npatience = 100000")
+    (tmp_path / "toy.toml").write_text(endless)
+    runs = tmp_path / "runs"
+    script = (
+        "import pathlib\n"
+        "from convrec.bench.accuracy import load_plan, run_plans\n"
+        f"plan = load_plan({str(tmp_path / 'toy.toml')!r}, {str(tmp_path / 'data')!r})\n"
+        f"run_plans([plan], pathlib.Path({str(runs)!r}), jobs=1, names=['convrec'], seeds=[0])\n"
+    )
+    bench, workers = subprocess.Popen([sys.executable, "-c", script]), []
+    try:
+        deadline = time.monotonic() + 300
+        while not list(runs.glob("*/*/log.csv")):  # a worker is training
+            assert bench.poll() is None and time.monotonic() < deadline
+            time.sleep(0.5)
+        workers = _live_children(bench.pid)
+        assert workers
+        bench.send_signal(signal.SIGTERM)
+        bench.wait(timeout=60)
+        deadline = time.monotonic() + 60
+        while any(_alive(pid) for pid in workers):
+            assert time.monotonic() < deadline, f"workers {workers} outlived the benchmark"
+            time.sleep(0.5)
+    finally:  # a failed check must not leave a training running forever
+        for pid in [bench.pid, *workers]:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)

@@ -21,7 +21,9 @@ import json
 import multiprocessing
 import os
 import pathlib
+import signal
 import statistics
+import sys
 import tomllib
 from dataclasses import dataclass
 
@@ -30,6 +32,7 @@ from convrec.training.config import TrainConfig
 
 METRICS = ("HR@10", "NDCG@10")
 PROTOCOL_NAMES = {"full": "full ranking", "sampled": "99 sampled negatives"}
+PR_SET_PDEATHSIG = 1  # prctl option, <linux/prctl.h>
 SELECT = {protocol: f"{protocol}/NDCG@10" for protocol in PROTOCOL_NAMES}  # early stopping
 
 
@@ -148,6 +151,19 @@ def _train_one(config: TrainConfig, folder: pathlib.Path, label: str, threads: i
         )
 
 
+def _exit_with_parent(parent: int) -> None:
+    """Worker initializer: have Linux send this worker SIGTERM when the benchmark process dies,
+    so a killed benchmark leaves no orphan taking the next run (the killed run resumes from
+    its ``last.pt``)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # the benchmark died before the request was in place
+        os._exit(1)
+
+
 def run_plans(
     plans: list[Plan],
     runs_root: pathlib.Path,
@@ -175,7 +191,10 @@ def run_plans(
         label = f"{plan.name} {name} seed {seed}" + ("" if protocol == "full" else f" {protocol}")
         todo.setdefault(folder, (plan.config(name, seed, protocol), label))
     context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
+    pool = concurrent.futures.ProcessPoolExecutor(
+        jobs, mp_context=context, initializer=_exit_with_parent, initargs=(os.getpid(),)
+    )
+    with pool:
         futures = {
             pool.submit(_train_one, config, folder, label, threads): label
             for folder, (config, label) in todo.items()
