@@ -97,8 +97,8 @@ def _train(args: argparse.Namespace) -> None:
 
 def _load_for_inference(checkpoint: str, data_path: str | None):
     """(checkpoint payload, its config with ``data_path`` applied, the model in eval mode)."""
+    from convrec.checkpoint_file import load_checkpoint
     from convrec.registry import build_model
-    from convrec.training.checkpoint import load_checkpoint
 
     saved = load_checkpoint(checkpoint)
     config = TrainConfig.from_dict(saved["config"])

@@ -8,8 +8,8 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
+from convrec.checkpoint_file import load_checkpoint
 from convrec.cli import main
 
 TINY = {"num_users": 120, "num_items": 300, "mean_length": 10, "max_length": 30, "seed": 4}
@@ -43,7 +43,7 @@ def run(tmp_path_factory) -> pathlib.Path:
 
 
 def test_train_respects_config_and_flags(run: pathlib.Path) -> None:
-    saved = torch.load(run / "last.pt", weights_only=False)["config"]
+    saved = load_checkpoint(run / "last.pt")["config"]
     assert saved["d_model"] == 16 and saved["epochs"] == 2  # the flag beats the file
     assert saved["input_dropout"] == 0.1 and saved["last_item_skip"]
     assert saved["last_item_transition"] and saved["last_item_mlp"] and saved["last_item_table"]

@@ -15,9 +15,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from convrec.checkpoint_file import load_checkpoint
 from convrec.cli import main
 from convrec.training import TrainConfig, train
-from convrec.training.checkpoint import load_checkpoint
 
 TINY = {"num_users": 160, "num_items": 300, "mean_length": 10, "max_length": 30, "seed": 5}
 SETTINGS = {"synthetic": TINY, "d_model": 16, "max_len": 20, "batch_size": 32, "patience": 9}

@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from convrec.baselines.popularity import Popularity
+from convrec.checkpoint_file import load_checkpoint
 from convrec.evaluation import evaluate
 from convrec.training import TrainConfig, train
 from convrec.training import checkpoint as checkpoint_module
-from convrec.training.checkpoint import load_checkpoint, save_checkpoint
+from convrec.training.checkpoint import save_checkpoint
 from convrec.training.trainer import load_training_data
 
 TINY = {"num_users": 150, "num_items": 300, "mean_length": 12, "max_length": 40, "seed": 1}

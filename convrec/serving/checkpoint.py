@@ -4,20 +4,14 @@ from __future__ import annotations
 
 import pathlib
 
-import torch
-
+from convrec.checkpoint_file import load_checkpoint
 from convrec.recommender import SequentialRecommender
 from convrec.registry import build_model
 
 
 def load_model(path: str | pathlib.Path) -> tuple[SequentialRecommender, dict]:
     """The model in eval mode and its serving metadata (item ids, max_len, model kind)."""
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    payload = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(payload, dict) or "model_spec" not in payload:
-        raise ValueError(f"{path} is not a convrec checkpoint")
+    payload = load_checkpoint(path)
     model = build_model(payload["model_spec"])
     model.load_state_dict(payload["model"])
     model.eval()

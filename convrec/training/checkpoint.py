@@ -36,16 +36,6 @@ def save_checkpoint(path: str | pathlib.Path, payload: dict) -> None:
     atomic_write(pathlib.Path(path), lambda f: torch.save(payload, f))
 
 
-def load_checkpoint(path: str | pathlib.Path, map_location: str = "cpu") -> dict:
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    payload = torch.load(path, map_location=map_location, weights_only=False)
-    if not isinstance(payload, dict) or "model_spec" not in payload:
-        raise ValueError(f"{path} is not a convrec checkpoint")
-    return payload
-
-
 def save_json(path: str | pathlib.Path, values: dict) -> None:
     text = json.dumps(values, indent=2, sort_keys=True) + "\n"
     atomic_write(pathlib.Path(path), lambda f: f.write(text.encode()))

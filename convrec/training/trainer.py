@@ -18,12 +18,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from convrec.checkpoint_file import load_checkpoint
 from convrec.data.dataset import SequenceDataset
 from convrec.data.load import load_dataset
 from convrec.data.splits import SequenceIndex, sampled_negatives
 from convrec.evaluation.protocols import NEGATIVES_SEED, PROTOCOLS, evaluate
 from convrec.registry import build_model
-from convrec.training.checkpoint import atomic_write, load_checkpoint, save_checkpoint, save_json
+from convrec.training.checkpoint import atomic_write, save_checkpoint, save_json
 from convrec.training.config import TrainConfig
 from convrec.training.distributed import ProcessGroup
 from convrec.training.factory import model_spec
