@@ -1,5 +1,4 @@
-"""Build script: the Python packages (``kernels/`` installed as ``convrec.kernels``) and the
-C++/CUDA extension ``convrec._C`` from ``csrc/``.
+"""Build script: the ``convrec`` package and the C++/CUDA extension ``convrec._C`` from ``csrc/``.
 
 The extension uses only the LibTorch stable ABI and the limited Python API, so one
 ``_C.abi3.so`` serves every CPython >= 3.10 and torch >= 2.10. It is built for the CPU by default
@@ -19,7 +18,7 @@ from pathlib import Path
 
 from setuptools import find_packages, setup
 
-PACKAGES = [*find_packages(include=["convrec", "convrec.*"]), "convrec.kernels"]
+PACKAGES = find_packages(include=["convrec", "convrec.*"])
 CSRC = Path("csrc")
 # The oldest torch whose stable ABI has every call the extension makes, and Python 3.10.
 COMMON_FLAGS = [
@@ -112,4 +111,4 @@ def _extension_setup() -> dict:
 
 
 if __name__ == "__main__":  # pip's build backend runs this file as __main__ too
-    setup(packages=PACKAGES, package_dir={"convrec.kernels": "kernels"}, **_extension_setup())
+    setup(packages=PACKAGES, **_extension_setup())

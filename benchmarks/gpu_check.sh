@@ -37,7 +37,7 @@ step() {  # step NAME LIMIT_SECONDS COMMAND...
 step environment 60 bash -c "nvidia-smi; $python -c 'import torch, triton, sys; \
 print(sys.version); print(torch.__version__, torch.version.cuda, triton.__version__); \
 print(torch.cuda.get_device_name())'"
-# editable install without dependencies or index: the mapping convrec.kernels -> kernels/ and the
+# editable install without dependencies or index: the package and the
 # CUDA build of convrec._C (CONVREC_CUDA=1) against the image's torch
 step build 420 env CONVREC_CUDA=1 MAX_JOBS=16 "$python" -m pip install --no-build-isolation \
   --no-deps --no-index -e .

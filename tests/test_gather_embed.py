@@ -184,7 +184,7 @@ def small_tiles(monkeypatch):
     channel tiles and the weight gradient several partials (the GPU's multi-tile paths)."""
     if DEVICE == "cuda":
         pytest.skip("the GPU runs its own tiles at full size")
-    launch = importlib.import_module("convrec.kernels.launch")
+    launch = importlib.import_module("convrec.ops.triton.launch")
     monkeypatch.setattr(launch, "_INTERPRETER_ROWS", 16)
     monkeypatch.setattr(launch, "_INTERPRETER_CHANNELS", 16)
     monkeypatch.setattr(launch, "_INTERPRETER_GATHER", (16, 16))

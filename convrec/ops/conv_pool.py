@@ -1,6 +1,6 @@
 """``conv_pool``: one down-scale level's convolution and its two average pools.
 
-The reference below is the oracle for the Triton kernels (``kernels/conv_pool.py``) and the
+The reference below is the oracle for the Triton kernels (``triton/conv_pool.py``) and the
 building block of the ``downscale`` reference. The Triton path is the custom op
 ``torch.ops.convrec.conv_pool`` with a fake implementation and autograd.
 """

@@ -1,7 +1,7 @@
 """``embed_conv_pool``: ``gather_embed`` fused into the first ``conv_pool`` level.
 
 Reads item ids and the tables, returns level 1's conv output and pools without the (B, L, D)
-embeddings ever reaching memory (``kernels/embed_conv_pool.py``). At level 1 the long residual
+embeddings ever reaching memory (``triton/embed_conv_pool.py``). At level 1 the long residual
 is the embedding itself, so the pooled residual is the pooled input. The reference below (the
 oracle and CPU fallback) is literally ``gather_embed`` followed by ``conv_pool``.
 """

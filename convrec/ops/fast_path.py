@@ -2,7 +2,7 @@
 
 Op-level backends: "reference"; "triton" (raises ``RuntimeError`` with the reason when the
 kernel cannot run); "auto" (Triton for CUDA tensors when it can run, else the reference, with
-one warning when a CUDA call falls back). ``convrec.kernels`` loads on first use, so convrec
+one warning when a CUDA call falls back). ``convrec.ops.triton`` loads on first use, so convrec
 imports without Triton. The CPU interpreter needs ``TRITON_INTERPRET=1`` before Triton itself is
 imported, which ``import convrec`` already does (through ``torch._dynamo``).
 """
@@ -21,8 +21,8 @@ MAX_KERNEL = 16  # widest window the conv kernels unroll; wider ones run on the 
 
 
 def kernels(name: str) -> ModuleType:
-    """The Triton kernel module ``convrec.kernels.<name>`` (imported on first use)."""
-    return importlib.import_module(f"convrec.kernels.{name}")
+    """The Triton kernel module ``convrec.ops.triton.<name>`` (imported on first use)."""
+    return importlib.import_module(f"convrec.ops.triton.{name}")
 
 
 def kernel_size_problem(kernel: int) -> str | None:

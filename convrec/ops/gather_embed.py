@@ -1,7 +1,7 @@
 """``gather_embed``: item rows plus the mean of the item's attribute rows, times the mask.
 
-The reference below is the oracle for the Triton kernels (``kernels/gather_embed.py``, and
-``kernels/embed_conv_pool.py`` which fuses it into level 1) and the CPU fallback. The Triton
+The reference below is the oracle for the Triton kernels (``triton/gather_embed.py``, and
+``triton/embed_conv_pool.py`` which fuses it into level 1) and the CPU fallback. The Triton
 path is the custom op ``torch.ops.convrec.gather_embed`` with a fake implementation and
 autograd, so it composes with ``torch.compile(fullgraph=True)``.
 """
