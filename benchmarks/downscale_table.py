@@ -29,9 +29,9 @@ import torch
 from torch import Tensor
 
 from convrec import ConvRecEncoder
-from convrec.backends import extension_status
 from convrec.bench.measure import saved_tensor_bytes
 from convrec.ops import LevelParams, downscale
+from convrec.ops.dispatch import extension_status
 
 DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16}
 

@@ -14,12 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from convrec.backends import check_backend, resolve_backend, warn_once
 from convrec.checks import check_sequence
-from convrec.ops.downscale import LevelParams, downscale, level_mix
+from convrec.ops.dispatch import UsesBackend, kernel_size_problem, set_backend
+from convrec.ops.downscale import LevelParams, downscale, downscale_backend, level_mix
 from convrec.ops.embed_conv_pool import embed_conv_pool
-from convrec.ops.fast_path import kernel_size_problem
 from convrec.ops.gather_embed import gather_embed
+from convrec.ops.item_tables import ItemTables
 from convrec.schedule import DEFAULT_LEVELS, check_levels, schedule_for_length
 
 
@@ -49,12 +49,14 @@ class ConvLevel(nn.Module):
         )
 
 
-class ConvRecEncoder(nn.Module):
+class ConvRecEncoder(UsesBackend, nn.Module):
     """Hierarchy of strided convolutions that compresses a history into one vector.
 
     Cost is linear in L. Padding per level is computed from the actual length of each call, so
     any L >= 1 works; ``fixed_length`` instead left-pads every input to that length (the paper
-    code's fixed-at-construction padding) and rejects longer ones.
+    code's fixed-at-construction padding) and rejects longer ones. ``backend`` names the
+    implementation of ``ops.downscale`` (``convrec.ops.dispatch``; change it with
+    ``convrec.ops.dispatch.set_backend``).
     """
 
     def __init__(
@@ -78,15 +80,16 @@ class ConvRecEncoder(nn.Module):
         if fixed_length is not None and fixed_length < 1:
             raise ValueError(f"fixed_length must be >= 1, got {fixed_length}")
         self.levels = check_levels(levels)
-        if backend == "triton":
-            problem = kernel_size_problem(max(k for k, _ in self.levels))
-            if problem is not None:
-                raise ValueError(f"backend 'triton' cannot run levels {self.levels}: {problem}")
         self.d_model, self.heads, self.dropout = d_model, heads, dropout
         self.mask_aware, self.fixed_length = mask_aware, fixed_length
-        self.backend = check_backend(backend)
         self.check_inputs = check_inputs
         self.stack = nn.ModuleList(ConvLevel(d_model, k, s, heads) for k, s in self.levels)
+        set_backend(self, backend)
+
+    def check_backend_choice(self, name: str) -> None:
+        problem = kernel_size_problem(max(k for k, _ in self.levels))
+        if name == "triton" and problem is not None:
+            raise ValueError(f"backend 'triton' cannot run levels {self.levels}: {problem}")
 
     @classmethod
     def for_length(
@@ -128,25 +131,21 @@ class ConvRecEncoder(nn.Module):
     def forward_ids(
         self,
         item_ids: Tensor,
-        item_table: Tensor,
-        attr_offsets: Tensor | None = None,
-        attr_ids: Tensor | None = None,
-        attr_table: Tensor | None = None,
+        tables: ItemTables,
         mask: Tensor | None = None,
         return_levels: bool = False,
     ) -> Tensor | tuple[Tensor, list[Tensor]]:
         """``forward(gather_embed(item_ids, tables, mask), mask)`` for (B, L) ids.
 
-        Tables and CSR index as in ``convrec.ops.gather_embed``; ``mask`` defaults to
-        ``item_ids != 0``. On the "triton" backend level 1 runs as the fused
-        ``embed_conv_pool`` kernel, so the (B, L, D) embeddings are never stored; the other
-        levels follow on the same backend.
+        ``tables`` as in ``convrec.ops.gather_embed``; ``mask`` defaults to ``item_ids != 0``.
+        On the "triton" backend level 1 runs as the fused ``embed_conv_pool`` kernel, so the
+        (B, L, D) embeddings are never stored; the other levels follow on the same backend.
         """
         if mask is None:
             mask = item_ids != 0
-        backend = self.backend_for(item_table.device)
+        backend = self.backend_for(tables.item.device)
         if backend != "triton":
-            x = gather_embed(item_ids, item_table, attr_offsets, attr_ids, attr_table, mask)
+            x = gather_embed(item_ids, tables, mask)
             return self(x, mask, return_levels)
         if self.fixed_length is not None:
             item_ids, mask = self._pad_to_fixed_length(item_ids, mask)
@@ -154,9 +153,16 @@ class ConvRecEncoder(nn.Module):
         strides = [level.stride for level in self.stack]
         eps = self.stack[0].norm.eps
         first = embed_conv_pool(
-            item_ids, item_table, attr_offsets, attr_ids, attr_table, params[0].conv_weight,
-            params[0].conv_bias, strides[0], self.heads, mask, self.mask_aware, backend,
-        )  # fmt: skip
+            item_ids,
+            tables,
+            params[0].conv_weight,
+            params[0].conv_bias,
+            strides[0],
+            self.heads,
+            mask,
+            self.mask_aware,
+            backend,
+        )
         x = level_mix(*first[:3], params[0], first.mask, self.dropout, self.training, eps)
         out = downscale(
             x,
@@ -175,8 +181,8 @@ class ConvRecEncoder(nn.Module):
         return (out.user, [x, *out.levels]) if return_levels else out.user
 
     def backend_for(self, device: torch.device) -> str:
-        """The concrete backend this encoder runs on ``device`` (see ``convrec.backends``)."""
-        return _level_backend(self.backend, device, max(k for k, _ in self.levels))
+        """The implementation of ``ops.downscale`` this encoder runs on ``device``."""
+        return downscale_backend(self.backend, device, [k for k, _ in self.levels])
 
     def _pad_to_fixed_length(self, x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """Left-pad ``x`` (B, L, D), or ids (B, L), and the mask to ``fixed_length``."""
@@ -198,14 +204,3 @@ class ConvRecEncoder(nn.Module):
             f"dropout={self.dropout}, mask_aware={self.mask_aware}, backend={self.backend!r}"
             + (f", fixed_length={self.fixed_length}" if self.fixed_length else "")
         )
-
-
-@torch.compiler.assume_constant_result
-def _level_backend(name: str, device: torch.device, widest_kernel: int) -> str:
-    """``resolve_backend``, except that "auto" leaves Triton for kernels it cannot take."""
-    backend = resolve_backend(name, device)
-    problem = kernel_size_problem(widest_kernel)
-    if backend == "triton" and problem is not None:  # only "auto" gets here (see __init__)
-        warn_once(f"convrec: ConvRecEncoder uses the PyTorch reference: {problem}")
-        return "reference"
-    return backend

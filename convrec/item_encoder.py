@@ -1,19 +1,22 @@
 """Item encoders: item ids (+ attributes, dense features, time context) -> vectors.
 
-``ItemEncoder`` is the gather of DESIGN.md (item row + mean attribute row, no per-position
-MLP), the path the fused kernels accelerate. ``FaithfulItemEncoder`` reproduces the input block
-of the paper's code for comparisons.
+``ItemEncoder`` is the gather of docs/design.md (item row + mean attribute row, no
+per-position MLP), the path the fused kernels accelerate. ``FaithfulItemEncoder`` reproduces
+the input block of the paper's code for comparisons. ``ItemInputs`` is the spec both take.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from convrec.ops.dispatch import UsesBackend
 from convrec.ops.gather_embed import attribute_bags, gather_embed
+from convrec.ops.item_tables import ItemTables, check_csr, csr_from_lists
 from convrec.time_context import CONTEXT_DIM, time_context
 
 EMBEDDING_STD = 0.02
@@ -21,56 +24,32 @@ EMBEDDING_STD = 0.02
 ItemAttributes = tuple[Tensor, Tensor] | Sequence[Sequence[int]]
 
 
-def csr_from_lists(attributes: Sequence[Sequence[int]]) -> tuple[Tensor, Tensor]:
-    """``attributes[i]`` = attribute ids of item i (row 0 = padding) -> (offsets, ids) CSR."""
-    counts = torch.tensor([len(a) for a in attributes], dtype=torch.int64)
-    offsets = torch.zeros(len(attributes) + 1, dtype=torch.int64)
-    offsets[1:] = torch.cumsum(counts, 0)
-    ids = torch.tensor([int(a) for row in attributes for a in row], dtype=torch.int64)
-    return offsets, ids
+@dataclass(frozen=True)
+class ItemInputs:
+    """What a model knows of its items besides their ids: the spec every item encoder takes.
 
+    ``attributes``: CSR ``(offsets (N + 2,), ids)`` or a list of attribute-id lists indexed by
+    item id (row 0 = padding); ``num_attributes`` defaults to the largest id + 1;
+    ``features``: a dense frozen (N + 1, F) matrix (e.g. image features); ``use_time``: history
+    positions get time context from timestamps. The model constructors take these as the
+    keywords ``item_attributes``, ``num_attributes``, ``item_features`` and ``use_time``.
+    """
 
-def check_csr(offsets: Tensor, ids: Tensor, num_rows: int, num_attributes: int) -> None:
-    """Raise ``ValueError`` naming the first inconsistency of an item -> attributes CSR index."""
-    if offsets.dim() != 1 or offsets.dtype != torch.int64:
-        raise ValueError(
-            f"attribute offsets must be 1-D int64, got {offsets.dtype} {tuple(offsets.shape)}"
-        )
-    if ids.dim() != 1 or ids.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"attribute ids must be 1-D integer, got {ids.dtype} {tuple(ids.shape)}")
-    if offsets.numel() != num_rows + 1:
-        raise ValueError(
-            f"attribute offsets have {offsets.numel()} entries, expected num_items + 2 = "
-            f"{num_rows + 1} (row 0 is the padding item)"
-        )
-    if int(offsets[0]) != 0 or int(offsets[-1]) != ids.numel():
-        raise ValueError(
-            f"attribute offsets must start at 0 and end at len(ids)={ids.numel()}, "
-            f"got {int(offsets[0])}..{int(offsets[-1])}"
-        )
-    step = offsets[1:] - offsets[:-1]
-    if bool((step < 0).any()):
-        row = int((step < 0).nonzero()[0])
-        raise ValueError(f"attribute offsets decrease at item {row}")
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= num_attributes):
-        where = int(((ids < 0) | (ids >= num_attributes)).nonzero()[0])
-        item = int(torch.searchsorted(offsets, torch.tensor(where), right=True)) - 1
-        raise ValueError(
-            f"item {item} has attribute id {int(ids[where])}, outside [0, {num_attributes})"
-        )
+    num_items: int
+    attributes: ItemAttributes | None = None
+    num_attributes: int | None = None
+    features: Tensor | None = None
+    use_time: bool = False
 
 
 class _ItemInputs(nn.Module):
     """Attribute CSR and dense features held as buffers, so checkpoints carry them."""
 
-    def __init__(
-        self,
-        num_items: int,
-        item_attributes: ItemAttributes | None,
-        num_attributes: int | None,
-        item_features: Tensor | None,
-    ) -> None:
+    def __init__(self, inputs: ItemInputs) -> None:
         super().__init__()
+        num_items, item_attributes = inputs.num_items, inputs.attributes
+        num_attributes, item_features = inputs.num_attributes, inputs.features
+        self.use_time = inputs.use_time
         if num_items < 1:
             raise ValueError(f"num_items must be >= 1, got {num_items}")
         self.num_items = num_items
@@ -106,26 +85,17 @@ class _ItemInputs(nn.Module):
         return self.vectors(torch.arange(self.num_items + 1, device=device))
 
 
-class ItemEncoder(_ItemInputs):
+class ItemEncoder(UsesBackend, _ItemInputs):
     """``v -> E_item[v] + mean_a E_attr[a] (+ W_f f_v)``, plus ``W_c c_t`` for history positions.
 
-    ``backend`` is the ``gather_embed`` backend ("reference", "triton" or "auto"); it is not
-    part of the ``state_dict``.
+    ``backend`` names the implementation of ``ops.gather_embed`` (``convrec.ops.dispatch``); it
+    is not part of the ``state_dict``.
     """
 
-    def __init__(
-        self,
-        num_items: int,
-        d_model: int,
-        item_attributes: ItemAttributes | None = None,
-        num_attributes: int | None = None,
-        item_features: Tensor | None = None,
-        use_time: bool = False,
-        backend: str = "reference",
-    ) -> None:
-        super().__init__(num_items, item_attributes, num_attributes, item_features)
-        self.d_model, self.use_time, self.backend = d_model, use_time, backend
-        self.item_embedding = nn.Embedding(num_items + 1, d_model, padding_idx=0)
+    def __init__(self, inputs: ItemInputs, d_model: int, backend: str = "auto") -> None:
+        super().__init__(inputs)
+        self.d_model, self.backend = d_model, backend
+        self.item_embedding = nn.Embedding(inputs.num_items + 1, d_model, padding_idx=0)
         nn.init.normal_(self.item_embedding.weight, std=EMBEDDING_STD)
         with torch.no_grad():
             self.item_embedding.weight[0].zero_()
@@ -134,17 +104,16 @@ class ItemEncoder(_ItemInputs):
             nn.init.normal_(self.attr_embedding.weight, std=EMBEDDING_STD)
         if self.has_features:
             self.feature_proj = nn.Linear(self.item_features.shape[1], d_model, bias=False)
-        if use_time:
+        if self.use_time:
             self.context_proj = nn.Linear(CONTEXT_DIM, d_model)
 
-    def _attr_args(self) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    def tables(self) -> ItemTables:
+        """What ``ops.gather_embed`` reads: the item table, attribute CSR and attribute table."""
         if not self.has_attributes:
-            return None, None, None
-        return self.attr_offsets, self.attr_ids, self.attr_embedding.weight
-
-    def table_args(self) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
-        """(item table, attr offsets, attr ids, attr table): the ``gather_embed`` inputs."""
-        return (self.item_embedding.weight, *self._attr_args())
+            return ItemTables(self.item_embedding.weight)
+        return ItemTables(
+            self.item_embedding.weight, self.attr_offsets, self.attr_ids, self.attr_embedding.weight
+        )
 
     def unfusable(self) -> str | None:
         """What the fused gather kernels leave out of this encoder's history vectors, or None."""
@@ -154,7 +123,7 @@ class ItemEncoder(_ItemInputs):
 
     def forward(self, item_ids: Tensor, mask: Tensor, timestamps: Tensor | None = None) -> Tensor:
         """History positions (B, L) -> (B, L, D), zero where ``mask`` is False."""
-        x = gather_embed(item_ids, *self.table_args(), mask=mask, backend=self.backend)
+        x = gather_embed(item_ids, self.tables(), mask, self.backend)
         keep = mask.unsqueeze(-1).to(x.dtype)
         if self.has_features:
             x = x + self.feature_proj(self.item_features[item_ids]) * keep
@@ -165,7 +134,7 @@ class ItemEncoder(_ItemInputs):
     def vectors(self, item_ids: Tensor) -> Tensor:
         """Candidate vectors (no time context) for ids of any shape -> (*, D)."""
         flat = item_ids.reshape(1, -1)
-        x = gather_embed(flat, *self.table_args(), mask=flat >= 0, backend=self.backend)
+        x = gather_embed(flat, self.tables(), flat >= 0, self.backend)
         if self.has_features:
             x = x + self.feature_proj(self.item_features[flat])
         return x.reshape(*item_ids.shape, self.d_model)
@@ -180,20 +149,11 @@ class FaithfulItemEncoder(_ItemInputs):
     context instead of the date of the true next interaction, which would leak the target.
     """
 
-    def __init__(
-        self,
-        num_items: int,
-        d_model: int,
-        item_attributes: ItemAttributes | None = None,
-        num_attributes: int | None = None,
-        item_features: Tensor | None = None,
-        use_time: bool = False,
-        dropout: float = 0.1,
-    ) -> None:
-        super().__init__(num_items, item_attributes, num_attributes, item_features)
-        self.d_model, self.use_time = d_model, use_time
+    def __init__(self, inputs: ItemInputs, d_model: int, dropout: float = 0.1) -> None:
+        super().__init__(inputs)
+        self.d_model, use_time = d_model, inputs.use_time
         wide, ctx = 4 * d_model, CONTEXT_DIM if use_time else 0
-        self.item_embedding = nn.Embedding(num_items + 1, d_model, padding_idx=0)
+        self.item_embedding = nn.Embedding(inputs.num_items + 1, d_model, padding_idx=0)
         # Linear(multi-hot -> 4D): its weight columns as embedding rows, summed per item
         if self.has_attributes:
             self.attr_proj = nn.Embedding(self.num_attributes, wide)

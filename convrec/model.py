@@ -8,15 +8,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from convrec.backends import check_backend, warn_once
 from convrec.encoder import ConvRecEncoder
-from convrec.item_encoder import FaithfulItemEncoder, ItemAttributes, ItemEncoder
+from convrec.item_encoder import FaithfulItemEncoder, ItemAttributes, ItemEncoder, ItemInputs
+from convrec.ops.dispatch import UsesBackend, warn_once
 from convrec.readout import AttentionReadout
 from convrec.recommender import SequentialRecommender
 from convrec.schedule import DEFAULT_LEVELS
 
 
-class ConvRec(SequentialRecommender):
+class ConvRec(UsesBackend, SequentialRecommender):
     """The ConvRec recommender.
 
     ``item_attributes``: CSR ``(offsets (N + 2,), ids)`` or a list of attribute-id lists indexed
@@ -79,34 +79,21 @@ class ConvRec(SequentialRecommender):
             raise ValueError("faithful=True uses the paper's plain pooling: set mask_aware=False")
         if not 0.0 <= input_dropout < 1.0:
             raise ValueError(f"input_dropout must be in [0, 1), got {input_dropout}")
-        check_backend(backend)
         self.input_dropout = input_dropout
         self.max_len, self.faithful, self.check_inputs = max_len, faithful, check_inputs
-        inputs = dict(
-            item_attributes=item_attributes,
-            num_attributes=num_attributes,
-            item_features=item_features,
-            use_time=use_time,
-        )
+        inputs = ItemInputs(num_items, item_attributes, num_attributes, item_features, use_time)
         if faithful:
-            self.item_encoder = FaithfulItemEncoder(num_items, d_model, dropout=dropout, **inputs)
+            self.item_encoder = FaithfulItemEncoder(inputs, d_model, dropout=dropout)
             self._unfusable = "the faithful input block"
         else:
-            gather_backend = backend if backend in ("triton", "auto") else "reference"
-            self.item_encoder = ItemEncoder(num_items, d_model, **inputs, backend=gather_backend)
+            self.item_encoder = ItemEncoder(inputs, d_model)
             self._unfusable = self.item_encoder.unfusable()
-        if backend == "triton" and self._unfusable is not None:
-            raise ValueError(
-                f"backend 'triton' fuses the item gather into level 1 and does not cover "
-                f"{self._unfusable}: use backend='auto' or 'reference'"
-            )
         self.encoder = ConvRecEncoder(
             d_model,
             levels,
             heads=heads,
             dropout=dropout,
             mask_aware=mask_aware,
-            backend=backend,
             fixed_length=max_len if faithful else None,
             check_inputs=check_inputs,
         )
@@ -126,6 +113,14 @@ class ConvRec(SequentialRecommender):
             self.last_item_table = nn.Embedding(num_items + 1, d_model, padding_idx=0)
             nn.init.zeros_(self.last_item_table.weight)
         self.attention_readout = AttentionReadout(d_model) if attention_readout else None
+        self.set_backend(backend)
+
+    def check_backend_choice(self, name: str) -> None:
+        if name == "triton" and self._unfusable is not None:
+            raise ValueError(
+                f"backend 'triton' fuses the item gather into level 1 and does not cover "
+                f"{self._unfusable}: use backend='auto' or 'reference'"
+            )
 
     def _encode(self, item_ids: Tensor, mask: Tensor, timestamps: Tensor | None) -> Tensor:
         if self.max_len is not None and item_ids.shape[1] > self.max_len:
@@ -134,7 +129,7 @@ class ConvRec(SequentialRecommender):
             x = self.item_encoder(item_ids, mask, timestamps)
             x = F.dropout(x, self.input_dropout, self.training)
             return self.user_from_vectors(x, item_ids)
-        user = self.encoder.forward_ids(item_ids, *self.item_encoder.table_args(), mask=mask)
+        user = self.encoder.forward_ids(item_ids, self.item_encoder.tables(), mask)
         if not self._has_readouts():
             return user
         # the fused kernel never stores the item vectors: gather what the readouts read again

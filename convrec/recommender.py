@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from convrec.checks import check_id_range, check_item_ids
 from convrec.item_encoder import FaithfulItemEncoder, ItemEncoder
+from convrec.ops.dispatch import set_backend
 
 
 class SequentialRecommender(nn.Module):
@@ -27,6 +28,12 @@ class SequentialRecommender(nn.Module):
 
     def _encode(self, item_ids: Tensor, mask: Tensor, timestamps: Tensor | None) -> Tensor:
         raise NotImplementedError
+
+    def set_backend(self, name: str) -> SequentialRecommender:
+        """Run every op of the model on backend ``name`` (``convrec.ops.dispatch``) from now on;
+        raises ``ValueError``, changing nothing, when a part of the model cannot. Returns self."""
+        set_backend(self, name)
+        return self
 
     def user_from_vectors(self, x: Tensor, item_ids: Tensor) -> Tensor:
         """History item vectors (B, L, D), zero at padding, and their ids (B, L) -> user vectors

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import pathlib
 
@@ -38,3 +39,15 @@ def attribute_lists() -> list[list[int]]:
         else:
             lists.append([item % 9, (item * 4 + 1) % 9])
     return lists
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """Interpreter tiles of 16 rows and 16 channels, so small shapes span several row and
+    channel tiles and the weight gradient several partials (the GPU's multi-tile paths)."""
+    if torch.cuda.is_available():
+        pytest.skip("the GPU runs its own tiles at full size")
+    launch = importlib.import_module("convrec.ops.triton.launch")
+    monkeypatch.setattr(launch, "_INTERPRETER_ROWS", 16)
+    monkeypatch.setattr(launch, "_INTERPRETER_CHANNELS", 16)
+    monkeypatch.setattr(launch, "_INTERPRETER_GATHER", (16, 16))

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from convrec.backends import extension_status
 from convrec.bench.encoder_cost import compare_encoders, format_table, write_results
 from convrec.bench.measure import saved_tensor_bytes
 from convrec.cli import main
+from convrec.ops.dispatch import extension_status
 
 
 def test_saved_tensor_bytes_is_exact() -> None:

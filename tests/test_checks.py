@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from convrec import ConvRec, ConvRecEncoder, SASRec
-from convrec.item_encoder import csr_from_lists
+from convrec.ops.item_tables import csr_from_lists
 
 
 @pytest.fixture

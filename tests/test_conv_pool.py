@@ -13,13 +13,7 @@ from hypothesis import strategies as st
 
 from convrec.ops import conv_pool
 from convrec.schedule import left_pad
-from tests.test_gather_embed import (
-    DEVICE,
-    DEVICE_DTYPES,
-    compare_backends,
-    requires_triton,
-    small_tiles,  # noqa: F401 (a fixture, used by name)
-)
+from tests.helpers import DEVICE, DEVICE_DTYPES, compare_backends, requires_triton
 
 
 def test_hand_computed_single_channel() -> None:

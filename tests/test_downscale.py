@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from convrec import ConvRecEncoder
-from convrec.backends import extension_status
 from convrec.ops import LevelParams, downscale
+from convrec.ops.dispatch import extension_status
 
 EXTENSION = extension_status()
 needs_cuda = pytest.mark.skipif(
@@ -462,7 +462,7 @@ def test_errors_name_the_problem() -> None:
         downscale(x, bad, strides, 2, backend="cpp")
     with pytest.raises(TypeError, match="mask must be a bool tensor"):
         downscale(x, params, strides, 2, torch.ones(2, 10), backend="cpp")
-    with pytest.raises(ValueError, match="backend 'cuda' runs on cuda tensors, got x on cpu"):
+    with pytest.raises(RuntimeError, match="backend 'cuda' runs on cuda tensors, got cpu"):
         downscale(x, params, strides, 2, backend="cuda")
     with pytest.raises(ValueError, match="residual must match x"):
         downscale(x, params, strides, 2, residual=torch.randn(2, 9, 8), backend="cpp")

@@ -12,18 +12,17 @@ import torch
 from torch import Tensor
 
 from convrec import ConvRec, ConvRecEncoder
-from convrec.item_encoder import csr_from_lists
-from convrec.ops import embed_conv_pool
-from tests.test_encoder import _randomise
-from tests.test_gather_embed import (
+from convrec.ops import dispatch, embed_conv_pool
+from convrec.ops.item_tables import ItemTables, csr_from_lists
+from tests.helpers import (
     DEVICE,
     DEVICE_DTYPES,
     compare_backends,
     histories,
     random_catalogue,
+    randomise,
     requires_triton,
     reserve_int32,
-    small_tiles,  # noqa: F401 (a fixture, used by name)
 )
 
 # (batch, length, width, heads, kernel, stride, mask-aware, attributes)
@@ -67,11 +66,11 @@ def _fused_inputs(case, device: str) -> tuple[dict, dict]:
 def _fused(backend, ids, item_table, weight, bias, offsets, attr_ids, attr_table=None, **geo):
     if attr_table is None:
         offsets = attr_ids = None
-    out = embed_conv_pool(
-        ids, item_table, offsets, attr_ids, attr_table, weight, bias, geo["stride"],
-        geo["heads"], mask_aware=geo["mask_aware"], backend=backend,
-    )  # fmt: skip
-    return out
+    tables = ItemTables(item_table, offsets, attr_ids, attr_table)
+    geometry = (geo["stride"], geo["heads"])
+    return embed_conv_pool(
+        ids, tables, weight, bias, *geometry, mask_aware=geo["mask_aware"], backend=backend
+    )
 
 
 @requires_triton
@@ -131,10 +130,9 @@ def test_triton_fused_int64_offsets_past_2_31() -> None:
     weight = torch.randn(8, 8, 3, device=DEVICE, requires_grad=True)
     ids = histories(2, 17, 30, DEVICE)
     args = (weight, None, 3, 1)
-    out = embed_conv_pool(
-        ids, item_table, offsets + base, huge, attr_table, *args, backend="triton"
-    )
-    expected = embed_conv_pool(ids, item_table, offsets, huge[base:], attr_table, *args)
+    tables = ItemTables(item_table, offsets + base, huge, attr_table)
+    out = embed_conv_pool(ids, tables, *args, backend="triton")
+    expected = embed_conv_pool(ids, ItemTables(item_table, offsets, huge[base:], attr_table), *args)
     torch.testing.assert_close(out.conv, expected.conv)
     params = (item_table, attr_table, weight)
     got = torch.autograd.grad(out.conv.sum() + out.pooled.sum(), params)
@@ -158,17 +156,16 @@ def test_triton_fused_opcheck(attributes: bool, attribute_lists) -> None:
 
 @requires_triton
 def test_triton_fused_rejects_bad_inputs() -> None:
-    table = torch.randn(5, 8, device=DEVICE)
     ids = torch.tensor([[1, 2, 3]], device=DEVICE)
-    no_attrs = (None, None, None)
+    tables = ItemTables(torch.randn(5, 8, device=DEVICE))
     with pytest.raises(RuntimeError, match="kernel size 20 exceeds"):
         wide = torch.randn(8, 8, 20, device=DEVICE)
-        embed_conv_pool(ids, table, *no_attrs, wide, None, 20, 1, backend="triton")
+        embed_conv_pool(ids, tables, wide, None, 20, 1, backend="triton")
     weight = torch.randn(8, 8, 2, device=DEVICE)
     with pytest.raises(ValueError, match=r"conv weight must be \(D, D // heads, k\)"):
-        embed_conv_pool(ids, table, *no_attrs, weight, None, 2, 2, backend="triton")
+        embed_conv_pool(ids, tables, weight, None, 2, 2, backend="triton")
     with pytest.raises(ValueError, match="holds id 7"):
-        embed_conv_pool(ids + 6, table, *no_attrs, weight, None, 2, 1, backend="triton")
+        embed_conv_pool(ids + 6, tables, weight, None, 2, 1, backend="triton")
 
 
 # ---- backends of the encoder and the model ----
@@ -186,7 +183,7 @@ def test_triton_encoder_matches_reference(length: int, mask_aware: bool) -> None
     encoders = {
         b: ConvRecEncoder(8, backend=b, **kwargs).to(DEVICE).eval() for b in ("reference", "triton")
     }
-    _randomise(encoders["reference"])
+    randomise(encoders["reference"])
     encoders["triton"].load_state_dict(encoders["reference"].state_dict())
     x = torch.randn(3, length, 8, device=DEVICE)
     mask = histories(3, length, 5, DEVICE) != 0
@@ -207,7 +204,7 @@ def _models(mask_aware: bool, attribute_lists, **kwargs) -> dict[str, ConvRec]:
             30, d_model=8, levels=[(2, 2), (5, 5), (7, 7)], heads=2, dropout=0.0,
             item_attributes=attribute_lists, mask_aware=mask_aware, backend=backend, **kwargs,
         ).to(DEVICE).eval()  # fmt: skip
-    _randomise(models["reference"])
+    randomise(models["reference"])
     models["triton"].load_state_dict(models["reference"].state_dict())
     return models
 
@@ -258,15 +255,15 @@ def test_triton_model_uses_the_fused_kernel(attribute_lists, monkeypatch) -> Non
 @requires_triton
 def test_triton_encoder_forward_ids_returns_levels(attribute_lists) -> None:
     encoder = ConvRecEncoder(8, heads=2, dropout=0.0, backend="triton")
-    encoder = _randomise(encoder).to(DEVICE).eval()
+    encoder = randomise(encoder).to(DEVICE).eval()
     offsets, attr_ids = (t.to(DEVICE) for t in csr_from_lists(attribute_lists))
     item_table, attr_table = torch.randn(31, 8, device=DEVICE), torch.randn(9, 8, device=DEVICE)
-    tables = (item_table, offsets, attr_ids, attr_table)
+    tables = ItemTables(item_table, offsets, attr_ids, attr_table)
     ids = histories(2, 23, 30, DEVICE)
-    user, levels = encoder.forward_ids(ids, *tables, return_levels=True)
+    user, levels = encoder.forward_ids(ids, tables, return_levels=True)
     reference = ConvRecEncoder(8, heads=2, dropout=0.0, backend="reference").to(DEVICE).eval()
     reference.load_state_dict(encoder.state_dict())
-    expected_user, expected_levels = reference.forward_ids(ids, *tables, return_levels=True)
+    expected_user, expected_levels = reference.forward_ids(ids, tables, return_levels=True)
     torch.testing.assert_close(user, expected_user)
     for a, e in zip(levels, expected_levels, strict=True):
         torch.testing.assert_close(a, e)
@@ -285,10 +282,9 @@ def test_triton_backend_refuses_what_it_cannot_fuse(attribute_lists) -> None:
 
 def test_auto_falls_back_with_one_warning(attribute_lists, monkeypatch) -> None:
     """Where "auto" picks Triton (CUDA), what it cannot take runs unfused or on the reference."""
-    from convrec import backends, encoder
-
-    monkeypatch.setattr(encoder, "resolve_backend", lambda name, device: "triton")
-    backends.warn_once.cache_clear()
+    auto = {"cuda": "none", "cpp": "none", "triton": DEVICE}  # "auto" picks Triton, as on CUDA
+    monkeypatch.setattr(dispatch, "AUTO_DEVICE", auto)
+    dispatch.warn_once.cache_clear()
     model = ConvRec(30, d_model=8, item_features=torch.randn(31, 3), backend="auto")
     model = model.to(DEVICE).eval()
     wide = ConvRecEncoder(8, levels=[(17, 17)], backend="auto").to(DEVICE).eval()

@@ -4,66 +4,33 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch import nn
 
 from convrec import ConvRecEncoder
 from convrec.schedule import level_geometry
-
-
-def _paper_stack(encoder: ConvRecEncoder, x: torch.Tensor) -> torch.Tensor:
-    """Written from the paper code's structure: per-level F.pad, nn.AvgPool1d, one Conv1d per
-    head on channels-first slices, Linear, GELU, LayerNorm(y + a * pool(x) + b * pool(r))."""
-    x_res = x
-    length = x.shape[1]
-    for level in encoder.stack:
-        k, s, heads = level.kernel, level.stride, encoder.heads
-        pad = k - length if length < k else (0 if (length - k) % s == 0 else s - (length - k) % s)
-        xt = F.pad(x.transpose(1, 2), (pad, 0))  # (B, D, L + pad)
-        rt = F.pad(x_res.transpose(1, 2), (pad, 0))
-        pool = nn.AvgPool1d(k, s)
-        head_dim = x.shape[2] // heads
-        heads_out = []
-        for h in range(heads):
-            sl = slice(h * head_dim, (h + 1) * head_dim)
-            w, b = level.conv.weight[sl], level.conv.bias[sl]
-            heads_out.append(F.conv1d(xt[:, sl], w, b, stride=s))
-        y = level.linear(torch.cat(heads_out, dim=1).transpose(1, 2))
-        y = F.gelu(y)
-        x_pool, x_res = pool(xt).transpose(1, 2), pool(rt).transpose(1, 2)
-        x = level.norm(y + level.alpha * x_pool + level.beta * x_res)
-        length = x.shape[1]
-    return x.mean(1)
-
-
-def _randomise(encoder: nn.Module) -> nn.Module:
-    with torch.no_grad():
-        for p in encoder.parameters():
-            p.add_(torch.randn_like(p) * 0.3)
-    return encoder
+from tests.helpers import paper_stack, randomise
 
 
 @pytest.mark.parametrize("length", [1, 3, 35, 50, 97])
 @pytest.mark.parametrize("heads", [1, 4])
-def test_matches_paper_stack(length: int, heads: int) -> None:
-    encoder = _randomise(ConvRecEncoder(16, heads=heads)).eval()
+def test_matchespaper_stack(length: int, heads: int) -> None:
+    encoder = randomise(ConvRecEncoder(16, heads=heads)).eval()
     x = torch.randn(3, length, 16)
-    torch.testing.assert_close(encoder(x), _paper_stack(encoder, x))
+    torch.testing.assert_close(encoder(x), paper_stack(encoder, x))
 
 
 def test_mask_zeroes_padded_inputs() -> None:
-    encoder = _randomise(ConvRecEncoder(8)).eval()
+    encoder = randomise(ConvRecEncoder(8)).eval()
     x = torch.randn(2, 12, 8)
     mask = torch.ones(2, 12, dtype=torch.bool)
     mask[:, :4] = False
-    torch.testing.assert_close(encoder(x, mask), _paper_stack(encoder, x * mask[..., None]))
+    torch.testing.assert_close(encoder(x, mask), paper_stack(encoder, x * mask[..., None]))
 
 
 def test_mask_aware_ignores_prepended_padding() -> None:
-    encoder = _randomise(ConvRecEncoder(8, mask_aware=True)).eval()
-    plain = _randomise(ConvRecEncoder(8, mask_aware=False)).eval()
+    encoder = randomise(ConvRecEncoder(8, mask_aware=True)).eval()
+    plain = randomise(ConvRecEncoder(8, mask_aware=False)).eval()
     x = torch.randn(3, 23, 8)
     mask = torch.ones(3, 23, dtype=torch.bool)
     mask[1, :9] = False  # a row that is itself partly padded
@@ -75,7 +42,7 @@ def test_mask_aware_ignores_prepended_padding() -> None:
 
 
 def test_all_padding_row_is_zero_when_mask_aware() -> None:
-    encoder = _randomise(ConvRecEncoder(8, mask_aware=True)).eval()
+    encoder = randomise(ConvRecEncoder(8, mask_aware=True)).eval()
     x = torch.randn(2, 10, 8)
     mask = torch.ones(2, 10, dtype=torch.bool)
     mask[0] = False
@@ -93,7 +60,7 @@ def test_return_levels_follow_geometry(length: int) -> None:
 
 
 def test_fixed_length_matches_explicit_padding() -> None:
-    fixed = _randomise(ConvRecEncoder(8, fixed_length=35)).eval()
+    fixed = randomise(ConvRecEncoder(8, fixed_length=35)).eval()
     free = ConvRecEncoder(8)
     free.load_state_dict(fixed.state_dict())
     free.eval()
@@ -109,7 +76,7 @@ def test_gradcheck_float64_all_parameters(mask_aware: bool) -> None:
     encoder = ConvRecEncoder(
         4, levels=[(2, 2), (3, 2)], heads=2, dropout=0.0, mask_aware=mask_aware
     )
-    encoder = _randomise(encoder.double())
+    encoder = randomise(encoder.double())
     names = [n for n, _ in encoder.named_parameters()]
     params = tuple(p.detach().clone().requires_grad_() for p in encoder.parameters())
     x = torch.randn(2, 9, 4, dtype=torch.float64, requires_grad=True)
@@ -133,7 +100,7 @@ def test_dropout_only_in_training() -> None:
 
 @pytest.mark.slow
 def test_compile_fullgraph_matches_eager() -> None:
-    encoder = _randomise(ConvRecEncoder(16, heads=2, dropout=0.0, mask_aware=True))
+    encoder = randomise(ConvRecEncoder(16, heads=2, dropout=0.0, mask_aware=True))
     compiled = torch.compile(encoder, fullgraph=True)
     x = torch.randn(3, 35, 16, requires_grad=True)
     mask = torch.ones(3, 35, dtype=torch.bool)

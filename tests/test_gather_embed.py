@@ -4,16 +4,21 @@ torch.compile). Also the tolerance-rule helpers the other kernel tests import.""
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable, Sequence
-
 import pytest
 import torch
 from torch import Tensor
 
-from convrec.backends import triton_status
-from convrec.item_encoder import csr_from_lists
 from convrec.ops import attribute_bags, gather_embed
+from convrec.ops.item_tables import ItemTables, csr_from_lists
+from tests.helpers import (
+    DEVICE,
+    DEVICE_DTYPES,
+    compare_backends,
+    histories,
+    random_catalogue,
+    requires_triton,
+    reserve_int32,
+)
 
 
 def _dense_oracle(ids, item_table, lists, attr_table, mask):
@@ -31,7 +36,7 @@ def test_hand_computed_case() -> None:
     attr_table = torch.tensor([[10.0, 0.0], [0.0, 10.0], [5.0, 5.0]])
     offsets, attr_ids = csr_from_lists([[], [0, 1], []])  # item 2 has no attributes
     ids = torch.tensor([[0, 1, 2]])
-    out = gather_embed(ids, item_table, offsets, attr_ids, attr_table)
+    out = gather_embed(ids, ItemTables(item_table, offsets, attr_ids, attr_table))
     expected = torch.tensor([[[0.0, 0.0], [6.0, 7.0], [3.0, 4.0]]])
     torch.testing.assert_close(out, expected)
 
@@ -51,7 +56,7 @@ def test_matches_dense_multi_hot(attribute_lists: list[list[int]]) -> None:
     offsets, attr_ids = csr_from_lists(attribute_lists)
     ids = torch.randint(0, 31, (4, 13))
     mask = (ids != 0) & (torch.rand(4, 13) > 0.2)
-    out = gather_embed(ids, item_table, offsets, attr_ids, attr_table, mask)
+    out = gather_embed(ids, ItemTables(item_table, offsets, attr_ids, attr_table), mask)
     expected = _dense_oracle(ids, item_table, attribute_lists, attr_table, mask)
     torch.testing.assert_close(out, expected)
     assert (out[~mask] == 0).all()
@@ -60,7 +65,9 @@ def test_matches_dense_multi_hot(attribute_lists: list[list[int]]) -> None:
 def test_without_attributes_is_a_masked_lookup() -> None:
     table = torch.randn(6, 4)
     ids = torch.tensor([[0, 5, 2], [3, 0, 0]])
-    torch.testing.assert_close(gather_embed(ids, table), table[ids] * (ids != 0)[..., None])
+    torch.testing.assert_close(
+        gather_embed(ids, ItemTables(table)), table[ids] * (ids != 0)[..., None]
+    )
 
 
 def test_gradcheck_float64(attribute_lists: list[list[int]]) -> None:
@@ -69,140 +76,24 @@ def test_gradcheck_float64(attribute_lists: list[list[int]]) -> None:
     attr_table = torch.randn(9, 3, dtype=torch.float64, requires_grad=True)
     ids = torch.randint(0, 31, (2, 7))
     assert torch.autograd.gradcheck(
-        lambda it, at: gather_embed(ids, it, offsets, attr_ids, at), (item_table, attr_table)
+        lambda it, at: gather_embed(ids, ItemTables(it, offsets, attr_ids, at)),
+        (item_table, attr_table),
     )
 
 
 def test_partial_attribute_arguments_rejected() -> None:
     with pytest.raises(ValueError, match="together"):
-        gather_embed(torch.tensor([[1]]), torch.randn(2, 2), attr_table=torch.randn(2, 2))
+        gather_embed(torch.tensor([[1]]), ItemTables(torch.randn(2, 2), attr=torch.randn(2, 2)))
 
 
 # ---- Triton kernel: CPU interpreter in CI (small grids), full size and fp16/bf16 on CUDA ----
 
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"  # where the Triton tests put their tensors
-requires_triton = pytest.mark.skipif(
-    triton_status(DEVICE) is not None, reason=f"Triton cannot run here: {triton_status(DEVICE)}"
-)
-# (device, dtype) of the kernel tests: fp32 in the interpreter (its bf16 arithmetic is wrong);
-# fp32, fp16 and bf16 on a GPU.
-DEVICE_DTYPES = (
-    [("cuda", d) for d in (torch.float32, torch.float16, torch.bfloat16)]
-    if CUDA
-    else [("cpu", torch.float32)]
-)
-
-
-def assert_tolerance(name: str, actual: Tensor, reference: Tensor, exact: Tensor) -> None:
-    """DESIGN.md's rule: the kernel's error against the float64 result is at most twice the
-    same-dtype reference's error, plus a floor of 64 ulps of the result's magnitude."""
-    exact = exact.detach().double()
-    scale = float(exact.abs().max().clamp(min=1.0)) if exact.numel() else 1.0
-    error = float((actual.detach().double() - exact).abs().max()) if exact.numel() else 0.0
-    ref_error = float((reference.detach().double() - exact).abs().max()) if exact.numel() else 0.0
-    floor = 64 * torch.finfo(actual.dtype).eps * scale
-    assert error <= 2 * ref_error + floor, (
-        f"{name}: kernel error {error:.3g} > 2 x reference error {ref_error:.3g} + {floor:.3g}"
-    )
-
-
-def compare_backends(
-    run: Callable[..., Sequence[Tensor | None]],
-    inputs: dict[str, Tensor],
-    wrt: Sequence[str],
-    dtype: torch.dtype,
-) -> None:
-    """Run ``run(backend, **inputs)`` in float64 and ``dtype`` on the reference and in ``dtype``
-    on Triton; compare every output (bool outputs exactly) and the gradients of ``wrt`` of a
-    fixed random projection of the float outputs, with ``assert_tolerance``.
-
-    Floating inputs are cast to the dtype with ``.to``: views stay views when it is theirs.
-    """
-    results = {}
-    projections: list[Tensor] = []
-    for label, backend, dt in (
-        ("exact", "reference", torch.float64),
-        ("reference", "reference", dtype),
-        ("kernel", "triton", dtype),
-    ):
-        tensors = {
-            k: v.to(dt).detach().requires_grad_(k in wrt) if v.is_floating_point() else v
-            for k, v in inputs.items()
-        }
-        outs = [o for o in run(backend, **tensors) if o is not None]
-        floats = [o for o in outs if o.is_floating_point()]
-        if not projections:
-            gen = torch.Generator().manual_seed(1)
-            projections = [
-                torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.device)
-                for o in floats
-            ]
-        loss = sum((o.double() * p).sum() for o, p in zip(floats, projections, strict=True))
-        grads = torch.autograd.grad(loss, [tensors[k] for k in wrt], allow_unused=True)
-        results[label] = (outs, grads)
-    (exact, exact_grads), (ref, ref_grads), (out, out_grads) = results.values()
-    for i, (e, r, o) in enumerate(zip(exact, ref, out, strict=True)):
-        assert o.shape == e.shape and o.dtype == r.dtype, f"output {i}: {o.shape} {o.dtype}"
-        if o.is_floating_point():
-            assert_tolerance(f"output {i}", o, r, e)
-        else:
-            assert torch.equal(o, r), f"output {i} differs"
-    for name, e, r, o in zip(wrt, exact_grads, ref_grads, out_grads, strict=True):
-        assert o.dtype == r.dtype and o.shape == r.shape, f"grad {name}: {o.dtype} {o.shape}"
-        assert_tolerance(f"grad {name}", o, r, e)
-
-
-def random_catalogue(
-    num_items: int, num_attrs: int, max_attrs: int, device: str, seed: int = 0
-) -> tuple[Tensor, Tensor, list[list[int]]]:
-    """CSR (offsets, ids) of items 0..num_items: item 0 and every 4th item without attributes,
-    others with 1..max_attrs ids, repeats allowed."""
-    gen = torch.Generator().manual_seed(seed)
-    lists: list[list[int]] = [[]]
-    for item in range(1, num_items + 1):
-        count = 0 if item % 4 == 0 else int(torch.randint(1, max_attrs + 1, (1,), generator=gen))
-        lists.append(torch.randint(0, num_attrs, (count,), generator=gen).tolist())
-    offsets, ids = csr_from_lists(lists)
-    return offsets.to(device), ids.to(device), lists
-
-
-def histories(batch: int, length: int, num_items: int, device: str, seed: int = 0) -> Tensor:
-    """Left-padded (B, L) ids; row 0 is all padding when B > 1, the others padded variously."""
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, num_items + 1, (batch, length), generator=gen)
-    for row in range(batch):
-        ids[row, : (length * row) // (batch + 1)] = 0
-    if batch > 1:
-        ids[0] = 0
-    return ids.to(device)
-
-
-@pytest.fixture
-def small_tiles(monkeypatch):
-    """Interpreter tiles of 16 rows and 16 channels, so small shapes span several row and
-    channel tiles and the weight gradient several partials (the GPU's multi-tile paths)."""
-    if DEVICE == "cuda":
-        pytest.skip("the GPU runs its own tiles at full size")
-    launch = importlib.import_module("convrec.ops.triton.launch")
-    monkeypatch.setattr(launch, "_INTERPRETER_ROWS", 16)
-    monkeypatch.setattr(launch, "_INTERPRETER_CHANNELS", 16)
-    monkeypatch.setattr(launch, "_INTERPRETER_GATHER", (16, 16))
-
-
-def reserve_int32(size: int) -> Tensor:
-    """An int32 tensor of ``size`` > 2^31 elements: on CPU only address space (pages untouched
-    are never backed), on a GPU 8 GiB of memory. Skips the test where that is refused."""
-    try:
-        return torch.empty(size, dtype=torch.int32, device=DEVICE)
-    except (RuntimeError, MemoryError) as error:
-        pytest.skip(f"cannot reserve {size * 4 / 2**30:.0f} GiB for int64-offset test: {error}")
-
 
 def _gather(backend, ids, item_table, attr_table, offsets, attr_ids, mask):
     if attr_table is None:
-        return (gather_embed(ids, item_table, mask=mask, backend=backend),)
-    return (gather_embed(ids, item_table, offsets, attr_ids, attr_table, mask, backend=backend),)
+        return (gather_embed(ids, ItemTables(item_table), mask, backend),)
+    tables = ItemTables(item_table, offsets, attr_ids, attr_table)
+    return (gather_embed(ids, tables, mask, backend),)
 
 
 GATHER_SHAPES_CPU = [(1, 1, 8), (3, 35, 12), (3, 97, 32)]
@@ -260,7 +151,7 @@ def test_triton_gather_views_masks_and_id_shapes(attribute_lists) -> None:
     )
     compare_backends(_gather, inputs, ["item_table", "attr_table"], torch.float32)
     flat = torch.tensor([3, 0, 7], device=DEVICE)
-    out = gather_embed(flat, wide[:, :8], mask=flat >= 0, backend="triton")
+    out = gather_embed(flat, ItemTables(wide[:, :8]), flat >= 0, "triton")
     torch.testing.assert_close(out, wide[flat, :8])
 
 
@@ -274,7 +165,8 @@ def test_triton_gather_deterministic_mode_is_bit_identical() -> None:
     grad = torch.randn(3, 40, 16, device=device)
 
     def grads() -> tuple[Tensor, ...]:
-        x = gather_embed(ids, item_table, offsets, attr_ids, attr_table, backend="triton")
+        tables = ItemTables(item_table, offsets, attr_ids, attr_table)
+        x = gather_embed(ids, tables, backend="triton")
         return torch.autograd.grad(x, (item_table, attr_table), grad)
 
     atomic = grads()
@@ -301,8 +193,10 @@ def test_triton_gather_int64_offsets_past_2_31() -> None:
     attr_table = torch.randn(9, 8, device=DEVICE, requires_grad=True)
     ids = histories(3, 20, 30, DEVICE)
     grad = torch.randn(3, 20, 8, device=DEVICE)
-    out = gather_embed(ids, item_table, offsets + base, huge, attr_table, backend="triton")
-    expected = gather_embed(ids, item_table, offsets, huge[base:], attr_table)
+    out = gather_embed(
+        ids, ItemTables(item_table, offsets + base, huge, attr_table), backend="triton"
+    )
+    expected = gather_embed(ids, ItemTables(item_table, offsets, huge[base:], attr_table))
     torch.testing.assert_close(out, expected)
     for deterministic in (False, True):
         torch.use_deterministic_algorithms(deterministic)
@@ -320,12 +214,12 @@ def test_triton_gather_rejects_bad_inputs() -> None:
     table = torch.randn(5, 4, device=DEVICE)
     one = torch.tensor([[1]], device=DEVICE)
     with pytest.raises(ValueError, match="holds id 7"):
-        gather_embed(torch.tensor([[1, 7]], device=DEVICE), table, backend="triton")
+        gather_embed(torch.tensor([[1, 7]], device=DEVICE), ItemTables(table), backend="triton")
     with pytest.raises(ValueError, match="attr_offsets must be int64 of shape"):
         offsets = torch.zeros(5, dtype=torch.int64, device=DEVICE)
-        gather_embed(one, table, offsets, offsets, table, backend="triton")
+        gather_embed(one, ItemTables(table, offsets, offsets, table), backend="triton")
     with pytest.raises(ValueError, match="unknown backend"):
-        gather_embed(one, table, backend="cuda")
+        gather_embed(one, ItemTables(table), backend="cudnn")
 
 
 @requires_triton
@@ -347,7 +241,8 @@ def test_triton_gather_compiles_fullgraph(attribute_lists) -> None:
     attr_table = torch.randn(9, 8, device=DEVICE, requires_grad=True)
 
     def loss(ids: Tensor) -> Tensor:
-        x = gather_embed(ids, item_table, offsets, attr_ids, attr_table, backend="triton")
+        tables = ItemTables(item_table, offsets, attr_ids, attr_table)
+        x = gather_embed(ids, tables, backend="triton")
         return x.square().sum()
 
     ids = torch.randint(0, 31, (3, 11), device=DEVICE)

@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from convrec import ConvRec, SASRec
-from convrec.item_encoder import csr_from_lists
+from convrec.ops.item_tables import csr_from_lists
 from convrec.time_context import CONTEXT_DIM, time_context
-from tests.test_encoder import _paper_stack, _randomise
+from tests.helpers import paper_stack, randomise
 
 
 def _histories(batch: int = 4, length: int = 12, num_items: int = 30) -> torch.Tensor:
@@ -244,7 +244,7 @@ def test_attention_readout_starts_as_the_model_without_it(attribute_lists) -> No
 def test_faithful_matches_paper_input_block(attribute_lists) -> None:
     """Re-derive the paper code's forward: multi-hot features -> Linear(4D), fusion Linear,
     concat with the id embedding, Linear; GELU, LayerNorm, Linear, GELU, mask; fixed padding."""
-    model = _randomise(
+    model = randomise(
         ConvRec(30, d_model=8, item_attributes=attribute_lists, faithful=True, max_len=20)
     ).eval()
     enc = model.item_encoder
@@ -261,7 +261,7 @@ def test_faithful_matches_paper_input_block(attribute_lists) -> None:
     ids = _histories(length=12)
     x = item_block(ids) * (ids != 0)[..., None]
     x = torch.cat([torch.zeros(4, 8, 8), x], dim=1)  # the paper always feeds max_len positions
-    user = _paper_stack(model.encoder, x)
+    user = paper_stack(model.encoder, x)
     torch.testing.assert_close(model.encode(ids), user)
     candidates = torch.randint(1, 31, (4, 5))
     expected = torch.einsum("bd,bcd->bc", user, item_block(candidates))

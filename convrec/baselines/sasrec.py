@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from convrec.item_encoder import ItemAttributes, ItemEncoder
+from convrec.item_encoder import ItemAttributes, ItemEncoder, ItemInputs
 from convrec.recommender import SequentialRecommender
 
 # Added to q.k for padded keys through one extra head dimension: exp() of it underflows to 0
@@ -151,14 +151,8 @@ class SASRec(SequentialRecommender):
     ) -> None:
         super().__init__()
         self.max_len, self.check_inputs = max_len, check_inputs
-        self.item_encoder = ItemEncoder(
-            num_items,
-            d_model,
-            item_attributes=item_attributes,
-            num_attributes=num_attributes,
-            item_features=item_features,
-            use_time=use_time,
-        )
+        inputs = ItemInputs(num_items, item_attributes, num_attributes, item_features, use_time)
+        self.item_encoder = ItemEncoder(inputs, d_model)
         self.encoder = TransformerEncoder(
             d_model, max_len, num_blocks, heads, dropout, attention, attention_dropout
         )

@@ -15,10 +15,10 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from convrec.backends import extension_status
 from convrec.baselines.sasrec import TransformerEncoder
 from convrec.bench.measure import median_spread, parameter_tensors, saved_tensor_bytes, time_call
 from convrec.encoder import ConvRecEncoder
+from convrec.ops.dispatch import extension_status
 
 ATTENTION = "SASRec-2blk-sdpa"
 

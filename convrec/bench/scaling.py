@@ -27,12 +27,12 @@ import time
 import torch
 from tqdm import tqdm
 
-from convrec.backends import extension_status, triton_status
 from convrec.bench.machine import available_ram_bytes, device_memory_bytes, machine_info
 from convrec.bench.peak_memory import cpu_peak_problem
 from convrec.bench.scaling_report import check_plotting, series_label, write_report
 from convrec.bench.scaling_worker import ATTENTION_HEADS, ATTENTIONS, SCOPES, Config, metrics
 from convrec.bench.scaling_worker import run as worker_run
+from convrec.ops.dispatch import extension_status, triton_status
 
 DEFAULT_LENGTHS = (50, 128, 512, 1024, 2048, 4096, 8192, 16384)
 GPU_EXTRA_LENGTHS = (32768, 65536, 131072, 262144)  # a GPU fits more; OOM ends each series

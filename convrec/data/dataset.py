@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from convrec.ops.item_tables import csr_from_lists
+
 
 class DataFormatError(ValueError):
     """A data file is malformed; the message names the file and line."""
@@ -186,10 +188,7 @@ def build_dataset(
     attr_index = {a: j for j, a in enumerate(attribute_names)}
     per_item = [[attr_index[a] for a in item_attributes.get(i, ())] for i in item_ids]
     per_item[0] = []
-    counts = np.array([len(a) for a in per_item], dtype=np.int64)
-    offsets = np.zeros(len(per_item) + 1, dtype=np.int64)
-    np.cumsum(counts, out=offsets[1:])
-    attr_ids = np.array([a for row in per_item for a in row], dtype=np.int64)
+    offsets, attr_ids = (t.numpy() for t in csr_from_lists(per_item))
     return SequenceDataset(
         name=name,
         sequences=sequences,

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from convrec.ops.fast_path import kernel_size_problem, kernels, use_triton
+from convrec.ops.dispatch import kernel_size_problem, resolve, triton_kernels
 from convrec.schedule import left_pad, out_length
 
 
@@ -34,13 +34,10 @@ def conv_pool(
     mask: Tensor | None = None,
     backend: str = "reference",
 ) -> ConvPoolOutput:
-    """Dispatch to the implementation named by ``backend`` (see ``conv_pool_reference``).
-
-    "triton" runs the Triton kernel (raising when it cannot: no Triton, CPU tensors without
-    ``TRITON_INTERPRET=1``, a kernel wider than 16); "auto" runs it on CUDA when it can.
-    """
+    """Dispatch to the implementation ``backend`` selects (``convrec.ops.dispatch``; fast path:
+    "triton", for windows up to 16 wide); semantics as in ``conv_pool_reference``."""
     problem = kernel_size_problem(weight.shape[-1])
-    if use_triton("conv_pool", backend, x.device, problem):
+    if resolve("conv_pool", backend, x.device, problem) == "triton":
         check_level_inputs(x, residual, weight, bias, stride, heads, mask)
         conv, pooled, res, counts = torch.ops.convrec.conv_pool(
             x, residual, weight, bias, stride, heads, mask
@@ -140,7 +137,9 @@ def _conv_pool_op(
     mask: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(conv, pooled, pooled residual, int32 count of real positions per window)."""
-    return kernels("conv_pool").conv_pool_forward(x, residual, weight, bias, stride, heads, mask)
+    return triton_kernels("conv_pool").conv_pool_forward(
+        x, residual, weight, bias, stride, heads, mask
+    )
 
 
 @_conv_pool_op.register_fake
@@ -165,7 +164,7 @@ def _conv_pool_backward_op(
     heads: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients of x, residual, conv weight and bias."""
-    module = kernels("conv_pool")
+    module = triton_kernels("conv_pool")
     return module.conv_pool_backward(g_conv, g_pool, g_res, x, weight, mask, counts, stride, heads)
 
 

@@ -14,10 +14,12 @@ import functools
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from convrec.ops.conv_pool import ConvPoolOutput, conv_pool
+from convrec.ops.dispatch import kernel_size_problem, resolve
 from convrec.ops.downscale_ext import downscale_extension
 
 
@@ -83,7 +85,7 @@ def downscale(
     residual: Tensor | None = None,
     backend: str = "reference",
 ) -> DownscaleOutput:
-    """Dispatch to the implementation named by ``backend`` (see ``convrec.backends``).
+    """Dispatch to the implementation ``backend`` selects (``convrec.ops.dispatch``).
 
     "triton" runs each level's ``conv_pool`` as a Triton kernel and the rest in PyTorch.
     "cpp" / "cuda" run the whole stack in the ``convrec._C`` extension (``downscale_ext``);
@@ -92,17 +94,22 @@ def downscale(
     if len(params) != len(strides):
         raise ValueError(f"{len(params)} level parameter sets but {len(strides)} strides")
     args = (x, params, strides, heads, mask, mask_aware, dropout, training, eps, return_levels)
+    backend = downscale_backend(backend, x.device, [p.conv_weight.shape[-1] for p in params])
     if backend == "reference":
         return downscale_reference(*args, residual=residual)
     if backend == "triton":
         conv = functools.partial(conv_pool, backend="triton")
         return downscale_reference(*args, residual=residual, conv_pool_fn=conv)
-    if backend in ("cpp", "cuda"):
-        if not params:  # only the readout is left
-            return downscale_reference(*args, residual=residual)
-        user, levels = downscale_extension(*args, residual=residual, backend=backend)
-        return DownscaleOutput(user, levels)
-    raise NotImplementedError(f"downscale has no {backend!r} implementation")
+    if not params:  # "cpp" / "cuda" with no level to fuse: only the readout is left
+        return downscale_reference(*args, residual=residual)
+    user, levels = downscale_extension(*args, residual=residual)
+    return DownscaleOutput(user, levels)
+
+
+def downscale_backend(backend: str, device: torch.device, kernels: Sequence[int]) -> str:
+    """The implementation ``downscale`` runs for ``backend`` on ``device`` with these window
+    sizes (Triton cannot take windows wider than ``dispatch.MAX_KERNEL``)."""
+    return resolve("downscale", backend, device, kernel_size_problem(max([1, *kernels])))
 
 
 def downscale_reference(

@@ -21,7 +21,6 @@ The schemas live in C++ (``csrc/downscale_ops.cpp``); this module adds what Pyth
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,13 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from convrec.ops.dispatch import extension_status
 from convrec.schedule import level_geometry
-
-try:
-    importlib.import_module("convrec._C")
-    LOAD_ERROR: str | None = None
-except ImportError as error:
-    LOAD_ERROR = f"the C++ extension convrec._C is not built ({error})"
 
 SUPPORTED_DTYPES = {
     "cpu": (torch.float32, torch.float64),
@@ -88,14 +82,9 @@ def check_inputs(
     heads: int,
     mask: Tensor | None,
     residual: Tensor | None,
-    backend: str,
 ) -> None:
-    """Raise TypeError / ValueError naming the tensor before the op sees it."""
-    if LOAD_ERROR is not None:
-        raise RuntimeError(LOAD_ERROR)
-    device = "cpu" if backend == "cpp" else "cuda"
-    if x.device.type != device:
-        raise ValueError(f"backend {backend!r} runs on {device} tensors, got x on {x.device}")
+    """Raise TypeError / ValueError naming the tensor before the op sees it (the dispatch has
+    already matched the backend to the device)."""
     allowed = SUPPORTED_DTYPES.get(x.device.type, ())
     if x.dtype not in allowed:
         names = ", ".join(str(t) for t in allowed) or "no dtype"
@@ -164,12 +153,10 @@ def downscale_extension(
     eps: float,
     return_levels: bool,
     residual: Tensor | None,
-    backend: str,
 ) -> tuple[Tensor, list[Tensor]]:
     """User vectors (B, D) and, with ``return_levels``, every level's output (see
-    ``convrec.ops.downscale.downscale_reference`` for the semantics); ``backend`` is "cpp" for
-    CPU tensors or "cuda" for CUDA tensors."""
-    check_inputs(x, params, strides, heads, mask, residual, backend)
+    ``convrec.ops.downscale.downscale_reference`` for the semantics), on the tensors' device."""
+    check_inputs(x, params, strides, heads, mask, residual)
     kernels = [int(p.conv_weight.shape[-1]) for p in params]
     folded = [
         fold_level(p.conv_weight, p.conv_bias, p.linear_weight, p.linear_bias, heads)
@@ -358,5 +345,5 @@ def _register() -> None:
     torch.library.register_autograd("convrec::downscale", backward, setup_context=setup_context)
 
 
-if LOAD_ERROR is None:
+if extension_status() is None:
     _register()

@@ -12,17 +12,15 @@ import torch
 from torch import Tensor
 
 from convrec.ops.conv_pool import ConvPoolOutput, check_conv_weight, conv_pool_reference
-from convrec.ops.fast_path import kernel_size_problem, kernels, use_triton
+from convrec.ops.dispatch import kernel_size_problem, resolve, triton_kernels
 from convrec.ops.gather_embed import check_gather_inputs, gather_embed_reference
+from convrec.ops.item_tables import ItemTables
 from convrec.schedule import out_length
 
 
 def embed_conv_pool(
     item_ids: Tensor,
-    item_table: Tensor,
-    attr_offsets: Tensor | None,
-    attr_ids: Tensor | None,
-    attr_table: Tensor | None,
+    tables: ItemTables,
     weight: Tensor,
     bias: Tensor | None,
     stride: int,
@@ -34,38 +32,31 @@ def embed_conv_pool(
     """Level 1 of the stack straight from (B, L) ids: ``conv_pool(x, x, ...)`` with
     ``x = gather_embed(ids, tables, mask)``.
 
-    Arguments as in ``gather_embed`` (tables, CSR index, ``mask`` defaulting to ``ids != 0``) and
+    Arguments as in ``gather_embed`` (``tables``, ``mask`` defaulting to ``ids != 0``) and
     ``conv_pool`` (conv ``weight`` (D, D // heads, k), ``bias``, ``stride``, ``heads``);
     ``mask_aware`` averages over real positions only and returns the window mask. The returned
     ``residual`` is the same tensor as ``pooled``.
     """
-    if (attr_offsets is None) != (attr_ids is None) or (attr_ids is None) != (attr_table is None):
-        raise ValueError("attr_offsets, attr_ids and attr_table must be given together")
+    tables.check()
     if mask is None:
         mask = item_ids != 0
     problem = kernel_size_problem(weight.shape[-1])
-    if use_triton("embed_conv_pool", backend, item_table.device, problem):
+    if resolve("embed_conv_pool", backend, tables.item.device, problem) == "triton":
         if item_ids.dim() != 2 or item_ids.numel() == 0:
             raise ValueError(f"item_ids must be a non-empty (B, L) tensor, got {item_ids.shape}")
-        check_gather_inputs(item_ids, item_table, attr_offsets, attr_ids, attr_table, mask)
-        check_conv_weight(weight, bias, stride, heads, item_table.shape[1], item_table.dtype)
+        check_gather_inputs(item_ids, tables, mask)
+        check_conv_weight(weight, bias, stride, heads, tables.item.shape[1], tables.item.dtype)
         conv, pooled, counts = torch.ops.convrec.embed_conv_pool(
-            item_ids, item_table, attr_offsets, attr_ids, attr_table, weight, bias, mask,
-            stride, heads, mask_aware,
-        )  # fmt: skip
+            item_ids, *tables, weight, bias, mask, stride, heads, mask_aware
+        )
         return ConvPoolOutput(conv, pooled, pooled, counts > 0 if mask_aware else None)
-    return embed_conv_pool_reference(
-        item_ids, item_table, attr_offsets, attr_ids, attr_table, weight, bias, stride, heads,
-        mask, mask_aware,
-    )  # fmt: skip
+    args = (weight, bias, stride, heads, mask, mask_aware)
+    return embed_conv_pool_reference(item_ids, tables, *args)
 
 
 def embed_conv_pool_reference(
     item_ids: Tensor,
-    item_table: Tensor,
-    attr_offsets: Tensor | None,
-    attr_ids: Tensor | None,
-    attr_table: Tensor | None,
+    tables: ItemTables,
     weight: Tensor,
     bias: Tensor | None,
     stride: int,
@@ -74,7 +65,7 @@ def embed_conv_pool_reference(
     mask_aware: bool,
 ) -> ConvPoolOutput:
     """The pure-PyTorch composition (the oracle); ``mask`` required."""
-    x = gather_embed_reference(item_ids, item_table, attr_offsets, attr_ids, attr_table, mask)
+    x = gather_embed_reference(item_ids, tables, mask)
     return conv_pool_reference(x, x, weight, bias, stride, heads, mask if mask_aware else None)
 
 
@@ -93,7 +84,7 @@ def _embed_conv_pool_op(
     mask_aware: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(conv, pooled, int32 count of real positions per window) of level 1."""
-    return kernels("embed_conv_pool").embed_conv_pool_forward(
+    return triton_kernels("embed_conv_pool").embed_conv_pool_forward(
         item_ids, item_table, attr_offsets, attr_ids, attr_table, weight, bias, mask, stride,
         heads, mask_aware,
     )  # fmt: skip
@@ -126,7 +117,8 @@ def _embed_conv_pool_backward_op(
     deterministic: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Dense gradients of the item table, attribute table ((0, D) without one), weight, bias."""
-    grad_item, grad_attr, grad_w, grad_b = kernels("embed_conv_pool").embed_conv_pool_backward(
+    kernels = triton_kernels("embed_conv_pool")
+    grad_item, grad_attr, grad_w, grad_b = kernels.embed_conv_pool_backward(
         g_conv, g_pool, item_ids, item_table, attr_offsets, attr_ids, attr_table, weight, mask,
         counts, stride, heads, mask_aware, deterministic,
     )  # fmt: skip

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from convrec.checks import check_id_range
-from convrec.ops.fast_path import kernels, use_triton
+from convrec.ops.dispatch import resolve, triton_kernels
+from convrec.ops.item_tables import ItemTables
 
 
 def attribute_bags(
@@ -34,58 +35,38 @@ def attribute_bags(
 
 def gather_embed(
     item_ids: Tensor,
-    item_table: Tensor,
-    attr_offsets: Tensor | None = None,
-    attr_ids: Tensor | None = None,
-    attr_table: Tensor | None = None,
+    tables: ItemTables,
     mask: Tensor | None = None,
     backend: str = "reference",
 ) -> Tensor:
-    """``x[b, t] = mask[b, t] * (item_table[v] + mean_{a in attrs(v)} attr_table[a])``, v=ids[b,t]
+    """``x[b, t] = mask[b, t] * (item[v] + mean_{a in attrs(v)} attr[a])``, v = ids[b, t]
 
-    Shapes: ``item_ids`` (B, L) integer (any shape works), ``item_table`` (N + 1, D) with row 0
-    the padding item; ``attr_offsets`` (N + 2,) int64 CSR offsets and ``attr_ids`` (nnz,)
-    integer indices into ``attr_table`` (A, D); the three attribute arguments are all given or
-    all None. ``mask`` (B, L) bool defaults to ``item_ids != 0``. Returns (B, L, D) in the
-    tables' dtype. ``backend``: "reference", "triton" or "auto" (see ``convrec.ops.fast_path``).
+    ``item_ids`` (B, L) integer (any shape works), ``tables`` an ``ItemTables`` (item table
+    (N + 1, D) with row 0 the padding item, optional attribute CSR and table). ``mask`` (B, L)
+    bool defaults to ``item_ids != 0``. Returns (B, L, D) in the tables' dtype. ``backend``:
+    see ``convrec.ops.dispatch`` (fast path: "triton").
     """
-    if (attr_offsets is None) != (attr_ids is None) or (attr_ids is None) != (attr_table is None):
-        raise ValueError("attr_offsets, attr_ids and attr_table must be given together")
+    tables.check()
     if mask is None:
         mask = item_ids != 0
-    if use_triton("gather_embed", backend, item_table.device):
-        check_gather_inputs(item_ids, item_table, attr_offsets, attr_ids, attr_table, mask)
-        return torch.ops.convrec.gather_embed(
-            item_ids, item_table, attr_offsets, attr_ids, attr_table, mask
-        )
-    return gather_embed_reference(item_ids, item_table, attr_offsets, attr_ids, attr_table, mask)
+    if resolve("gather_embed", backend, tables.item.device) == "triton":
+        check_gather_inputs(item_ids, tables, mask)
+        return torch.ops.convrec.gather_embed(item_ids, *tables, mask)
+    return gather_embed_reference(item_ids, tables, mask)
 
 
-def gather_embed_reference(
-    item_ids: Tensor,
-    item_table: Tensor,
-    attr_offsets: Tensor | None,
-    attr_ids: Tensor | None,
-    attr_table: Tensor | None,
-    mask: Tensor,
-) -> Tensor:
-    """The pure-PyTorch ``gather_embed`` (the oracle); all arguments as there, mask required."""
-    x = F.embedding(item_ids, item_table)
-    if attr_table is not None:
-        x = x + attribute_bags(item_ids, attr_offsets, attr_ids, attr_table)
+def gather_embed_reference(item_ids: Tensor, tables: ItemTables, mask: Tensor) -> Tensor:
+    """The pure-PyTorch ``gather_embed`` (the oracle); arguments as there, mask required."""
+    x = F.embedding(item_ids, tables.item)
+    if tables.has_attributes:
+        x = x + attribute_bags(item_ids, tables.attr_offsets, tables.attr_ids, tables.attr)
     return x * mask.unsqueeze(-1).to(x.dtype)
 
 
-def check_gather_inputs(
-    item_ids: Tensor,
-    item_table: Tensor,
-    attr_offsets: Tensor | None,
-    attr_ids: Tensor | None,
-    attr_table: Tensor | None,
-    mask: Tensor,
-) -> None:
+def check_gather_inputs(item_ids: Tensor, tables: ItemTables, mask: Tensor) -> None:
     """Raise naming the problem before a kernel reads memory it does not own (kernels do not
     bounds-check). The CSR contents are trusted: ``ItemEncoder`` checks them once."""
+    item_table, attr_offsets, attr_ids, attr_table = tables
     if item_ids.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"item_ids must be int64 or int32, got {item_ids.dtype}")
     if item_table.dim() != 2 or not item_table.is_floating_point():
@@ -124,7 +105,7 @@ def _gather_embed_op(
     attr_table: Tensor | None,
     mask: Tensor,
 ) -> Tensor:
-    return kernels("gather_embed").gather_embed_forward(
+    return triton_kernels("gather_embed").gather_embed_forward(
         item_ids, item_table, attr_offsets, attr_ids, attr_table, mask
     )
 
@@ -146,7 +127,7 @@ def _gather_embed_backward_op(
     deterministic: bool,
 ) -> tuple[Tensor, Tensor]:
     """fp32 gradients of the item table and the attribute table ((0, D) without attributes)."""
-    grad_item, grad_attr = kernels("gather_embed").gather_embed_backward(
+    grad_item, grad_attr = triton_kernels("gather_embed").gather_embed_backward(
         grad, item_ids, mask, item_rows, attr_offsets, attr_ids, attr_rows, deterministic
     )
     return grad_item, grad_item.new_zeros(0, grad.shape[-1]) if grad_attr is None else grad_attr

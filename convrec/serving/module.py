@@ -37,8 +37,8 @@ class ServingModule(nn.Module):
         # a copy of the model without its item encoder: the frozen table replaces it
         self.model = copy.deepcopy(model, memo={id(model.item_encoder): None}).eval()
         self.model.requires_grad_(False)
-        if portable and hasattr(self.model.encoder, "backend"):
-            self.model.encoder.backend = "reference"
+        if portable:
+            self.model.set_backend("reference")
 
     def forward(self, item_ids: Tensor, exclude: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``item_ids`` (B, L) left-padded history, ``exclude`` (B, E) ids never returned
