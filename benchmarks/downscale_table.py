@@ -1,15 +1,16 @@
 """The ``downscale`` op side by side: extension vs reference eager vs reference torch.compile.
 
-One training step of the op alone (forward, then the gradients of x and every level parameter),
-at B = 64, D = 64 and L = 50, 512, 4096 by default, levels from ``schedule_for_length(L)``,
-dropout 0.1 in training mode and an all-real padding mask, as ``ConvRecEncoder`` runs it. The
+The op, its inputs and the providers come from ``benchmarks.registry`` (``ops/downscale.py``):
+one training step of the op alone (forward, then the gradients of x and every level parameter),
+at B = 64, D = 64 and L = 50, 512, 4096 by default, as ``ConvRecEncoder`` runs it. The
 providers take turns within each repeat, so a noisy shared machine slows them alike; the table
 reports medians and the ratios. Saved-for-backward bytes come from ``saved_tensors_hooks``
 (parameters excluded).
 
-Reproduce the committed CPU table (writes ``benchmarks/results/downscale_cpu.{csv,md}``)::
+Reproduce the committed CPU table (writes ``benchmarks/results/downscale_cpu.{csv,md}``) from the
+repository root::
 
-    .venv/bin/python benchmarks/downscale_table.py
+    python -m benchmarks.downscale_table
 
 On a GPU machine: ``--device cuda --dtype bf16 --out benchmarks/results/downscale_cuda``.
 """
@@ -18,80 +19,27 @@ from __future__ import annotations
 
 import argparse
 import csv
-import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from torch import Tensor
 
-from convrec import ConvRecEncoder
+from benchmarks.machine import cpu_model
+from benchmarks.ops.downscale import Shape
+from benchmarks.ops.spec import DTYPES, forward, make_step, provider_problem
+from benchmarks.registry import get
 from convrec.bench.measure import saved_tensor_bytes
-from convrec.ops import LevelParams, downscale
-from convrec.ops.dispatch import extension_status
 
-DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16}
-
-
-class Case:
-    """Inputs and level parameters of one benchmark shape (fixed seed)."""
-
-    def __init__(self, batch: int, length: int, d_model: int, device: str, dtype: torch.dtype):
-        torch.manual_seed(0)
-        encoder = ConvRecEncoder.for_length(length, d_model, dropout=0.1)
-        encoder = encoder.to(device=device, dtype=dtype)
-        self.levels = encoder.levels
-        self.heads = encoder.heads
-        self.strides = [s for _, s in encoder.levels]
-        self.params = [level.params() for level in encoder.stack]
-        self.leaves = [p for level in encoder.stack for p in level.parameters()]
-        self.x = torch.randn(batch, length, d_model, device=device, dtype=dtype)
-        self.x.requires_grad_()
-        self.mask = torch.ones(batch, length, dtype=torch.bool, device=device)
-        self.grad_out = torch.randn(batch, d_model, device=device, dtype=dtype)
-
-    def call(self, backend: str) -> Callable[[Tensor, list[LevelParams]], Tensor]:
-        """``(x, params) -> user vectors`` on ``backend``."""
-        strides, heads, mask = self.strides, self.heads, self.mask
-
-        def run(x: Tensor, params: list[LevelParams]) -> Tensor:
-            out = downscale(
-                x, params, strides, heads, mask, dropout=0.1, training=True, backend=backend
-            )
-            return out.user
-
-        return run
+BENCH = get("downscale")
+DEFAULT = next(iter(BENCH.shapes.values()))  # B and D of the registry's shapes
 
 
-def providers(device: str) -> dict[str, str]:
-    """Provider name -> backend; "compiled" is the reference under torch.compile."""
-    native = "cuda" if device == "cuda" else "cpp"
-    names = {"reference": "reference", "compiled": "reference"}
-    if extension_status() is None:
-        names[native] = native
-    return names
-
-
-def step_fn(case: Case, provider: str, backend: str) -> Callable[[], None]:
-    """One forward + backward of the op (gradients of x and all parameters, not accumulated)."""
-    fn = case.call(backend)
-    if provider == "compiled":
-        fn = torch.compile(fn, fullgraph=True, dynamic=False)
-    wrt = [case.x, *case.leaves]
-
-    def step() -> None:
-        user = fn(case.x, case.params)
-        torch.autograd.grad(user, wrt, case.grad_out)
-
-    return step
-
-
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
+def providers(device: torch.device) -> list[str]:
+    """The registry's providers that can run here (the extension only when built)."""
+    return [p for p in BENCH.providers if provider_problem(BENCH, p, device) is None]
 
 
 def measure(
@@ -104,31 +52,28 @@ def measure(
     warmup: int,
 ) -> list[dict]:
     """Rows (one per provider) for one length; providers interleaved within each repeat."""
-    case = Case(batch, length, d_model, device, dtype)
-    steps = {name: step_fn(case, name, backend) for name, backend in providers(device).items()}
+    where = torch.device(device)
+    inputs = BENCH.make_inputs(Shape(batch, length, d_model), where, dtype)
+    names = providers(where)
+    steps = {name: make_step(BENCH, name, inputs, "fwd+bwd") for name in names}
     for step in steps.values():
         for _ in range(warmup):
             step()
     times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(repeats):
-        for name, step in steps.items():
-            _sync(device)
+        for name, step in steps.items():  # each step synchronises the device itself
             start = time.perf_counter()
             step()
-            _sync(device)
             times[name].append(time.perf_counter() - start)
     rows = []
-    for name, backend in providers(device).items():
-        fn = case.call(backend)
-        if name == "compiled":
-            fn = torch.compile(fn, fullgraph=True, dynamic=False)
-        saved = saved_tensor_bytes(lambda f=fn: f(case.x, case.params), case.leaves)
+    for name in names:
+        saved = saved_tensor_bytes(forward(BENCH, name, inputs), inputs.parameters)
         rows.append(
             {
                 "L": length,
                 "B": batch,
                 "D": d_model,
-                "levels": " ".join(f"{k}/{s}" for k, s in case.levels),
+                "levels": inputs.info["levels"],
                 "provider": name,
                 "median_ms": statistics.median(times[name]) * 1e3,
                 "min_ms": min(times[name]) * 1e3,
@@ -139,24 +84,13 @@ def measure(
     return rows
 
 
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo (Linux), else what platform reports."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def markdown(rows: list[dict], command: str, device: str, dtype: str, repeats: int) -> str:
     """The side-by-side table: times, ratios against the extension, saved bytes."""
     native = "cuda" if device == "cuda" else "cpp"
     threads = torch.get_num_threads()
     lines = [
         f"`downscale` forward+backward, {device} {dtype}, torch {torch.__version__}, "
-        f"{threads} threads, {cpu_name()}; median of "
+        f"{threads} threads, {cpu_model()}; median of "
         f"{repeats} interleaved repeats (min..max). Training mode, dropout 0.1, all-real mask; "
         "gradients of x and all level parameters.",
         "",
@@ -181,15 +115,20 @@ def markdown(rows: list[dict], command: str, device: str, dtype: str, repeats: i
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--lengths", type=int, nargs="+", default=[50, 512, 4096])
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--d-model", type=int, default=64)
+    """``python -m benchmarks.downscale_table [flags]``: measure, print and write the table."""
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.downscale_table", description=__doc__.split("\n")[0]
+    )
+    lengths = [shape.length for shape in BENCH.shapes.values()]
+    parser.add_argument("--lengths", type=int, nargs="+", default=lengths)
+    parser.add_argument("--batch", type=int, default=DEFAULT.batch)
+    parser.add_argument("--d-model", type=int, default=DEFAULT.d_model)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     parser.add_argument("--repeats", type=int, default=11)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--out", default="benchmarks/results/downscale_cpu")
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     rows = []
     for length in args.lengths:
@@ -203,8 +142,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             args.warmup,
         )
         print(f"L={length} done", file=sys.stderr, flush=True)
-    command = " ".join(["python", "benchmarks/downscale_table.py", *(argv or sys.argv[1:])])
-    table = markdown(rows, command.strip(), args.device, args.dtype, args.repeats)
+    command = " ".join(["python -m benchmarks.downscale_table", *argv])
+    table = markdown(rows, command, args.device, args.dtype, args.repeats)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.with_suffix(".csv").open("w", newline="") as f:

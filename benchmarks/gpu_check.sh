@@ -44,11 +44,11 @@ step build 420 env CONVREC_CUDA=1 MAX_JOBS=16 "$python" -m pip install --no-buil
 step gpu_tests 420 "$python" -m pytest -q -x tests/test_downscale.py tests/test_gather_embed.py \
   tests/test_conv_pool.py tests/test_embed_conv_pool.py tests/test_encoder.py \
   tests/test_backends.py --junitxml="$out/gpu_tests.xml"
-step kernels 480 "$python" -m convrec bench kernels --out "$out/kernels"
-step downscale_bf16 240 "$python" benchmarks/downscale_table.py --device cuda --dtype bf16 \
+step kernels 480 "$python" -m benchmarks.kernels --out "$out/kernels"
+step downscale_bf16 240 "$python" -m benchmarks.downscale_table --device cuda --dtype bf16 \
   --out "$out/downscale_cuda_bf16"
-step downscale_fp32 240 "$python" benchmarks/downscale_table.py --device cuda --dtype fp32 \
+step downscale_fp32 240 "$python" -m benchmarks.downscale_table --device cuda --dtype fp32 \
   --out "$out/downscale_cuda_fp32"
-step scaling 600 "$python" -m convrec bench scaling --device cuda --budget 60 --repeats 5 \
+step scaling 600 "$python" -m benchmarks.scaling --device cuda --budget 60 --repeats 5 \
   --out "$out/scaling_cuda" --no-progress
 cat "$status"

@@ -4,7 +4,7 @@ A Beauty-sized catalogue (12,101 items, 637 attributes, 3-4 per item), batches o
 histories of length 50, D = 64, top-10 with seen items excluded. Weights are random (speed does
 not depend on training). Writes CSV + Markdown to --out.
 
-    python benchmarks/serving_throughput.py --out benchmarks/results
+    python -m benchmarks.serving_throughput --out benchmarks/results
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def main() -> None:
         "",
         f"ConvRec serves {ratio:.2f}x the requests per second of SASRec.",
         "",
-        f"Command: `python {' '.join(sys.argv)}`",
+        f"Command: `python -m benchmarks.serving_throughput {' '.join(sys.argv[1:])}`",
     ]
     text = "\n".join(lines) + "\n"
     print(text)

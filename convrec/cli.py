@@ -8,9 +8,6 @@ import pathlib
 import sys
 import tempfile
 
-from convrec.bench import accuracy as bench_accuracy
-from convrec.bench import kernels as bench_kernels
-from convrec.bench import scaling as bench_scaling
 from convrec.training.config import CONVREC_READOUTS, TrainConfig
 
 
@@ -244,9 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-progress", action="store_true")
     demo.set_defaults(run=_demo)
 
-    bench = commands.add_parser("bench", help="benchmarks").add_subparsers(
-        dest="bench", required=True
-    )
+    bench = commands.add_parser(
+        "bench", help="benchmarks (research ones: python -m benchmarks.<name> in a checkout)"
+    ).add_subparsers(dest="bench", required=True)
     encoder = bench.add_parser(
         "encoder",
         help="forward+backward time and saved-activation bytes, ConvRecEncoder vs SASRec",
@@ -258,9 +255,6 @@ def build_parser() -> argparse.ArgumentParser:
     encoder.add_argument("--seed", type=int, default=0)
     encoder.add_argument("--out", help="also write encoder_cpu.csv and .md into this folder")
     encoder.set_defaults(run=_bench_encoder)
-    bench_scaling.add_parser(bench)
-    bench_kernels.add_parser(bench)
-    bench_accuracy.add_parser(bench)
     return parser
 
 

@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from convrec.bench.accuracy import collect, load_plan, run_folder, run_plans, write_report
+from benchmarks.accuracy import collect, load_plan, run_folder, run_plans, write_report
 
 PLAN = """
 dataset = "Toy"
@@ -174,7 +174,7 @@ def test_bad_plans_name_the_problem(tmp_path: pathlib.Path) -> None:
 def test_a_locked_run_is_left_to_its_owner(tmp_path: pathlib.Path) -> None:
     import fcntl
 
-    from convrec.bench.accuracy import _train_one
+    from benchmarks.accuracy import _train_one
 
     _toy_data(tmp_path / "data")
     (tmp_path / "toy.toml").write_text(PLAN)
@@ -188,17 +188,29 @@ def test_a_locked_run_is_left_to_its_owner(tmp_path: pathlib.Path) -> None:
 
 
 def test_command_line_names_bad_selections(tmp_path: pathlib.Path) -> None:
-    from convrec.cli import main
+    from benchmarks.accuracy import main
 
     (tmp_path / "toy.toml").write_text(PLAN)
     plan = str(tmp_path / "toy.toml")
-    common = ["bench", "accuracy", plan, "--data-root", str(tmp_path), "--runs", str(tmp_path)]
+    common = [plan, "--data-root", str(tmp_path), "--runs", str(tmp_path)]
     with pytest.raises(SystemExit, match="no model or variant named bert"):
         main([*common, "--only", "bert"])
     with pytest.raises(SystemExit, match="no plan has seed 7"):
         main([*common, "--seeds", "7"])
     with pytest.raises(SystemExit, match="--jobs and --threads must be >= 1, got 0"):
         main([*common, "--jobs", "0"])
+
+
+def test_data_root_defaults_beside_the_checkout(monkeypatch, tmp_path: pathlib.Path) -> None:
+    """$CONVREC_SHARED_DATA wins; without it, shared/data beside the checkout (not a path
+    relative to the installed package)."""
+    from benchmarks.accuracy import default_data_root
+
+    monkeypatch.setenv("CONVREC_SHARED_DATA", str(tmp_path))
+    assert default_data_root() == tmp_path
+    monkeypatch.delenv("CONVREC_SHARED_DATA")
+    checkout = pathlib.Path(__file__).resolve().parents[1]
+    assert default_data_root() == checkout.parent / "shared" / "data"
 
 
 @pytest.mark.parametrize(
@@ -235,19 +247,20 @@ def _live_children(pid: int) -> list[int]:
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
 def test_a_killed_benchmark_takes_its_workers_along(tmp_path: pathlib.Path) -> None:
-    """SIGTERM to the benchmark alone (``pkill -f "convrec bench"``) stops its training workers
-    too; before, an orphaned worker kept training and took the next queued run."""
+    """SIGTERM to the benchmark alone (``pkill -f benchmarks.accuracy``) stops its training
+    workers too; before, an orphaned worker kept training and took the next queued run."""
     _toy_data(tmp_path / "data")
     endless = PLAN.replace("epochs = 2", "epochs = 100000\npatience = 100000")
     (tmp_path / "toy.toml").write_text(endless)
     runs = tmp_path / "runs"
     script = (
         "import pathlib\n"
-        "from convrec.bench.accuracy import load_plan, run_plans\n"
+        "from benchmarks.accuracy import load_plan, run_plans\n"
         f"plan = load_plan({str(tmp_path / 'toy.toml')!r}, {str(tmp_path / 'data')!r})\n"
         f"run_plans([plan], pathlib.Path({str(runs)!r}), jobs=1, names=['convrec'], seeds=[0])\n"
     )
-    bench, workers = subprocess.Popen([sys.executable, "-c", script]), []
+    root = pathlib.Path(__file__).parents[1]  # where ``benchmarks`` imports from
+    bench, workers = subprocess.Popen([sys.executable, "-c", script], cwd=root), []
     try:
         deadline = time.monotonic() + 300
         while not list(runs.glob("*/*/log.csv")):  # a worker is training

@@ -3,7 +3,6 @@ pytest-benchmark JSON. No timing assertions (DESIGN.md section 5)."""
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
@@ -11,19 +10,9 @@ import math
 import pytest
 import torch
 
-from convrec.bench import kernels, scaling
-from convrec.bench.scaling_report import fit_slope
-from convrec.bench.scaling_worker import Config, metrics
-
-
-def _bench_command(argv: list[str]) -> None:
-    """Parse ``argv`` the way ``convrec bench ...`` will, and run it."""
-    parser = argparse.ArgumentParser(prog="convrec")
-    bench = parser.add_subparsers(dest="command").add_parser("bench").add_subparsers()
-    scaling.add_parser(bench)
-    kernels.add_parser(bench)
-    args = parser.parse_args(["bench", *argv])
-    args.run(args)
+from benchmarks import kernels, scaling
+from benchmarks.scaling_report import fit_slope
+from benchmarks.scaling_worker import Config, metrics
 
 
 @pytest.fixture
@@ -38,9 +27,9 @@ def _keep_threads():
 def test_sweep_writes_csv_plots_and_report(tmp_path) -> None:
     pytest.importorskip("matplotlib")
     cap_gib = 2048 / 2**30  # naive scores at B=2: 1 KiB at L=8, 4 KiB at L=16
-    _bench_command(
+    scaling.main(
         [
-            "scaling", "--lengths", "8", "16", "--batch-size", "2", "--d-model", "8",
+            "--lengths", "8", "16", "--batch-size", "2", "--d-model", "8",
             "--items", "30", "--repeats", "1", "--memory-cap-gib", str(cap_gib),
             "--threads", "1", "--out", str(tmp_path), "--no-progress", "--in-process",
         ]
@@ -75,7 +64,7 @@ def test_sweep_writes_csv_plots_and_report(tmp_path) -> None:
     for name in ("time_model.png", "memory_model.png", "time_encoder.png", "memory_encoder.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"]({name})" in report
-    assert "convrec bench scaling --device cpu --lengths 8 16" in report
+    assert "python -m benchmarks.scaling --device cpu --lengths 8 16" in report
     assert "ConvRec / attention" in report and "| 16 |" in report
 
 
@@ -145,10 +134,34 @@ def test_kernels_summary_from_json(tmp_path, capsys) -> None:
 
     path = tmp_path / "bench.json"
     path.write_text(json.dumps(data))
-    _bench_command(["kernels", "--from-json", str(path), "--out", str(tmp_path / "out")])
+    kernels.main(["--from-json", str(path), "--out", str(tmp_path / "out")])
     table = (tmp_path / "out" / "kernels.md").read_text()
     row = (
         "| conv_pool | B32 L512 fp32 | fwd | triton | 500 µs | 20 | 4.00x | 2.00x | 4.3 (0 %) | 2 |"
     )
     assert row in table
     assert "Test CPU" in table and table.strip() in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+def test_registry_inputs_run_the_reference(mode: str) -> None:
+    """Every op of the kernel-benchmark registry builds inputs its reference accepts, and the
+    fwd+bwd step differentiates every tensor it names."""
+    from benchmarks.ops.downscale import Shape
+    from benchmarks.ops.spec import PROVIDERS, make_step, provider_problem
+    from benchmarks.registry import REGISTRY, cases
+
+    assert set(REGISTRY) == {"gather_embed", "conv_pool", "embed_conv_pool", "downscale"}
+    assert {c[3] for c in cases()} <= set(PROVIDERS)
+    cpu = torch.device("cpu")
+    for bench in REGISTRY.values():
+        assert provider_problem(bench, "cuda", cpu) is not None
+        if mode not in bench.modes:
+            continue
+        shape = bench.tiny if bench.tiny is not None else Shape(2, 16, 8)
+        inputs = bench.make_inputs(shape, cpu, torch.float32)
+        assert inputs.wrt and all(t.requires_grad for t in inputs.wrt)
+        make_step(bench, "reference", inputs, mode)()
+        if bench.cost is not None:
+            cost = bench.cost(shape, 4, mode)
+            assert cost["bytes"] > 0 and cost["flops"] > 0

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import platform
 
 import torch
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU model from /proc/cpuinfo (Linux), else what ``platform`` reports."""
     try:
         with open("/proc/cpuinfo") as info:
             for line in info:
@@ -19,7 +21,7 @@ def _cpu_model() -> str:
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return "unknown CPU"
+    return platform.processor() or platform.machine() or "unknown CPU"
 
 
 def _version(package: str) -> str:
@@ -34,7 +36,7 @@ def machine_info(device: str) -> dict[str, str]:
     return {
         "torch": torch.__version__,
         "triton": _version("triton"),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "threads": f"{torch.get_num_threads()}/{os.cpu_count()}",
         "gpu": torch.cuda.get_device_name() if device == "cuda" else "",
     }

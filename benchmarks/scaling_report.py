@@ -8,15 +8,12 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-from convrec.bench.scaling_worker import ATTENTIONS
+from benchmarks.scaling_settings import Settings, series_label
+from benchmarks.scaling_worker import ATTENTIONS
 from convrec.schedule import schedule_for_length
-
-if TYPE_CHECKING:
-    from convrec.bench.scaling import Settings
 
 FLOOR_FACTOR = 10  # a point is past the fixed-overhead floor at >= 10x the series' minimum
 MIN_FIT_POINTS = 3
@@ -33,20 +30,13 @@ MEMORY_METRICS = {
 MIB = 2**20
 
 
-def series_label(scope: str, model: str, backend: str) -> str:
-    """ "ConvRec/cpp", "SASRec/sdpa", or "ConvRecEncoder/cpp", "SASRec-encoder/naive"."""
-    if scope == "encoder":
-        model = "ConvRecEncoder" if model == "ConvRec" else f"{model}-encoder"
-    return f"{model}/{backend}"
-
-
 def check_plotting() -> None:
     """Fail early, with the fix, when matplotlib is missing."""
     try:
         import matplotlib  # noqa: F401
     except ImportError:
         raise SystemExit(
-            "the scaling plots need matplotlib: pip install 'convrec[bench]' (or matplotlib)"
+            "the scaling plots need matplotlib: pip install matplotlib (or 'convrec[bench]')"
         ) from None
 
 

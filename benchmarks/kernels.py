@@ -1,10 +1,11 @@
-"""``convrec bench kernels``: run the operators' pytest-benchmark groups and summarise them.
+"""Run the ops' pytest-benchmark groups and summarise them in Markdown.
 
-The microbenchmarks are ``benchmarks/bench_<op>.py`` (helpers in ``benchmarks/kernel_bench.py``):
-one group per "<op> <shape> <mode>", one benchmark per provider ("reference" is the PyTorch
-reference in eager mode, "compiled" the same under ``torch.compile``, then the fast paths). This
-runs them with ``--benchmark-json`` and turns the JSON into a Markdown table of medians with the
-speedup of each provider over the eager reference of the same group.
+``python -m benchmarks.kernels`` (from the repository root, ``--help``) runs
+``benchmarks/bench_ops.py``, which times every case of ``benchmarks.registry``: one group per
+"<op> <shape> <dtype> <mode>", one benchmark per provider ("reference" is the PyTorch reference
+in eager mode, "compiled" the same under ``torch.compile``, then the fast paths). It writes the
+pytest-benchmark JSON and turns it into a Markdown table of medians with the speedup of each
+provider over the eager reference of the same group.
 """
 
 from __future__ import annotations
@@ -16,27 +17,29 @@ import pathlib
 import subprocess
 import sys
 
+from benchmarks.ops.spec import MODES, PROVIDERS
+
+BENCH_FILE = pathlib.Path(__file__).resolve().with_name("bench_ops.py")
+REPO_ROOT = BENCH_FILE.parents[1]
 REFERENCE = "reference"
 COMPILED = "compiled"
 COPY_CEILING_BYTES_PER_S = 4.3e12  # H200 device-to-device copy measured here (DESIGN.md)
-PROVIDER_ORDER = ("reference", "compiled", "triton", "cpp", "cuda")
-MODES = ("fwd", "fwd+bwd")
 
 
-def run_benchmarks(
-    bench_dir: pathlib.Path, json_path: pathlib.Path, select: str | None, interpret: bool
-) -> None:
-    """``pytest bench_dir --benchmark-only --benchmark-json=json_path``; raise if nothing ran."""
+def run_benchmarks(json_path: pathlib.Path, select: str | None, interpret: bool) -> None:
+    """``pytest benchmarks/bench_ops.py --benchmark-only --benchmark-json=json_path`` in the
+    repository root (so ``benchmarks`` imports); raise ``SystemExit`` if nothing ran."""
     command = [
-        sys.executable, "-m", "pytest", str(bench_dir), "--benchmark-only",
-        f"--benchmark-json={json_path}", "-o", "python_files=bench_*.py", "-q",
+        sys.executable, "-m", "pytest", str(BENCH_FILE), "--benchmark-only",
+        f"--benchmark-json={json_path.resolve()}", "-o", "python_files=bench_*.py", "-q",
+        "-p", "no:cacheprovider",
     ]  # fmt: skip
     if select:
         command += ["-k", select]
     env = os.environ | ({"CONVREC_BENCH_INTERPRET": "1"} if interpret else {})
-    code = subprocess.run(command, env=env).returncode
+    code = subprocess.run(command, env=env, cwd=REPO_ROOT).returncode
     if code == 5:
-        raise SystemExit(f"no benchmarks collected from {bench_dir}/bench_*.py")
+        raise SystemExit(f"no benchmarks collected from {BENCH_FILE}")
     if code != 0:
         raise SystemExit(f"the benchmarks failed (pytest exit code {code}): see the output above")
 
@@ -83,7 +86,7 @@ def summarise(data: dict) -> list[dict]:
         key = r.pop("key")
         for name, base in (("speedup", reference.get(key)), ("vs_compiled", compiled.get(key))):
             r[name] = None if base is None or r["median_s"] <= 0 else base / r["median_s"]
-    rank = {p: i for i, p in enumerate(PROVIDER_ORDER)}
+    rank = {p: i for i, p in enumerate(PROVIDERS)}
     rows.sort(key=lambda r: (r["op"], r["shape"], r["mode"], rank.get(r["provider"], 99)))
     return rows
 
@@ -132,28 +135,25 @@ def format_summary(rows: list[dict], data: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> None:
-    """The ``kernels`` subcommand: run (unless ``--from-json``), summarise, write Markdown."""
+    """Run the benchmarks (unless ``--from-json``), summarise them, write ``kernels.md``."""
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     json_path = pathlib.Path(args.from_json) if args.from_json else out / "kernels.json"
     if not args.from_json:
-        run_benchmarks(pathlib.Path(args.benchmarks), json_path, args.select, args.interpret)
+        run_benchmarks(json_path, args.select, args.interpret)
     data = json.loads(json_path.read_text())
     summary = format_summary(summarise(data), data)
     (out / "kernels.md").write_text(summary + "\n")
     print(summary)
 
 
-def add_parser(bench_subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register ``kernels`` under ``convrec bench``; the CLI calls ``args.run(args)``."""
-    p = bench_subparsers.add_parser(
-        "kernels",
-        help="run the operators' pytest-benchmark groups and summarise them in Markdown",
-        description="Runs benchmarks/bench_*.py with pytest-benchmark and writes a Markdown "
-        "table of medians and speedups over the eager PyTorch reference.",
-    )
-    p.add_argument(
-        "--benchmarks", default="benchmarks", help="folder of the bench_*.py files (benchmarks)"
+def build_parser() -> argparse.ArgumentParser:
+    """The flags of ``python -m benchmarks.kernels``."""
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.kernels",
+        description="Runs benchmarks/bench_ops.py (every case of benchmarks.registry) with "
+        "pytest-benchmark and writes a Markdown table of medians and speedups over the eager "
+        "PyTorch reference.",
     )
     p.add_argument(
         "--out",
@@ -170,5 +170,13 @@ def add_parser(bench_subparsers: argparse._SubParsersAction) -> argparse.Argumen
     p.add_argument(
         "--from-json", help="summarise this pytest-benchmark JSON instead of running anything"
     )
-    p.set_defaults(run=run)
     return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m benchmarks.kernels [flags]``."""
+    run(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

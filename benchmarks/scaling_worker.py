@@ -1,10 +1,10 @@
 """One configuration (scope, model, backend, L) of the scaling sweep, measured in this process.
 
-``convrec.bench.scaling`` starts ``python -m convrec.bench.scaling_worker CONFIG_JSON RESULTS``
-once per configuration: a fresh process makes each peak-RSS reading independent of the others
-and lets the sweep kill a configuration that runs away. Results go to a JSON-lines file, not to
-stdout (extensions may print there), one line per metric as soon as it is known, so a killed
-worker still leaves what it finished.
+``benchmarks.scaling`` starts ``python -m benchmarks.scaling_worker CONFIG_JSON RESULTS`` (in
+the repository root) once per configuration: a fresh process makes each peak-RSS reading
+independent of the others and lets the sweep kill a configuration that runs away. Results go
+to a JSON-lines file, not to stdout (extensions may print there), one line per metric as soon
+as it is known, so a killed worker still leaves what it finished.
 
 Phases, in order. The first call of each measures memory and is untimed (a warm-up), unless it
 takes at least ``LONG_CALL_S``: then one-time costs are negligible and it counts as a repeat.
@@ -29,9 +29,9 @@ from typing import TextIO
 
 import torch
 
+from benchmarks.peak_memory import peak_bytes
 from convrec.baselines.sasrec import SASRec, TransformerEncoder
 from convrec.bench.measure import median_spread, saved_tensor_bytes, time_call
-from convrec.bench.peak_memory import peak_bytes
 from convrec.encoder import ConvRecEncoder
 from convrec.model import ConvRec
 from convrec.schedule import schedule_for_length
