@@ -84,7 +84,7 @@ class CudaDevice {
 
   explicit CudaDevice(const Tensor& ref) : ref_(ref), guard_(ref.get_device_index()) {
     void* stream = nullptr;
-    STABLE_TORCH_ERROR_CODE_CHECK(
+    CONVREC_ERROR_CODE_CHECK(
         aoti_torch_get_current_cuda_stream(ref.get_device_index(), &stream));
     stream_ = static_cast<cudaStream_t>(stream);
   }

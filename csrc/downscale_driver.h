@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "downscale.h"
+#include "torch_compat.h"
 
 namespace convrec {
 
@@ -159,7 +160,7 @@ inline Tensor view2d(const Tensor& t, int64_t rows, int64_t cols) {
 inline void mm_out(const Tensor& out, const Tensor& a, const Tensor& b) {
   std::array<StableIValue, 3> stack{torch::stable::detail::from(a), torch::stable::detail::from(b),
                                     torch::stable::detail::from(out)};
-  STABLE_TORCH_ERROR_CODE_CHECK(
+  CONVREC_ERROR_CODE_CHECK(
       torch_call_dispatcher("aten::mm", "out", stack.data(), TORCH_ABI_VERSION));
   torch::stable::detail::to<Tensor>(stack[0]);  // release the returned reference to out
 }
