@@ -4,6 +4,7 @@ a model."""
 
 from __future__ import annotations
 
+import importlib.util
 import warnings
 
 import pytest
@@ -59,7 +60,7 @@ def assert_falls_back() -> None:
 
 def test_missing_extension_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
     """Whether or not this machine built convrec._C, a missing one behaves as documented."""
-    monkeypatch.setattr(dispatch, "extension_status", lambda: SIMULATED)
+    monkeypatch.setattr(dispatch, "extension_status", lambda device_type="cpu": SIMULATED)
     assert_falls_back()
 
 
@@ -87,7 +88,7 @@ def test_explicit_backend_error_reaches_the_user() -> None:
 
 
 def test_auto_warns_at_most_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(dispatch, "extension_status", lambda: SIMULATED)
+    monkeypatch.setattr(dispatch, "extension_status", lambda device_type="cpu": SIMULATED)
     dispatch.warn_once.cache_clear()
     encoder = ConvRecEncoder(8)
     with warnings.catch_warnings(record=True) as caught:
@@ -108,3 +109,21 @@ def test_a_refused_backend_changes_nothing() -> None:
     with pytest.raises(ValueError, match="kernel size 17 exceeds"):
         model.set_backend("triton")
     assert model.backend == model.encoder.backend == model.item_encoder.backend == "reference"
+
+
+def test_a_missing_part_of_the_build_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the build recorded (convrec/_build_status.json) reaches the user at first use."""
+    status = {
+        "parts": {"cpu": {"state": "built"}, "cuda": {"state": "failed", "detail": "nvcc: X"}},
+        "warning": "convrec._C: the CUDA part failed to build (nvcc: X)",
+    }
+    monkeypatch.setattr(dispatch.build_status, "read", lambda: status)
+    dispatch.extension_status.cache_clear()
+    try:
+        reason = dispatch.extension_status("cuda")
+        if importlib.util.find_spec("convrec._C") is not None:
+            assert reason == "convrec._C was built without its cuda part (failed: nvcc: X)"
+        else:
+            assert reason.endswith("its build said: " + status["warning"])
+    finally:
+        dispatch.extension_status.cache_clear()

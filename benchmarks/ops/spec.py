@@ -20,7 +20,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from convrec.ops.dispatch import extension_status, triton_status
+from convrec.ops.dispatch import BACKENDS, unavailable
 
 PROVIDERS = ("reference", "compiled", "triton", "cpp", "cuda")  # the order of report rows
 MODES = ("fwd", "fwd+bwd")
@@ -77,13 +77,8 @@ def provider_problem(bench: OpBench, provider: str, device: torch.device) -> str
     """None when ``provider`` can run ``bench`` on ``device``, else why not."""
     if provider not in bench.providers:
         return f"{bench.name} has no {provider!r} provider"
-    if provider == "triton":
-        return triton_status(device.type)
-    if provider in ("cpp", "cuda"):
-        wanted = "cpu" if provider == "cpp" else "cuda"
-        if device.type != wanted:
-            return f"provider {provider!r} runs on {wanted}, not {device.type}"
-        return extension_status()
+    if provider in BACKENDS:  # "compiled" is the reference under torch.compile
+        return unavailable(provider, device)
     return None
 
 

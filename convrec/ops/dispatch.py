@@ -29,6 +29,8 @@ from types import ModuleType
 import torch
 from torch import nn
 
+from convrec import build_status
+
 BACKENDS = ("auto", "reference", "triton", "cpp", "cuda")
 
 # The fast paths of each public op, in the order "auto" tries them.
@@ -53,12 +55,19 @@ def check_backend(name: str) -> str:
 
 
 @functools.cache
-def extension_status() -> str | None:
-    """None when ``convrec._C`` imports, else why not (cached: the answer cannot change)."""
+def extension_status(device_type: str = "cpu") -> str | None:
+    """None when ``convrec._C`` imports with its part for ``device_type``, else why not, with
+    what its build recorded (``convrec.build_status``; cached: the answer cannot change)."""
+    recorded = build_status.read() or {}
     try:
         importlib.import_module("convrec._C")
     except ImportError as error:
-        return f"the C++ extension convrec._C is not built ({error})"
+        note = f"; its build said: {recorded['warning']}" if recorded.get("warning") else ""
+        return f"the C++ extension convrec._C is not built ({error}){note}"
+    part = recorded.get("parts", {}).get(device_type, {})
+    if part.get("state", "built") != "built":
+        detail = f": {part['detail']}" if part.get("detail") else ""
+        return f"convrec._C was built without its {device_type} part ({part['state']}{detail})"
     return None
 
 
@@ -92,7 +101,7 @@ def unavailable(backend: str, device: torch.device) -> str | None:
         wanted = "cpu" if backend == "cpp" else "cuda"
         if device.type != wanted:
             return f"backend {backend!r} runs on {wanted} tensors, got {device.type} tensors"
-        return extension_status()
+        return extension_status(wanted)
     return None
 
 
