@@ -43,7 +43,7 @@ step build 420 env CONVREC_CUDA=1 MAX_JOBS=16 "$python" -m pip install --no-buil
   --no-deps --no-index -e .
 step gpu_tests 420 "$python" -m pytest -q -x tests/test_downscale.py tests/test_gather_embed.py \
   tests/test_conv_pool.py tests/test_embed_conv_pool.py tests/test_encoder.py \
-  tests/test_backends.py --junitxml="$out/gpu_tests.xml"
+  tests/test_dispatch.py --junitxml="$out/gpu_tests.xml"
 step kernels 480 "$python" -m benchmarks.kernels --out "$out/kernels"
 step downscale_bf16 240 "$python" -m benchmarks.downscale_table --device cuda --dtype bf16 \
   --out "$out/downscale_cuda_bf16"

@@ -8,7 +8,8 @@ import pathlib
 import sys
 import tempfile
 
-from convrec.training.config import CONVREC_READOUTS, TrainConfig
+from convrec.readouts import READOUTS
+from convrec.training.config import TrainConfig
 
 
 def _levels(text: str) -> list[list[int]]:
@@ -45,13 +46,18 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--input-dropout", type=float, default=s, help="convrec: on history item vectors (0)"
     )
-    for name, what in CONVREC_READOUTS.items():
-        p.add_argument(
-            "--" + name.replace("_", "-"),
-            action="store_true",
-            default=s,
-            help=f"convrec: add {what} to the user vector",
-        )
+    p.add_argument(
+        "--readout",
+        dest="readouts",
+        action="append",
+        choices=list(READOUTS),
+        default=s,
+        metavar="NAME",
+        help="convrec: add a readout's term to the user vector (repeatable): "
+        + "; ".join(
+            f"{name}: {spec.adds} (reads the {spec.reads})" for name, spec in READOUTS.items()
+        ),
+    )
     p.add_argument(
         "--faithful", action="store_true", default=s, help="the paper code's input block"
     )

@@ -145,7 +145,7 @@ class ConvRecEncoder(UsesBackend, nn.Module):
             mask = item_ids != 0
         backend = self.backend_for(tables.item.device)
         if backend != "triton":
-            x = gather_embed(item_ids, tables, mask)
+            x = gather_embed(item_ids, tables, mask, self.backend)
             return self(x, mask, return_levels)
         if self.fixed_length is not None:
             item_ids, mask = self._pad_to_fixed_length(item_ids, mask)

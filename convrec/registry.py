@@ -1,12 +1,15 @@
 """Rebuild a model from the spec a checkpoint stores (constructor name, kwargs, attribute index).
 
-Kept outside ``convrec.training`` so serving can load checkpoints without training code.
+Kept outside ``convrec.training`` so serving can load checkpoints without training code. Specs
+written before the readout registry (one boolean keyword per readout) are upgraded here; their
+state_dict keys are renamed by ``ConvRec`` itself when it loads them.
 """
 
 from __future__ import annotations
 
 from convrec.baselines.sasrec import SASRec
 from convrec.model import ConvRec
+from convrec.readouts import upgrade_flags
 from convrec.recommender import SequentialRecommender
 
 MODELS = {"convrec": ConvRec, "sasrec": SASRec}
@@ -18,4 +21,5 @@ def build_model(spec: dict) -> SequentialRecommender:
     attributes = None
     if spec["attr_offsets"] is not None:
         attributes = (spec["attr_offsets"], spec["attr_ids"])
-    return MODELS[spec["kind"]](**spec["kwargs"], item_attributes=attributes)
+    kwargs = upgrade_flags(spec["kwargs"]) if spec["kind"] == "convrec" else spec["kwargs"]
+    return MODELS[spec["kind"]](**kwargs, item_attributes=attributes)

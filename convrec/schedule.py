@@ -69,7 +69,7 @@ def schedule_for_length(
     Uses the fewest levels with kernels <= ``max_kernel`` (or exactly ``num_levels``), then the
     smallest stride product >= ``max_len`` (least padding), then the most even strides; strides
     grow with depth, as in the paper's (2, 5, 7). A product >= max_len means a history of
-    ``max_len`` items ends in a single position before the readout.
+    ``max_len`` items ends in a single position before the position mean.
     """
     if max_len < 1:
         raise ValueError(f"max_len must be >= 1, got {max_len}")

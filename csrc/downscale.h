@@ -387,9 +387,9 @@ struct EpilogueRow {
   }
 };
 
-// Readout of batch row b: mean over the last level's (real) positions.
+// Batch row b of the position mean: mean over the last level's (real) positions.
 template <typename T, typename A>
-struct ReadoutRow {
+struct PositionMeanRow {
   using acc = A;
   static constexpr int64_t scratch_rows = 1;  // D-vectors of scratch: the sum
   int64_t windows, d;
@@ -460,7 +460,7 @@ struct Partials {
 };
 
 // Backward epilogue of a level: gathers the gradient of the row's output (from the next level,
-// or the readout at the last level, plus a returned-level gradient), then LayerNorm, mix,
+// or the position mean at the last level, plus a returned-level gradient), then LayerNorm, mix,
 // dropout and GELU backward. Writes the pre-activation gradient (the GEMM's input gradient) and
 // the gradients of both pools; adds the parameter gradients to `part`.
 template <typename T, typename A>
@@ -479,9 +479,9 @@ struct EpilogueGradRow {
   const T* gamma;
   const A* stats;
   const bool* row_mask;
-  bool last;  // last level: the output gradient comes from the readout
+  bool last;  // last level: the output gradient comes from the position mean
   const T* grad_user;  // (B, D) or nullptr (no gradient reached the user vector)
-  const A* denom;  // (B,): readout divisors
+  const A* denom;  // (B,): position-mean divisors
   WindowGrads<T, A> next;  // the next level's gradients, when not last
   const T* grad_plain;  // (rows, D) gradient of a returned level output, or nullptr
   T* grad_pre;

@@ -34,7 +34,7 @@ using ForwardOut = std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>>;
 using BackwardOut =
     std::tuple<Tensor, Tensor, std::vector<Tensor>, Tensor, Tensor, Tensor, Tensor, Tensor>;
 
-// Entries the forward saves per level, in this order, then the readout divisors.
+// Entries the forward saves per level, in this order, then the position-mean divisors.
 constexpr int kSavedPerLevel = 6;
 enum SavedSlot { kWin = 0, kPre, kPooled, kResPooled, kRowStats, kRowMask };
 
@@ -268,10 +268,10 @@ ForwardOut forward_levels(Dev& dev, const Geometry& g, const Tensor& x,
   const Level& end = g.levels[m - 1];
   Tensor user = torch::stable::new_empty(x, {batch, d});
   Tensor denom = torch::stable::new_empty(x, {batch}, acc);
-  ReadoutRow<T, A> readout{end.windows, d, ptr<T>(levels.back()),
-                           mask_aware ? ptr<bool>(prev_mask) : nullptr, ptr<T>(user),
-                           ptr<A>(denom)};
-  dev.rows(batch, d, readout);
+  PositionMeanRow<T, A> position_mean{end.windows, d, ptr<T>(levels.back()),
+                                      mask_aware ? ptr<bool>(prev_mask) : nullptr, ptr<T>(user),
+                                      ptr<A>(denom)};
+  dev.rows(batch, d, position_mean);
   saved.push_back(denom);
   return {user, levels, saved};
 }

@@ -11,6 +11,7 @@ import pytest
 
 from convrec.checkpoint_file import load_checkpoint
 from convrec.cli import main
+from convrec.readouts import READOUTS
 
 TINY = {"num_users": 120, "num_items": 300, "mean_length": 10, "max_length": 30, "seed": 4}
 
@@ -32,11 +33,11 @@ def run(tmp_path_factory) -> pathlib.Path:
             "--no-progress",
             "--input-dropout",
             "0.1",
-            "--last-item-skip",
-            "--last-item-transition",
-            "--last-item-mlp",
-            "--last-item-table",
-            "--attention-readout",
+            *("--readout", "attention"),
+            *("--readout", "last_item_skip"),
+            *("--readout", "last_item_transition"),
+            *("--readout", "last_item_mlp"),
+            *("--readout", "last_item_table"),
         ]
     )
     return folder / "out"
@@ -45,9 +46,8 @@ def run(tmp_path_factory) -> pathlib.Path:
 def test_train_respects_config_and_flags(run: pathlib.Path) -> None:
     saved = load_checkpoint(run / "last.pt")["config"]
     assert saved["d_model"] == 16 and saved["epochs"] == 2  # the flag beats the file
-    assert saved["input_dropout"] == 0.1 and saved["last_item_skip"]
-    assert saved["last_item_transition"] and saved["last_item_mlp"] and saved["last_item_table"]
-    assert saved["attention_readout"]
+    assert saved["input_dropout"] == 0.1
+    assert saved["readouts"] == list(READOUTS)  # in the registry's order
 
 
 def test_evaluate_reproduces_metrics_json(run: pathlib.Path, capsys) -> None:

@@ -1,6 +1,7 @@
 """The ``convrec._C`` downscale op against the reference: values and every gradient under the
-DESIGN.md tolerance rule, odd shapes, masks, residual input, returned levels, dropout with the
-same randomness, gradcheck, opcheck, torch.compile, the encoder, errors; CUDA when present."""
+tolerance rule of docs/design.md section 4, odd shapes, masks, residual input, returned levels,
+dropout with the same randomness, gradcheck, opcheck, torch.compile, the encoder, errors; CUDA
+when present."""
 
 from __future__ import annotations
 

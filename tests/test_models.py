@@ -155,19 +155,20 @@ def _without(model: ConvRec, extra: str, **kwargs) -> ConvRec:
 def test_convrec_last_item_skip(attribute_lists, backend: str) -> None:
     """user = levels' output + g * (newest history item's vector), on the fused path too."""
     kwargs = dict(d_model=16, item_attributes=attribute_lists, mask_aware=True)
-    model = ConvRec(30, last_item_skip=True, backend=backend, **kwargs).eval()
+    model = ConvRec(30, readouts=["last_item_skip"], backend=backend, **kwargs).eval()
+    gate = model.readouts["last_item_skip"].gate
     with torch.no_grad():
-        model.last_item_gate.normal_()
-    plain = _without(model, "last_item_gate", backend="reference", **kwargs)
+        gate.normal_()
+    plain = _without(model, "readouts.", backend="reference", **kwargs)
     ids = _histories()
     ids[3] = 0  # an all-padding row: nothing to add
     newest = plain.item_encoder(ids, ids != 0)[:, -1]
-    expected = plain.encode(ids) + model.last_item_gate * newest
+    expected = plain.encode(ids) + gate * newest
     torch.testing.assert_close(model.encode(ids), expected, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(model.encode(ids)[3], plain.encode(ids)[3], rtol=1e-4, atol=1e-4)
     model.train()
     F.cross_entropy(model.score(ids[:3]), torch.tensor([1, 2, 3])).backward()
-    assert model.last_item_gate.grad is not None and model.last_item_gate.grad.abs().sum() > 0
+    assert gate.grad is not None and gate.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
@@ -177,25 +178,28 @@ def test_convrec_last_item_maps(attribute_lists, backend: str, readout: str) -> 
     the fused path too; the map's output starts at zero, so the model starts as the one
     without it."""
     kwargs = dict(d_model=16, item_attributes=attribute_lists, mask_aware=True)
-    model = ConvRec(30, **{readout: True}, backend=backend, **kwargs).eval()
-    mapping = getattr(model, readout)
+    model = ConvRec(30, readouts=[readout], backend=backend, **kwargs).eval()
+    mapping = model.readouts[readout]
     ids = _histories()
     ids[3] = 0
-    plain = _without(model, f"{readout}.", backend="reference", **kwargs)
+    plain = _without(model, "readouts.", backend="reference", **kwargs)
     torch.testing.assert_close(model.encode(ids), plain.encode(ids), rtol=1e-4, atol=1e-4)
     with torch.no_grad():
         for parameter in mapping.parameters():
             parameter.normal_()
-    newest = (
-        ids[:, -1] if readout == "last_item_table" else plain.item_encoder(ids, ids != 0)[:, -1]
-    )
-    expected = plain.encode(ids) + mapping(newest)
+    newest = plain.item_encoder(ids, ids != 0)[:, -1]
+    term = {
+        "last_item_transition": lambda: newest @ mapping.map.weight.T,
+        "last_item_mlp": lambda: mapping.mlp(newest),
+        "last_item_table": lambda: mapping.table.weight[ids[:, -1]],
+    }[readout]()
+    expected = plain.encode(ids) + term
     torch.testing.assert_close(model.encode(ids), expected, rtol=1e-4, atol=1e-4)
     model.train()
     F.cross_entropy(model.score(ids[:3]), torch.tensor([1, 2, 3])).backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in mapping.parameters())
     if readout == "last_item_table":  # only the rows of the newest items learn
-        assert set(mapping.weight.grad.abs().sum(1).nonzero().flatten().tolist()) == set(
+        assert set(mapping.table.weight.grad.abs().sum(1).nonzero().flatten().tolist()) == set(
             ids[:3, -1].tolist()
         )
 
@@ -204,13 +208,16 @@ def test_convrec_last_item_maps(attribute_lists, backend: str, readout: str) -> 
 def test_convrec_attention_readout(attribute_lists, backend: str) -> None:
     """user = u + out(softmax over real slots of q(u) . x / sqrt(D) @ x), u = levels + skip,
     on the fused path too; an all-padding history adds nothing."""
-    kwargs = dict(d_model=16, item_attributes=attribute_lists, mask_aware=True, last_item_skip=True)
-    model = ConvRec(30, attention_readout=True, backend=backend, **kwargs).eval()
+    kwargs = dict(d_model=16, item_attributes=attribute_lists, mask_aware=True)
+    skip = dict(kwargs, readouts=["last_item_skip"])
+    # given out of order: the terms are added in the registry's order all the same
+    model = ConvRec(30, readouts=["attention", "last_item_skip"], backend=backend, **kwargs).eval()
+    assert list(model.readouts) == ["last_item_skip", "attention"]
+    readout = model.readouts["attention"]
     with torch.no_grad():
-        model.last_item_gate.normal_()
-        model.attention_readout.out.weight.normal_()
-    readout = model.attention_readout
-    plain = _without(model, "attention_readout.", backend="reference", **kwargs)
+        model.readouts["last_item_skip"].gate.normal_()
+        readout.out.weight.normal_()
+    plain = _without(model, "readouts.attention.", backend="reference", **skip)
     ids = _histories()
     ids[3] = 0
     mask = ids != 0
@@ -235,8 +242,8 @@ def test_convrec_attention_readout(attribute_lists, backend: str) -> None:
 def test_attention_readout_starts_as_the_model_without_it(attribute_lists) -> None:
     kwargs = dict(d_model=16, item_attributes=attribute_lists, backend="reference")
     torch.manual_seed(0)
-    model = ConvRec(30, attention_readout=True, **kwargs).eval()
-    plain = _without(model, "attention_readout.", **kwargs)
+    model = ConvRec(30, readouts=["attention"], **kwargs).eval()
+    plain = _without(model, "readouts.", **kwargs)
     ids = _histories()
     torch.testing.assert_close(model.encode(ids), plain.encode(ids))
 

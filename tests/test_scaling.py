@@ -1,5 +1,5 @@
 """The scaling sweep writes a well-formed CSV, plots and report; the kernel summary reads
-pytest-benchmark JSON. No timing assertions (DESIGN.md section 5)."""
+pytest-benchmark JSON. No timing assertions (docs/design.md section 4)."""
 
 from __future__ import annotations
 

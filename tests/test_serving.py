@@ -1,6 +1,5 @@
 """Exports (torch.export, ONNX) and the Recommender agree with the eager model, on history
-lengths the export never saw, for ConvRec (plain, and with the last-item skip and the attention
-readout) and SASRec."""
+lengths the export never saw, for ConvRec (plain, and with every readout) and SASRec."""
 
 from __future__ import annotations
 
@@ -12,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from convrec.cli import main
+from convrec.readouts import READOUTS
 from convrec.serving import Recommender, ServingModule
 from convrec.serving.checkpoint import load_model
 from convrec.training import TrainConfig, train
@@ -27,11 +27,7 @@ def checkpoint(request, tmp_path_factory) -> pathlib.Path:
     config = TrainConfig(
         synthetic=TINY,
         model=model,
-        last_item_skip=option == "readouts",
-        last_item_transition=option == "readouts",
-        last_item_mlp=option == "readouts",
-        last_item_table=option == "readouts",
-        attention_readout=option == "readouts",
+        readouts=list(READOUTS) if option == "readouts" else [],
         epochs=1,
         d_model=16,
         max_len=12,

@@ -72,12 +72,12 @@ def test_a_run_saved_before_a_setting_existed_resumes(tmp_path: pathlib.Path) ->
     """A setting missing from the saved configuration had its default when the run was saved."""
     train(_config(epochs=1), tmp_path, progress=False, echo=_quiet)
     last = load_checkpoint(tmp_path / "last.pt")
-    del last["config"]["attention_readout"]
+    del last["config"]["mask_aware"]
     save_checkpoint(tmp_path / "last.pt", last)
     summary = train(_config(epochs=2), tmp_path, resume=True, progress=False, echo=_quiet)
     assert summary["epochs_trained"] == 2
-    with pytest.raises(ValueError, match=r"attention_readout: False -> True"):
-        train(_config(attention_readout=True), tmp_path, resume=True, progress=False, echo=_quiet)
+    with pytest.raises(ValueError, match=r"mask_aware: False -> True"):
+        train(_config(mask_aware=True), tmp_path, resume=True, progress=False, echo=_quiet)
 
 
 def test_a_best_checkpoint_from_another_writer_is_refused(tmp_path: pathlib.Path) -> None:
@@ -143,12 +143,9 @@ def test_config_validation() -> None:
         TrainConfig(model="sasrec", train_sampling="all-positions", loss="sampled").check()
     with pytest.raises(ValueError, match="input_dropout is a ConvRec setting"):
         TrainConfig(model="sasrec", input_dropout=0.2).check()
-    with pytest.raises(ValueError, match="last_item_skip is a ConvRec setting"):
-        TrainConfig(model="sasrec", last_item_skip=True).check()
-    for name in ("last_item_transition", "last_item_mlp", "last_item_table"):
-        with pytest.raises(ValueError, match=f"{name} is a ConvRec setting"):
-            TrainConfig(model="sasrec", **{name: True}).check()
-    with pytest.raises(ValueError, match="attention_readout is a ConvRec setting"):
-        TrainConfig(model="sasrec", attention_readout=True).check()
+    with pytest.raises(ValueError, match="readouts are a ConvRec setting"):
+        TrainConfig(model="sasrec", readouts=["last_item_skip"]).check()
+    with pytest.raises(ValueError, match="unknown readout 'skip'; choose from last_item_skip"):
+        TrainConfig(readouts=["skip"]).check()
     with pytest.raises(ValueError, match=r"input_dropout must be in \[0, 1\), got 1.5"):
         TrainConfig(input_dropout=1.5).check()

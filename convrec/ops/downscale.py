@@ -1,4 +1,5 @@
-"""``downscale``: the whole level stack of the ConvRec encoder and its mean readout.
+"""``downscale``: the whole level stack of the ConvRec encoder and the mean over the last level's
+positions (the user vector; "readout" names the terms ``convrec.readouts`` adds to it).
 
 The reference below is the oracle for the C++/CUDA extension (``csrc/downscale*``) and the CPU
 fallback. Each level l computes, with r the long residual (r starts as the input):
@@ -63,7 +64,7 @@ def level_mix(
     return x
 
 
-def readout(x: Tensor, level_mask: Tensor | None) -> Tensor:
+def mean_over_positions(x: Tensor, level_mask: Tensor | None) -> Tensor:
     """Mean over positions (B, L, D) -> (B, D), only over masked-in positions given a mask."""
     if level_mask is None:
         return x.mean(1)
@@ -89,7 +90,7 @@ def downscale(
 
     "triton" runs each level's ``conv_pool`` as a Triton kernel and the rest in PyTorch.
     "cpp" / "cuda" run the whole stack in the ``convrec._C`` extension (``downscale_ext``);
-    with no levels there is nothing to fuse and the reference computes the readout.
+    with no levels there is nothing to fuse and the reference computes the position mean.
     """
     if len(params) != len(strides):
         raise ValueError(f"{len(params)} level parameter sets but {len(strides)} strides")
@@ -100,7 +101,7 @@ def downscale(
     if backend == "triton":
         conv = functools.partial(conv_pool, backend="triton")
         return downscale_reference(*args, residual=residual, conv_pool_fn=conv)
-    if not params:  # "cpp" / "cuda" with no level to fuse: only the readout is left
+    if not params:  # "cpp" / "cuda" with no level to fuse: only the position mean is left
         return downscale_reference(*args, residual=residual)
     user, levels = downscale_extension(*args, residual=residual)
     return DownscaleOutput(user, levels)
@@ -129,12 +130,12 @@ def downscale_reference(
     """Run every level on ``x`` (B, L, D) and read out the user vector (B, D).
 
     ``mask`` (B, L) bool (True = real item) zeroes padded inputs first. With ``mask_aware`` the
-    pools and the readout average only over real positions and windows with no real position
+    pools and the position mean average only over real positions and windows with no real position
     are zeroed at every level, so prepending padding changes nothing; otherwise (the paper's
     behaviour) padding counts as zeros in every average. Kernel sizes come from the conv weights.
     ``residual`` (B, L, D) is the long residual entering the first level given (default: x),
     which lets the stack continue after a first level computed elsewhere (the fused kernel);
-    with no levels the result is the readout of ``x``.
+    with no levels the result is the position mean of ``x``.
     """
     if mask is not None:
         x = x * mask.unsqueeze(-1).to(x.dtype)
@@ -148,4 +149,4 @@ def downscale_reference(
         x = level_mix(conv, pooled, residual, p, level_mask, dropout, training, eps)
         if return_levels:
             outputs.append(x)
-    return DownscaleOutput(readout(x, level_mask), outputs)
+    return DownscaleOutput(mean_over_positions(x, level_mask), outputs)

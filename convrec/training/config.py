@@ -5,17 +5,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-# ConvRec's optional readouts (our additions, not in the paper): setting -> what it adds to the
-# user vector. One list for the configuration check, the model factory and the CLI flags.
-CONVREC_READOUTS = {
-    "last_item_skip": "the gated newest item's vector",
-    "last_item_transition": "a learned (D, D) map of the newest item's vector",
-    "last_item_mlp": "an MLP (D -> 4D -> D) of the newest item's vector",
-    "last_item_table": "a learned row per newest item id",
-    "attention_readout": "one attention query per user over its history",
-}
+from convrec.readouts import readout_names, upgrade_flags
 
 
 @dataclass
@@ -35,11 +27,7 @@ class TrainConfig:
     blocks: int = 2  # sasrec
     dropout: float | None = None  # default 0.1 for convrec, 0.2 for sasrec
     input_dropout: float = 0.0  # convrec: on the history item vectors (sasrec: = dropout)
-    last_item_skip: bool = False  # convrec: newest item's vector added to the user vector
-    last_item_transition: bool = False  # convrec: a learned (D, D) map of it added too
-    last_item_mlp: bool = False  # convrec: a learned MLP of it added too
-    last_item_table: bool = False  # convrec: a learned row per newest item id added too
-    attention_readout: bool = False  # convrec: one query per user over its history
+    readouts: list[str] = field(default_factory=list)  # convrec: names in convrec.readouts
     mask_aware: bool = False
     faithful: bool = False
     use_attributes: bool = True
@@ -66,8 +54,9 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:
+        """Settings by name; the readout booleans of earlier versions become ``readouts``."""
         names = {f.name for f in dataclasses.fields(cls)}
-        values = {k.replace("-", "_"): v for k, v in values.items()}
+        values = upgrade_flags({k.replace("-", "_"): v for k, v in values.items()})
         unknown = sorted(set(values) - names)
         if unknown:
             raise ValueError(f"unknown configuration keys: {', '.join(unknown)}")
@@ -102,9 +91,9 @@ class TrainConfig:
             raise ValueError(
                 f"input_dropout is a ConvRec setting; {self.model}'s inputs use its dropout"
             )
-        for name in CONVREC_READOUTS:
-            if getattr(self, name) and self.model != "convrec":
-                raise ValueError(f"{name} is a ConvRec setting; {self.model} has no use for it")
+        self.readouts = list(readout_names(self.readouts))
+        if self.readouts and self.model != "convrec":
+            raise ValueError(f"readouts are a ConvRec setting; {self.model} has no use for them")
         if "/" not in self.select:
             raise ValueError(f"select must look like 'full/NDCG@10', got {self.select!r}")
         return self

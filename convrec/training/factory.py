@@ -6,7 +6,7 @@ import torch
 
 from convrec.data.dataset import SequenceDataset
 from convrec.schedule import DEFAULT_LEVELS
-from convrec.training.config import CONVREC_READOUTS, TrainConfig
+from convrec.training.config import TrainConfig
 
 
 def model_spec(config: TrainConfig, data: SequenceDataset) -> dict:
@@ -24,7 +24,7 @@ def model_spec(config: TrainConfig, data: SequenceDataset) -> dict:
             levels=[list(level) for level in (config.levels or DEFAULT_LEVELS)],
             mask_aware=config.mask_aware,
             input_dropout=config.input_dropout,
-            **{name: getattr(config, name) for name in CONVREC_READOUTS},
+            readouts=list(config.readouts),
             faithful=config.faithful,
             max_len=config.max_len if config.faithful else None,
             backend=config.backend,

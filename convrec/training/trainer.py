@@ -23,6 +23,7 @@ from convrec.data.dataset import SequenceDataset
 from convrec.data.load import load_dataset
 from convrec.data.splits import SequenceIndex, sampled_negatives
 from convrec.evaluation.protocols import NEGATIVES_SEED, PROTOCOLS, evaluate
+from convrec.readouts import upgrade_flags
 from convrec.registry import build_model
 from convrec.training.checkpoint import atomic_write, save_checkpoint, save_json
 from convrec.training.config import TrainConfig
@@ -156,7 +157,7 @@ def _tensorboard(out: pathlib.Path, echo: Callable[[str], None]):
 def _check_resumable(saved: dict, config: TrainConfig) -> None:
     """A setting the saved run lacks (added to ``TrainConfig`` since) had its default then."""
     now = config.to_dict()
-    saved = TrainConfig().to_dict() | saved
+    saved = TrainConfig().to_dict() | upgrade_flags(saved)
     changed = [k for k in now if k not in RESUMABLE_CHANGES and saved[k] != now[k]]
     if changed:
         details = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed)
