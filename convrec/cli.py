@@ -85,6 +85,12 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--time-budget", type=float, default=s, help="stop after this many seconds")
     p.add_argument("--seed", type=int, default=s)
     p.add_argument("--device", default=s, choices=["cpu", "cuda"])
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        default=s,
+        help="run the training step under torch.compile (CUDA graphs on CUDA)",
+    )
 
 
 def _train(args: argparse.Namespace) -> None:

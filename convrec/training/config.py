@@ -47,6 +47,7 @@ class TrainConfig:
     time_budget: float | None = None  # seconds of training before stopping early
     seed: int = 0
     device: str = "cpu"
+    compile: bool = False  # training step under torch.compile (CUDA graphs on CUDA)
     synthetic: dict | None = None  # options of the synthetic generator
 
     def to_dict(self) -> dict:

@@ -50,6 +50,18 @@ def load_training_data(config: TrainConfig) -> SequenceDataset:
     )
 
 
+def compile_for_training(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``model`` under ``torch.compile``, custom ops included (they have fake kernels and
+    autograd), with CUDA graphs on CUDA ("reduce-overhead"): a training step otherwise pays
+    for every small op it launches (docs/design.md section 7). Shapes are static: histories are
+    padded to ``max_len``, and the last, smaller batch of an epoch compiles once more. Inductor
+    draws dropout masks with its own generator, so a compiled run is as random as an eager one
+    but not the same draws (``torch._inductor.config.fallback_random`` makes them equal).
+    """
+    mode = "reduce-overhead" if device.type == "cuda" else None
+    return torch.compile(model, mode=mode, dynamic=False)
+
+
 def _epoch_seed(config: TrainConfig, epoch: int, stream: int) -> int:
     return (config.seed * 1_000_003 + epoch * 101 + stream) % 2**63
 
@@ -223,6 +235,8 @@ def _train(
     if group.world > 1:
         ids = [group.device.index] if group.device.type == "cuda" else None
         trained = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    if config.compile:
+        trained = compile_for_training(trained, group.device)
     params = sum(p.numel() for p in model.parameters())
     say(
         f"{config.model} on {data.name}: {data.num_users} users, {data.num_items} items, "
