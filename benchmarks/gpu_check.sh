@@ -1,23 +1,28 @@
 #!/usr/bin/env bash
-# The one prepared script for a machine with a CUDA GPU (the device tool's H200 image already
-# holds torch, triton, pytest, pytest-benchmark, hypothesis and matplotlib). Installs nothing from
-# the network: it builds convrec._C with its CUDA kernel in place, runs the GPU tests and the
-# kernel benchmarks, and writes CSV + Markdown into one folder:
+# The one prepared script for a lent CUDA machine (the device tool's H200 image holds torch,
+# triton, pytest, hypothesis and matplotlib; no network). In at most 8 minutes it builds
+# convrec._C with its CUDA kernel in place, runs the GPU tests, measures the encoder step table
+# (benchmarks/encoder_step.py) and one Beauty training epoch of ConvRec (eager and --compile)
+# and of SASRec, and packs every log and result into ONE tarball (the machine hands back only a
+# few files):
 #
-#     bash benchmarks/gpu_check.sh "$OUT"      # default folder: benchmarks/results/gpu
+#     bash benchmarks/gpu_check.sh [DATA] [TARBALL]
 #
-# Each step has its own time limit and a failed step does not stop the next ones, so a short
-# device lease still returns what finished; status.md lists every step with its exit code.
-# STEPS="build gpu_tests kernels" runs only the named steps (environment always runs).
+# DATA holds s3rec/Beauty*.txt/json (default shared/data: copy ../shared/data/s3rec/Beauty* into
+# the checkout's ignored shared/ folder, which travels to the device); TARBALL defaults to
+# $OUT/gpu_check.tgz. Each step has a time limit and a failed step does not stop the next, so
+# the run always ends in time with what finished; status.md lists every step, its exit code
+# and seconds. STEPS="build encoder_step" runs only the named steps (environment always runs).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out=$(realpath -m "${1:-${OUT:-benchmarks/results/gpu}}")
-mkdir -p "$out"
+data=$(realpath -m "${1:-shared/data}")
+tarball=$(realpath -m "${2:-${OUT:-/tmp}/gpu_check.tgz}")
+work=$(mktemp -d)
 python=${PYTHON:-python3}
-status="$out/status.md"
+status="$work/status.md"
 printf '# gpu_check.sh steps\n\n| step | exit code | seconds |\n|---|---|---|\n' > "$status"
-
-steps=" ${STEPS:-environment build gpu_tests kernels downscale_bf16 downscale_fp32 scaling} "
+steps=" ${STEPS:-environment build gpu_tests encoder_step epoch_convrec epoch_convrec_compiled epoch_sasrec} "
+export OMP_NUM_THREADS=8 PYTHONUNBUFFERED=1
 
 step() {  # step NAME LIMIT_SECONDS COMMAND...
   local name=$1 limit=$2
@@ -28,27 +33,35 @@ step() {  # step NAME LIMIT_SECONDS COMMAND...
   fi
   local start=$SECONDS
   echo "=== $name (limit ${limit}s)"
-  timeout "$limit" "$@" > "$out/$name.log" 2>&1
+  timeout "$limit" "$@" > "$work/$name.log" 2>&1
   local code=$?
-  tail -n 5 "$out/$name.log"
+  tail -n 4 "$work/$name.log"
   echo "| $name | $code | $((SECONDS - start)) |" >> "$status"
 }
 
-step environment 60 bash -c "nvidia-smi; $python -c 'import torch, triton, sys; \
+epoch() {  # epoch NAME FLAGS...: one Beauty epoch on the GPU, its summary kept
+  local name=$1
+  shift
+  "$python" -m convrec train --data "$data/s3rec/Beauty" --device cuda --epochs 1 \
+    --no-progress --out "$work/$name" "$@" && cp "$work/$name/summary.json" "$work/$name.json"
+}
+
+# limits add up to 460 s: the whole run fits an 8-minute budget with the tarball
+step environment 10 bash -c "nvidia-smi; $python -c 'import torch, triton, sys; \
 print(sys.version); print(torch.__version__, torch.version.cuda, triton.__version__); \
 print(torch.cuda.get_device_name())'"
-# editable install without dependencies or index: the package and the
-# CUDA build of convrec._C (CONVREC_CUDA=1) against the image's torch
-step build 420 env CONVREC_CUDA=1 MAX_JOBS=16 "$python" -m pip install --no-build-isolation \
+step build 120 env CONVREC_CUDA=1 MAX_JOBS=16 "$python" -m pip install -v --no-build-isolation \
   --no-deps --no-index -e .
-step gpu_tests 420 "$python" -m pytest -q -x tests/test_downscale.py tests/test_gather_embed.py \
-  tests/test_conv_pool.py tests/test_embed_conv_pool.py tests/test_encoder.py \
-  tests/test_dispatch.py --junitxml="$out/gpu_tests.xml"
-step kernels 480 "$python" -m benchmarks.kernels --out "$out/kernels"
-step downscale_bf16 240 "$python" -m benchmarks.downscale_table --device cuda --dtype bf16 \
-  --out "$out/downscale_cuda_bf16"
-step downscale_fp32 240 "$python" -m benchmarks.downscale_table --device cuda --dtype fp32 \
-  --out "$out/downscale_cuda_fp32"
-step scaling 600 "$python" -m benchmarks.scaling --device cuda --budget 60 --repeats 5 \
-  --out "$out/scaling_cuda" --no-progress
+cp convrec/_build_status.json "$work/" 2>/dev/null
+step gpu_tests 90 "$python" -m pytest -q -x -p no:cacheprovider tests/test_downscale.py \
+  tests/test_dispatch.py tests/test_embed_conv_pool.py --junitxml="$work/gpu_tests.xml"
+step encoder_step 140 "$python" -m benchmarks.encoder_step --device cuda --budget-s 105 \
+  --out "$work/encoder_step"
+step epoch_convrec 35 epoch convrec --model convrec --train-sampling all-prefixes
+step epoch_convrec_compiled 45 epoch convrec_compiled --model convrec \
+  --train-sampling all-prefixes --compile
+step epoch_sasrec 25 epoch sasrec --model sasrec --train-sampling all-positions
 cat "$status"
+mkdir -p "$(dirname "$tarball")"
+tar czf "$tarball" -C "$work" .
+echo "wrote $tarball"

@@ -56,3 +56,42 @@ def test_cli_bench_encoder(capsys) -> None:
     )
     out = capsys.readouterr().out
     assert "| 6 | SASRec-2blk-sdpa |" in out
+
+
+def test_encoder_step_table(tmp_path) -> None:
+    """The GPU step table's script, run on the CPU: rows for every (series, L), a series that
+    cannot run here is marked, and the Markdown table has a cell for each."""
+    from benchmarks.encoder_step import main as encoder_step
+
+    args = ["--device", "cpu", "--lengths", "8", "20", "--dtypes", "fp32", "--batch", "2"]
+    args += ["--d-model", "8", "--repeats", "3", "--out", str(tmp_path)]
+    encoder_step([*args, "--series", "reference", "cuda", "sasrec-sdpa"])
+    lines = (tmp_path / "encoder_step.csv").read_text().splitlines()
+    assert lines[0].startswith("series,L,dtype,B,D,ms") and len(lines) == 1 + 3 * 2
+    rows = [line.split(",") for line in lines[1:]]
+    assert {r[0] for r in rows if r[10] == "ok"} == {"reference", "sasrec-sdpa"}
+    assert all(r[10] == "unavailable" for r in rows if r[0] == "cuda")
+    assert "| 20 | fp32 |" in (tmp_path / "encoder_step.md").read_text()
+
+
+def test_gpu_check_packs_one_tarball(tmp_path) -> None:
+    """The device script's plumbing, with no step selected: its status and nothing else lands
+    in the one tarball it promises."""
+    import subprocess
+    import sys
+    import tarfile
+
+    tarball = tmp_path / "gpu_check.tgz"
+    env = {"PATH": "/usr/bin:/bin", "PYTHON": sys.executable, "STEPS": "none"}
+    subprocess.run(
+        ["bash", "benchmarks/gpu_check.sh", str(tmp_path / "data"), str(tarball)],
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    with tarfile.open(tarball) as packed:
+        names = packed.getnames()
+        status = packed.extractfile("./status.md").read().decode()
+    assert "./environment.log" in names
+    assert "| build | skipped (STEPS) | 0 |" in status and "| epoch_sasrec | skipped" in status
