@@ -1,0 +1,265 @@
+"""``stream_downscale``: the level stack with windows anchored at the user's first event, so the
+user vector after every position comes out of one pass, and a new event updates a user in
+O(levels) work whatever the history length.
+
+``downscale`` anchors windows at the newest item: a new event shifts every window and nothing
+computed before survives. Here position t (0 = the user's first event) belongs to window
+``t // s`` of level 1, window w of level l - 1 to window ``w // s`` of level l: padding never
+shifts a window, and a prefix sees exactly the windows it would see alone. The newest window of
+each level is open: its missing slots read as zeros in the convolution, and the pools divide by
+what has arrived (``mask_aware``) or by the stride (the paper's zero padding). Each level is
+``downscale``'s level (``level_mix``: Linear, GELU, dropout, alpha / beta pooled residuals,
+LayerNorm); the user vector is the mean of the last level's windows so far.
+
+Kernel = stride only: windows then tile each level, and a closed window never changes. With
+kernel > stride a window would share inputs with the next one, and the open input would enter
+several windows of the same level; the streaming stack refuses such schedules (use kernel =
+stride, e.g. ``schedule_for_length(..., )`` levels, or the right-anchored ``downscale``).
+
+Three forms, each the oracle of the next:
+
+- ``stream_downscale_prefix``: the stack run on one history as it is (windows laid out left to
+  right, the last one open) -> one user vector per history;
+- ``stream_downscale_reference``: every prefix in one pass -> (B, L, D). At time t the open
+  element of level l - 1 is one version of a window that later closes; a closed element's
+  value is its version at its window's last time step. A level's open window is its closed
+  elements' per-offset conv terms and pool sums (an exclusive prefix sum inside each window)
+  plus the open element's term, so every level costs O(L) per row;
+- ``stream_push``: one event for a batch of users, from a ``StreamState`` of per-level running
+  sums: when an element closes its sums move up one level (a carry, as in a counter).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from convrec.ops.downscale import LevelParams, level_mix
+
+
+def check_stream_levels(params: Sequence[LevelParams], strides: Sequence[int]) -> None:
+    """Raise ``ValueError`` unless every level's kernel equals its stride."""
+    for level, (p, stride) in enumerate(zip(params, strides, strict=True)):
+        kernel = p.conv_weight.shape[-1]
+        if kernel != stride:
+            raise ValueError(
+                f"streaming needs kernel == stride at every level; level {level} has kernel "
+                f"{kernel}, stride {stride}"
+            )
+
+
+def left_align(x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Left-padded (B, L, D) histories moved so each starts at index 0 (zeros after the end),
+    and their lengths (B,). Real items must be contiguous and end at the last slot."""
+    length = mask.shape[1]
+    lengths = mask.sum(1)
+    index = torch.arange(length, device=x.device) + (length - lengths)[:, None]
+    inside = index < length
+    gathered = x.gather(1, index.clamp(max=length - 1)[..., None].expand(-1, -1, x.shape[-1]))
+    return gathered * inside[..., None].to(x.dtype), lengths
+
+
+def offset_conv(weight: Tensor, offsets: Tensor, inputs: Tensor, heads: int) -> Tensor:
+    """``sum_c W[:, c, offsets[n]] inputs[..., n, c]`` per group: the conv's term of inputs
+    sitting at window offsets ``offsets`` (N,), for ``inputs`` (B, N, D) -> (B, N, D)."""
+    d = inputs.shape[-1]
+    head_dim = d // heads
+    w = weight[:, :, offsets].view(heads, head_dim, head_dim, -1)  # [group, out, in, n]
+    grouped = inputs.view(*inputs.shape[:-1], heads, head_dim)
+    return torch.einsum("gacn,bngc->bnga", w, grouped).reshape(inputs.shape)
+
+
+def stream_downscale_prefix(
+    x: Tensor,
+    mask: Tensor,
+    params: Sequence[LevelParams],
+    strides: Sequence[int],
+    heads: int,
+    mask_aware: bool = False,
+    eps: float = 1e-5,
+) -> Tensor:
+    """User vectors (B, D) of left-padded histories ``x`` (B, L, D), ``mask`` (B, L), each as
+    the anchored stack sees it alone (eval mode: no dropout). An empty history gives zeros."""
+    check_stream_levels(params, strides)
+    x, lengths = left_align(x * mask[..., None].to(x.dtype), mask)
+    residual, arrived = x, lengths  # arrived: real elements of the current level's input
+    for p, stride in zip(params, strides, strict=True):
+        windows = -(-x.shape[1] // stride)
+        pad = windows * stride - x.shape[1]
+        x_pad, res_pad = F.pad(x, (0, 0, 0, pad)), F.pad(residual, (0, 0, 0, pad))
+        conv = F.conv1d(
+            x_pad.transpose(1, 2), p.conv_weight, p.conv_bias, stride=stride, groups=heads
+        )
+        slot = torch.arange(windows * stride, device=x.device)
+        counts = ((slot[None, :] < arrived[:, None]).view(-1, windows, stride)).sum(-1)
+        divisor = counts.clamp(min=1) if mask_aware else torch.full_like(counts, stride)
+        divisor = divisor[..., None].to(x.dtype)
+        pooled = x_pad.view(-1, windows, stride, x.shape[-1]).sum(2) / divisor
+        residual = res_pad.view(-1, windows, stride, x.shape[-1]).sum(2) / divisor
+        x = level_mix(conv.transpose(1, 2), pooled, residual, p, None, 0.0, False, eps)
+        arrived = -(-arrived // stride)
+        exists = (torch.arange(windows, device=x.device)[None, :] < arrived[:, None])[..., None]
+        x, residual = x * exists.to(x.dtype), residual * exists.to(x.dtype)
+    return x.sum(1) / arrived.clamp(min=1)[:, None].to(x.dtype)
+
+
+def stream_downscale_reference(
+    x: Tensor,
+    mask: Tensor,
+    params: Sequence[LevelParams],
+    strides: Sequence[int],
+    heads: int,
+    mask_aware: bool = False,
+    dropout: float = 0.0,
+    training: bool = False,
+    eps: float = 1e-5,
+) -> Tensor:
+    """(B, L, D): slot t of a left-padded history holds the user vector of the history up to
+    and including t (``stream_downscale_prefix`` of that prefix), zeros at padding; one pass.
+
+    In training every version of an open window draws its own dropout mask, and a closed
+    window keeps the mask of its last version.
+    """
+    check_stream_levels(params, strides)
+    length = x.shape[1]
+    version, lengths = left_align(x * mask[..., None].to(x.dtype), mask)
+    res_version = version  # the long residual enters level 1 as the input itself
+    time = torch.arange(length, device=x.device)
+    span = 1  # input elements of this level cover ``span`` positions each
+    for p, stride in zip(params, strides, strict=True):
+        element, final, final_res = _elements(version, res_version, span)
+        offsets = torch.arange(final.shape[1], device=x.device) % stride
+        conv_terms = offset_conv(p.conv_weight, offsets, final, heads)
+        closed_conv, closed_pool, closed_res = (
+            _exclusive_window_sum(t, stride)[:, element] for t in (conv_terms, final, final_res)
+        )
+        slot = element % stride  # the open element's offset inside its window
+        conv = p.conv_bias + closed_conv + offset_conv(p.conv_weight, slot, version, heads)
+        divisor = (slot + 1 if mask_aware else torch.full_like(slot, stride))[:, None]
+        divisor = divisor.to(x.dtype)
+        res_version = (closed_res + res_version) / divisor
+        pooled = (closed_pool + version) / divisor
+        version = level_mix(conv, pooled, res_version, p, None, dropout, training, eps)
+        span *= stride
+    element, final, _ = _elements(version, res_version, span)
+    closed = final.cumsum(1) - final  # every closed window of the last level, oldest first
+    user = (closed[:, element] + version) / (element + 1)[:, None].to(x.dtype)
+    return _right_align(user, lengths) * (time[None, :] >= length - lengths[:, None])[..., None]
+
+
+def _elements(version: Tensor, res_version: Tensor, span: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The element each time step is in (T,), and every element's final value and residual
+    (B, N, D): its version at its last time step (an element still open at the end of the
+    sequence gets a placeholder that no closed sum ever reads)."""
+    length = version.shape[1]
+    time = torch.arange(length, device=version.device)
+    count = -(-length // span)
+    ends = ((torch.arange(count, device=version.device) + 1) * span - 1).clamp(max=length - 1)
+    return time // span, version[:, ends], res_version[:, ends]
+
+
+def _exclusive_window_sum(terms: Tensor, stride: int) -> Tensor:
+    """``out[:, i] = sum of terms[:, j]`` over the earlier j of i's window of ``stride``."""
+    count = terms.shape[1]
+    windows = -(-count // stride)
+    padded = F.pad(terms, (0, 0, 0, windows * stride - count))
+    blocks = padded.view(terms.shape[0], windows, stride, terms.shape[-1])
+    return (blocks.cumsum(2) - blocks).view(terms.shape[0], -1, terms.shape[-1])[:, :count]
+
+
+def _right_align(values: Tensor, lengths: Tensor) -> Tensor:
+    """The inverse of ``left_align``: left-aligned (B, L, D) back to left-padded slots."""
+    length = values.shape[1]
+    index = torch.arange(length, device=values.device) - (length - lengths)[:, None]
+    return values.gather(1, index.clamp(min=0)[..., None].expand(-1, -1, values.shape[-1]))
+
+
+class StreamState(NamedTuple):
+    """What ``stream_push`` keeps per user: ``events`` (B,) so far, and per level (lists of
+    (B, D)): the closed conv terms, pool and residual sums of the open window, and the open
+    window's current output and residual; ``last`` (B, D) the newest input; ``top`` (B, D)
+    the sum of the last level's closed windows. (5 levels + 2) x D numbers per user."""
+
+    events: Tensor
+    closed_conv: list[Tensor]
+    closed_pool: list[Tensor]
+    closed_res: list[Tensor]
+    open_out: list[Tensor]
+    open_res: list[Tensor]
+    last: Tensor
+    top: Tensor
+
+
+def stream_state(batch: int, d_model: int, levels: int, like: Tensor) -> StreamState:
+    """The state of ``batch`` users without events (device and dtype of ``like``)."""
+
+    def zeros() -> Tensor:
+        return like.new_zeros(batch, d_model)
+
+    def per_level() -> list[Tensor]:
+        return [zeros() for _ in range(levels)]
+
+    events = torch.zeros(batch, dtype=torch.int64, device=like.device)
+    return StreamState(
+        events, per_level(), per_level(), per_level(), per_level(), per_level(), zeros(), zeros()
+    )
+
+
+def stream_push(
+    state: StreamState,
+    x: Tensor,
+    params: Sequence[LevelParams],
+    strides: Sequence[int],
+    heads: int,
+    mask_aware: bool = False,
+    eps: float = 1e-5,
+) -> tuple[Tensor, StreamState]:
+    """One new event per user: its vector ``x`` (B, D) -> (user vectors (B, D), new state).
+
+    Work per event is one level evaluation per level, whatever the history length (eval mode:
+    no dropout). When an element of level l - 1 closes (``events`` crosses a multiple of its
+    span) its final output and residual join the sums of level l's open window, or start a new
+    window there; the last level's closed windows add up in ``top``.
+    """
+    check_stream_levels(params, strides)
+    t = state.events
+    previous_out = [state.last, *state.open_out]  # level l's input: level l - 1's output
+    previous_res = [state.last, *state.open_res]
+    version, res_version = x, x
+    sums: tuple[list[Tensor], list[Tensor], list[Tensor]] = ([], [], [])
+    outs, ress = [], []
+    span = 1
+    for level, (p, stride) in enumerate(zip(params, strides, strict=True)):
+        element = t // span
+        slot = element % stride
+        new_element = ((t % span) == 0) & (t > 0)
+        keep = (new_element & (slot > 0))[:, None].to(x.dtype)  # the closed one joins
+        restart = (new_element & (slot == 0))[:, None].to(x.dtype)  # a new window begins
+        closed_final = previous_out[level]
+        term = offset_conv(p.conv_weight, (slot - 1) % stride, closed_final[None], heads)[0]
+        updated = []
+        for total, addition in zip(
+            (state.closed_conv[level], state.closed_pool[level], state.closed_res[level]),
+            (term, closed_final, previous_res[level]),
+            strict=True,
+        ):
+            updated.append((total + keep * addition) * (1 - restart))
+        for store, value in zip(sums, updated, strict=True):
+            store.append(value)
+        conv = p.conv_bias + updated[0] + offset_conv(p.conv_weight, slot, version[None], heads)[0]
+        divisor = (slot + 1 if mask_aware else torch.full_like(slot, stride))[:, None].to(x.dtype)
+        res_version = (updated[2] + res_version) / divisor
+        pooled = (updated[1] + version) / divisor
+        version = level_mix(conv, pooled, res_version, p, None, 0.0, False, eps)
+        outs.append(version)
+        ress.append(res_version)
+        span *= stride
+    window = t // span
+    closes = (((t % span) == 0) & (t > 0))[:, None].to(x.dtype)
+    top = state.top + closes * state.open_out[-1]
+    user = (top + version) / (window + 1)[:, None].to(x.dtype)
+    return user, StreamState(t + 1, *sums, outs, ress, x, top)
