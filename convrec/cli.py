@@ -61,6 +61,13 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--faithful", action="store_true", default=s, help="the paper code's input block"
     )
+    p.add_argument(
+        "--streaming",
+        action="store_true",
+        default=s,
+        help="convrec: windows anchored at the first event, so all-positions trains every "
+        "target of a window in one forward (levels need kernel = stride)",
+    )
     p.add_argument("--no-attributes", dest="use_attributes", action="store_false", default=s)
     p.add_argument(
         "--use-time", action="store_true", default=s, help="time context from timestamps"
@@ -72,7 +79,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
         "--train-sampling",
         default=s,
         choices=["random-cut", "all-prefixes", "all-positions"],
-        help="one target per user, every prefix, or every slot of a causal model (sasrec)",
+        help="one target per user, every prefix, or every slot of a causal model (sasrec, "
+        "or convrec --streaming)",
     )
     p.add_argument("--epochs", type=int, default=s, help=f"maximum epochs (default {d.epochs})")
     p.add_argument("--batch-size", type=int, default=s, help=f"default {d.batch_size}")

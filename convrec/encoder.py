@@ -20,6 +20,13 @@ from convrec.ops.downscale import LevelParams, downscale, downscale_backend, lev
 from convrec.ops.embed_conv_pool import embed_conv_pool
 from convrec.ops.gather_embed import gather_embed
 from convrec.ops.item_tables import ItemTables
+from convrec.ops.stream_downscale import (
+    StreamState,
+    check_stream_levels,
+    stream_downscale,
+    stream_push,
+    stream_state,
+)
 from convrec.schedule import DEFAULT_LEVELS, check_levels, schedule_for_length
 
 
@@ -54,7 +61,10 @@ class ConvRecEncoder(UsesBackend, nn.Module):
 
     Cost is linear in L. Padding per level is computed from the actual length of each call, so
     any L >= 1 works; ``fixed_length`` instead left-pads every input to that length (the paper
-    code's fixed-at-construction padding) and rejects longer ones. ``backend`` names the
+    code's fixed-at-construction padding) and rejects longer ones. ``streaming=True`` anchors
+    the windows at the first event instead of the newest (``ops.stream_downscale``; every level
+    needs kernel = stride): ``forward_positions`` then gives the user vector after every
+    position in one pass and ``push`` updates users one event at a time. ``backend`` names the
     implementation of ``ops.downscale`` (``convrec.ops.dispatch``; change it with
     ``convrec.ops.dispatch.set_backend``).
     """
@@ -69,6 +79,7 @@ class ConvRecEncoder(UsesBackend, nn.Module):
         backend: str = "auto",
         fixed_length: int | None = None,
         check_inputs: bool = False,
+        streaming: bool = False,
     ) -> None:
         super().__init__()
         if d_model < 1:
@@ -82,8 +93,10 @@ class ConvRecEncoder(UsesBackend, nn.Module):
         self.levels = check_levels(levels)
         self.d_model, self.heads, self.dropout = d_model, heads, dropout
         self.mask_aware, self.fixed_length = mask_aware, fixed_length
-        self.check_inputs = check_inputs
+        self.check_inputs, self.streaming = check_inputs, streaming
         self.stack = nn.ModuleList(ConvLevel(d_model, k, s, heads) for k, s in self.levels)
+        if streaming:
+            check_stream_levels(self._params(), self._strides())
         set_backend(self, backend)
 
     def check_backend_choice(self, name: str) -> None:
@@ -111,12 +124,16 @@ class ConvRecEncoder(UsesBackend, nn.Module):
         With ``return_levels`` also returns every level's output, (B, L_l, D) each.
         """
         check_sequence(x, self.d_model, mask, self.check_inputs)
+        if self.streaming:
+            if return_levels:
+                raise ValueError("a streaming encoder returns no level outputs")
+            return self.forward_positions(x, mask)[:, -1]
         if self.fixed_length is not None:
             x, mask = self._pad_to_fixed_length(x, mask)
         out = downscale(
             x,
-            [level.params() for level in self.stack],
-            [level.stride for level in self.stack],
+            self._params(),
+            self._strides(),
             self.heads,
             mask=mask,
             mask_aware=self.mask_aware,
@@ -127,6 +144,37 @@ class ConvRecEncoder(UsesBackend, nn.Module):
             backend=self.backend_for(x.device),
         )
         return (out.user, out.levels) if return_levels else out.user
+
+    def forward_positions(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Streaming encoders: (B, L, D) left-padded -> (B, L, D), slot t the user vector of the
+        history up to t (zeros at padding); real items contiguous up to the newest slot."""
+        if not self.streaming:
+            raise TypeError("only a streaming encoder (streaming=True) encodes every position")
+        check_sequence(x, self.d_model, mask, self.check_inputs)
+        if mask is None:
+            mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+        args = (x, mask, self._params(), self._strides(), self.heads, self.mask_aware)
+        return stream_downscale(
+            *args, self.dropout, self.training, self.stack[0].norm.eps, self.backend
+        )
+
+    def initial_state(self, batch: int, like: Tensor) -> StreamState:
+        """The ``push`` state of ``batch`` users without events (``like``'s device and dtype)."""
+        return stream_state(batch, self.d_model, len(self.stack), like)
+
+    def push(self, state: StreamState, x: Tensor) -> tuple[Tensor, StreamState]:
+        """Streaming encoders, eval mode: one new event's vector per user (B, D) -> their user
+        vectors (B, D) and the new state, at O(levels) cost whatever the history length."""
+        if not self.streaming:
+            raise TypeError("only a streaming encoder (streaming=True) updates a state")
+        args = (self._params(), self._strides(), self.heads, self.mask_aware)
+        return stream_push(state, x, *args, self.stack[0].norm.eps)
+
+    def _params(self) -> list[LevelParams]:
+        return [level.params() for level in self.stack]
+
+    def _strides(self) -> list[int]:
+        return [level.stride for level in self.stack]
 
     def forward_ids(
         self,
@@ -144,13 +192,12 @@ class ConvRecEncoder(UsesBackend, nn.Module):
         if mask is None:
             mask = item_ids != 0
         backend = self.backend_for(tables.item.device)
-        if backend != "triton":
+        if backend != "triton" or self.streaming:
             x = gather_embed(item_ids, tables, mask, self.backend)
             return self(x, mask, return_levels)
         if self.fixed_length is not None:
             item_ids, mask = self._pad_to_fixed_length(item_ids, mask)
-        params = [level.params() for level in self.stack]
-        strides = [level.stride for level in self.stack]
+        params, strides = self._params(), self._strides()
         eps = self.stack[0].norm.eps
         first = embed_conv_pool(
             item_ids,
@@ -202,5 +249,6 @@ class ConvRecEncoder(UsesBackend, nn.Module):
         return (
             f"d_model={self.d_model}, levels={self.levels}, heads={self.heads}, "
             f"dropout={self.dropout}, mask_aware={self.mask_aware}, backend={self.backend!r}"
+            + (", streaming=True" if self.streaming else "")
             + (f", fixed_length={self.fixed_length}" if self.fixed_length else "")
         )

@@ -26,7 +26,10 @@ class ConvRec(UsesBackend, SequentialRecommender):
     drops entries of the history item vectors in training (candidates are never dropped), the
     regulariser SASRec applies to its inputs. ``readouts`` names terms added to the user vector
     after the levels (``convrec.readouts.READOUTS``; not in the paper), e.g.
-    ``("last_item_skip", "last_item_transition")``.
+    ``("last_item_skip", "last_item_transition")``. ``streaming=True`` anchors the levels' windows
+    at the first event (``ConvRecEncoder(streaming=True)``), so one forward scores the next
+    item at every position (``score_positions``, training with ``all-positions``) and the
+    encoder's ``push`` updates a user per event; readouts must read only the newest item.
 
     ``backend`` (``convrec.ops.dispatch``; ``set_backend`` changes it) "triton" runs the item
     gather fused into level 1 (``ops.embed_conv_pool``) and the other levels and candidate
@@ -53,6 +56,7 @@ class ConvRec(UsesBackend, SequentialRecommender):
         mask_aware: bool = False,
         input_dropout: float = 0.0,
         readouts: Sequence[str] = (),
+        streaming: bool = False,
         faithful: bool = False,
         max_len: int | None = None,
         backend: str = "auto",
@@ -82,9 +86,17 @@ class ConvRec(UsesBackend, SequentialRecommender):
             mask_aware=mask_aware,
             fixed_length=max_len if faithful else None,
             check_inputs=check_inputs,
+            streaming=streaming,
         )
+        readouts = readout_names(readouts)
+        history = [name for name in readouts if READOUTS[name].reads != NEWEST]
+        if streaming and history:
+            raise ValueError(
+                f"streaming=True gives a user vector per position, which readout {history[0]!r} "
+                f"(it reads the {READOUTS[history[0]].reads}) cannot follow causally"
+            )
         self.readouts = nn.ModuleDict(
-            {name: READOUTS[name].build(d_model, num_items) for name in readout_names(readouts)}
+            {name: READOUTS[name].build(d_model, num_items) for name in readouts}
         )
         self.set_backend(backend)
         self.register_load_state_dict_pre_hook(_rename_legacy_readout_keys)
@@ -114,6 +126,25 @@ class ConvRec(UsesBackend, SequentialRecommender):
     def user_from_vectors(self, x: Tensor, item_ids: Tensor) -> Tensor:
         return self._add_readouts(self.encoder(x, item_ids != 0), x, item_ids)
 
+    def _encode_positions(
+        self, item_ids: Tensor, mask: Tensor, timestamps: Tensor | None
+    ) -> Tensor:
+        """Streaming models: (B, L, D), slot t the user vector of the history up to t, every
+        readout (all read the newest item) applied at each slot; one pass over the history."""
+        if not self.encoder.streaming:
+            raise TypeError(
+                "ConvRec encodes a history into one vector, not one per position: build it "
+                "with streaming=True, or train with train_sampling='all-prefixes' or 'random-cut'"
+            )
+        x = self.item_encoder(item_ids, mask, timestamps)
+        x = F.dropout(x, self.input_dropout, self.training)
+        users = self.encoder.forward_positions(x, mask)
+        if not self.readouts:
+            return users
+        batch, length, d = x.shape
+        slots = (users.reshape(-1, d), x.reshape(-1, 1, d), item_ids.reshape(-1, 1))
+        return self._add_readouts(*slots).view(batch, length, d) * mask[..., None].to(x.dtype)
+
     def _add_readouts(self, user: Tensor, x: Tensor, item_ids: Tensor) -> Tensor:
         """``user`` plus every readout's term, in the registry's order; ``x`` (B, L, D) zero at
         padding and ``item_ids`` (B, L) as in ``convrec.readouts.Readout``."""
@@ -124,9 +155,11 @@ class ConvRec(UsesBackend, SequentialRecommender):
     def _fused(self, device: torch.device) -> bool:
         """Whether level 1 runs as ``embed_conv_pool``: on Triton, for what the kernel covers.
 
-        The faithful block is a comparison mode, never fused, so it warns about nothing.
+        The faithful block and the streaming stack are never fused, so they warn about nothing.
         """
-        if self.faithful or self.encoder.backend_for(device) != "triton":
+        if self.faithful or self.encoder.streaming:
+            return False
+        if self.encoder.backend_for(device) != "triton":
             return False
         if self.training and self.input_dropout > 0:
             return False  # the dropped vectors must exist: see the class docstring

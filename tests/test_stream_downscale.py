@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from convrec import ConvRecEncoder
+from convrec import ConvRec, ConvRecEncoder
 from convrec.ops.stream_downscale import (
     stream_downscale_prefix,
     stream_downscale_reference,
@@ -106,3 +106,62 @@ def test_overlapping_windows_are_refused() -> None:
     params, strides, x, mask = _setup([(3, 2)], heads=1)
     with pytest.raises(ValueError, match="kernel == stride at every level; level 0 has kernel 3"):
         stream_downscale_reference(x, mask, params, strides, 1)
+
+
+# ---- the streaming encoder and model ----
+
+
+def test_streaming_model_scores_every_position_as_its_prefix(attribute_lists) -> None:
+    """``score_positions`` of ConvRec(streaming=True), newest-item readouts included, gives
+    each real slot the scores of ``score`` on the history cut at that slot."""
+    model = ConvRec(
+        30, d_model=8, levels=[(2, 2), (3, 3)], item_attributes=attribute_lists, dropout=0.0,
+        mask_aware=True, readouts=["last_item_skip", "last_item_transition"], streaming=True,
+    )  # fmt: skip
+    model = randomise(model.double()).eval()
+    ids = torch.randint(1, 31, (3, 9))
+    ids[1, :4] = 0
+    ids[2, :8] = 0
+    every = model.score_positions(ids)
+    row = 0
+    for b in range(ids.shape[0]):
+        for t in range(ids.shape[1]):
+            if ids[b, t] == 0:
+                continue
+            prefix = torch.zeros(1, ids.shape[1], dtype=torch.long)
+            prefix[0, ids.shape[1] - 1 - t :] = ids[b, : t + 1]
+            torch.testing.assert_close(every[row], model.score(prefix)[0], rtol=0, atol=1e-10)
+            row += 1
+    assert row == every.shape[0] == int((ids != 0).sum())
+
+
+def test_streaming_encoder_push_equals_forward() -> None:
+    encoder = randomise(ConvRecEncoder(8, [(2, 2), (2, 2)], dropout=0.0, streaming=True)).eval()
+    x = torch.randn(2, 7, 8)
+    every = encoder.forward_positions(x)
+    state = encoder.initial_state(2, x)
+    for t in range(7):
+        user, state = encoder.push(state, x[:, t])
+        torch.testing.assert_close(user, every[:, t], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(encoder(x), every[:, -1])
+
+
+def test_streaming_refuses_what_it_cannot_follow() -> None:
+    with pytest.raises(ValueError, match="level 0 has kernel 3, stride 2"):
+        ConvRecEncoder(8, [(3, 2)], streaming=True)
+    with pytest.raises(ValueError, match="readout 'attention'"):
+        ConvRec(30, d_model=8, readouts=["attention"], streaming=True)
+    with pytest.raises(TypeError, match="build it with streaming=True"):
+        ConvRec(30, d_model=8).score_positions(torch.tensor([[1, 2, 3]]))
+
+
+def test_streaming_training_runs_all_positions(tmp_path) -> None:
+    from convrec.training import TrainConfig, train
+
+    tiny = {"num_users": 80, "num_items": 200, "mean_length": 10, "max_length": 30, "seed": 2}
+    config = TrainConfig(
+        synthetic=tiny, epochs=1, d_model=8, max_len=12, levels=[[2, 2], [2, 2], [3, 3]],
+        streaming=True, train_sampling="all-positions", backend="reference",
+    )  # fmt: skip
+    summary = train(config, tmp_path, progress=False, echo=lambda _m: None)
+    assert summary["epochs_trained"] == 1 and 0 <= summary["test"]["full/NDCG@10"] <= 1

@@ -6,11 +6,21 @@ from convrec.ops.conv_pool import ConvPoolOutput, conv_pool, conv_pool_reference
 from convrec.ops.downscale import DownscaleOutput, LevelParams, downscale, downscale_reference
 from convrec.ops.embed_conv_pool import embed_conv_pool, embed_conv_pool_reference
 from convrec.ops.gather_embed import attribute_bags, gather_embed, gather_embed_reference
+from convrec.ops.item_tables import ItemTables
+from convrec.ops.stream_downscale import (
+    StreamState,
+    stream_downscale,
+    stream_downscale_reference,
+    stream_push,
+    stream_state,
+)
 
 __all__ = [
     "ConvPoolOutput",
     "DownscaleOutput",
+    "ItemTables",
     "LevelParams",
+    "StreamState",
     "attribute_bags",
     "conv_pool",
     "conv_pool_reference",
@@ -20,4 +30,8 @@ __all__ = [
     "embed_conv_pool_reference",
     "gather_embed",
     "gather_embed_reference",
+    "stream_downscale",
+    "stream_downscale_reference",
+    "stream_push",
+    "stream_state",
 ]

@@ -39,6 +39,7 @@ IMPLEMENTATIONS: dict[str, tuple[str, ...]] = {
     "conv_pool": ("triton",),
     "embed_conv_pool": ("triton",),
     "downscale": ("cuda", "cpp", "triton"),
+    "stream_downscale": (),
 }
 
 # The device type "auto" uses each fast path for.

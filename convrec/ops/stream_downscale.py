@@ -38,7 +38,27 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from convrec.ops.dispatch import resolve
 from convrec.ops.downscale import LevelParams, level_mix
+
+
+def stream_downscale(
+    x: Tensor,
+    mask: Tensor,
+    params: Sequence[LevelParams],
+    strides: Sequence[int],
+    heads: int,
+    mask_aware: bool = False,
+    dropout: float = 0.0,
+    training: bool = False,
+    eps: float = 1e-5,
+    backend: str = "reference",
+) -> Tensor:
+    """Dispatch (``convrec.ops.dispatch``; the reference is the only implementation so far) of
+    ``stream_downscale_reference``: (B, L, D), the user vector after every position."""
+    resolve("stream_downscale", backend, x.device)
+    args = (x, mask, params, strides, heads, mask_aware, dropout, training, eps)
+    return stream_downscale_reference(*args)
 
 
 def check_stream_levels(params: Sequence[LevelParams], strides: Sequence[int]) -> None:
@@ -63,14 +83,29 @@ def left_align(x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     return gathered * inside[..., None].to(x.dtype), lengths
 
 
-def offset_conv(weight: Tensor, offsets: Tensor, inputs: Tensor, heads: int) -> Tensor:
-    """``sum_c W[:, c, offsets[n]] inputs[..., n, c]`` per group: the conv's term of inputs
-    sitting at window offsets ``offsets`` (N,), for ``inputs`` (B, N, D) -> (B, N, D)."""
-    d = inputs.shape[-1]
-    head_dim = d // heads
-    w = weight[:, :, offsets].view(heads, head_dim, head_dim, -1)  # [group, out, in, n]
-    grouped = inputs.view(*inputs.shape[:-1], heads, head_dim)
-    return torch.einsum("gacn,bngc->bnga", w, grouped).reshape(inputs.shape)
+def offset_terms(weight: Tensor, inputs: Tensor, span: int, heads: int) -> Tensor:
+    """The conv's term of each input at its window offset: ``inputs`` (B, T, D) whose slot t
+    sits at offset ``(t // span) % k`` of its window -> ``W[:, :, offset] @ inputs[:, t]`` per
+    group, (B, T, D). Slots sharing an offset are laid side by side, so it is one batched
+    product per (group, offset)."""
+    batch, length, d = inputs.shape
+    kernel, head_dim = weight.shape[-1], d // heads
+    block = span * kernel
+    padded = F.pad(inputs, (0, 0, 0, -length % block))
+    grouped = padded.view(batch, -1, kernel, span, heads, head_dim)
+    w = weight.view(heads, head_dim, head_dim, kernel)  # [group, out, in, offset]
+    out = torch.einsum("bwosgc,gaco->bwosga", grouped, w)
+    return out.reshape(batch, -1, d)[:, :length]
+
+
+def offset_term_rows(weight: Tensor, offsets: Tensor, inputs: Tensor, heads: int) -> Tensor:
+    """``W[:, :, offsets[b]] @ inputs[b]`` per group for ``inputs`` (B, D), ``offsets`` (B,):
+    every offset's term in one product, then each row's taken (k is small)."""
+    batch, d = inputs.shape
+    kernel, head_dim = weight.shape[-1], d // heads
+    w = weight.view(heads, head_dim, head_dim, kernel)
+    every = torch.einsum("bgc,gaco->boga", inputs.view(batch, heads, head_dim), w)
+    return every.reshape(batch, kernel, d)[torch.arange(batch, device=inputs.device), offsets]
 
 
 def stream_downscale_prefix(
@@ -132,13 +167,12 @@ def stream_downscale_reference(
     span = 1  # input elements of this level cover ``span`` positions each
     for p, stride in zip(params, strides, strict=True):
         element, final, final_res = _elements(version, res_version, span)
-        offsets = torch.arange(final.shape[1], device=x.device) % stride
-        conv_terms = offset_conv(p.conv_weight, offsets, final, heads)
+        conv_terms = offset_terms(p.conv_weight, final, 1, heads)
         closed_conv, closed_pool, closed_res = (
             _exclusive_window_sum(t, stride)[:, element] for t in (conv_terms, final, final_res)
         )
         slot = element % stride  # the open element's offset inside its window
-        conv = p.conv_bias + closed_conv + offset_conv(p.conv_weight, slot, version, heads)
+        conv = p.conv_bias + closed_conv + offset_terms(p.conv_weight, version, span, heads)
         divisor = (slot + 1 if mask_aware else torch.full_like(slot, stride))[:, None]
         divisor = divisor.to(x.dtype)
         res_version = (closed_res + res_version) / divisor
@@ -240,7 +274,7 @@ def stream_push(
         keep = (new_element & (slot > 0))[:, None].to(x.dtype)  # the closed one joins
         restart = (new_element & (slot == 0))[:, None].to(x.dtype)  # a new window begins
         closed_final = previous_out[level]
-        term = offset_conv(p.conv_weight, (slot - 1) % stride, closed_final[None], heads)[0]
+        term = offset_term_rows(p.conv_weight, (slot - 1) % stride, closed_final, heads)
         updated = []
         for total, addition in zip(
             (state.closed_conv[level], state.closed_pool[level], state.closed_res[level]),
@@ -250,7 +284,7 @@ def stream_push(
             updated.append((total + keep * addition) * (1 - restart))
         for store, value in zip(sums, updated, strict=True):
             store.append(value)
-        conv = p.conv_bias + updated[0] + offset_conv(p.conv_weight, slot, version[None], heads)[0]
+        conv = p.conv_bias + updated[0] + offset_term_rows(p.conv_weight, slot, version, heads)
         divisor = (slot + 1 if mask_aware else torch.full_like(slot, stride))[:, None].to(x.dtype)
         res_version = (updated[2] + res_version) / divisor
         pooled = (updated[1] + version) / divisor

@@ -28,6 +28,7 @@ class TrainConfig:
     dropout: float | None = None  # default 0.1 for convrec, 0.2 for sasrec
     input_dropout: float = 0.0  # convrec: on the history item vectors (sasrec: = dropout)
     readouts: list[str] = field(default_factory=list)  # convrec: names in convrec.readouts
+    streaming: bool = False  # convrec: windows anchored at the first event (all-positions)
     mask_aware: bool = False
     faithful: bool = False
     use_attributes: bool = True
@@ -35,7 +36,7 @@ class TrainConfig:
     backend: str = "auto"
     loss: str = "full"  # full | sampled
     negatives: int = 100
-    train_sampling: str = "random-cut"  # random-cut | all-prefixes | all-positions (sasrec)
+    train_sampling: str = "random-cut"  # random-cut | all-prefixes | all-positions (causal)
     epochs: int = 200
     batch_size: int = 256
     lr: float = 1e-3
@@ -79,13 +80,15 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.train_sampling == "all-positions" and (
-            self.model != "sasrec" or self.loss != "full"
-        ):
+        causal = self.model == "sasrec" or self.streaming
+        if self.train_sampling == "all-positions" and (not causal or self.loss != "full"):
             raise ValueError(
                 "train_sampling='all-positions' needs a causal model and the full softmax "
-                f"(model='sasrec', loss='full'), got model={self.model!r}, loss={self.loss!r}"
+                "(model='sasrec', or convrec with streaming, and loss='full'), got "
+                f"model={self.model!r}, streaming={self.streaming}, loss={self.loss!r}"
             )
+        if self.streaming and self.model != "convrec":
+            raise ValueError(f"streaming is a ConvRec setting; {self.model} has no use for it")
         if not 0.0 <= self.input_dropout < 1.0:
             raise ValueError(f"input_dropout must be in [0, 1), got {self.input_dropout}")
         if self.input_dropout and self.model != "convrec":

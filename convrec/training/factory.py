@@ -25,6 +25,7 @@ def model_spec(config: TrainConfig, data: SequenceDataset) -> dict:
             mask_aware=config.mask_aware,
             input_dropout=config.input_dropout,
             readouts=list(config.readouts),
+            streaming=config.streaming,
             faithful=config.faithful,
             max_len=config.max_len if config.faithful else None,
             backend=config.backend,
