@@ -183,8 +183,10 @@ def _train(args: argparse.Namespace) -> None:
         if error.key in flags:
             flag = args.flag_names.get(error.key, error.key)
             message = str(error)
-            if message.startswith(error.key):
+            if message.startswith((f"{error.key} must", f"{error.key}=")):
                 message = flag + message[len(error.key) :]
+            else:
+                message = f"{flag}: {message}"
             raise ConfigError(error.key, message) from None
         if args.config:
             raise ConfigError(error.key, f"{args.config}: {error}") from None
@@ -347,8 +349,15 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("evaluate", help="metrics of a checkpoint")
     evaluate.add_argument("--checkpoint", required=True, help="best.pt or last.pt of a run")
     evaluate.add_argument("--data", help="dataset path (default: the one it was trained on)")
-    evaluate.add_argument("--protocol", default="both", choices=["full", "sampled", "both"])
-    evaluate.add_argument("--split", default="test", choices=["valid", "test"])
+    evaluate.add_argument(
+        "--protocol",
+        default="both",
+        choices=["full", "sampled", "both"],
+        help="full ranking, sampled negatives, or both (default)",
+    )
+    evaluate.add_argument(
+        "--split", default="test", choices=["valid", "test"], help="targets (default test)"
+    )
     evaluate.add_argument("--json", action="store_true", help="print JSON (as in metrics.json)")
     evaluate.set_defaults(run=_evaluate)
 
