@@ -53,7 +53,7 @@ def test_serving_refuses_a_pickle_that_runs_code(tmp_path, target) -> None:
 
 
 @pytest.mark.parametrize("command", ["recommend", "evaluate", "export"])
-def test_cli_refuses_a_pickle_that_runs_code(tmp_path, target, command) -> None:
+def test_cli_refuses_a_pickle_that_runs_code(tmp_path, target, command, capsys) -> None:
     path = _malicious(tmp_path / "evil.pt", target)
     out = str(tmp_path / "m.pt2")
     args = {
@@ -61,8 +61,13 @@ def test_cli_refuses_a_pickle_that_runs_code(tmp_path, target, command) -> None:
         "evaluate": ["evaluate", "--checkpoint", str(path)],
         "export": ["export", "--checkpoint", str(path), "--format", "torch-export", "--out", out],
     }[command]
-    with pytest.raises(CheckpointError, match="is refused"):
+    with pytest.raises(SystemExit) as info:
         main(args)
+    assert info.value.code == 3  # a bad input file, one line
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("convrec: error: ") and "is refused" in line
+    with pytest.raises(CheckpointError, match="is refused"):
+        main([*args, "--debug"])
     assert not target.exists()
 
 

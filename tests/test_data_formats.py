@@ -187,8 +187,11 @@ def test_movielens_dat_and_csv_layouts(tmp_path: pathlib.Path) -> None:
 
 
 def test_unknown_format(tmp_path: pathlib.Path) -> None:
-    with pytest.raises(ValueError, match="cannot tell the format"):
+    with pytest.raises(FileNotFoundError, match=r"dataset .*nothing does not exist"):
         load_dataset(tmp_path / "nothing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="cannot tell the format"):
+        load_dataset(tmp_path / "empty")
     with pytest.raises(ValueError, match="unknown format 'parquet'"):
         load_dataset(tmp_path, "parquet")
 

@@ -13,10 +13,26 @@ from convrec.data.synthetic import synthetic_dataset
 FORMATS = ("auto", "s3rec", "recbole", "movielens", "synthetic")
 
 
+def check_data_path(path: str | pathlib.Path) -> None:
+    """Raise ``FileNotFoundError`` (one line) when nothing a loader could read is at ``path``:
+    neither the path itself nor an S3-Rec prefix (``PATH.txt``) or RecBole one (``PATH.inter``).
+    Given an S3-Rec sequence file (``Beauty.txt``), it names the prefix to pass instead."""
+    if str(path) == "synthetic":
+        return
+    p = pathlib.Path(path)
+    if p.suffix == ".txt" and p.is_file() and not p.with_name(p.name + ".txt").is_file():
+        raise FileNotFoundError(
+            f"{path} is an S3-Rec sequence file: pass its prefix, {p.with_suffix('')}"
+        )
+    if not (p.exists() or any(p.with_name(p.name + s).is_file() for s in (".txt", ".inter"))):
+        raise FileNotFoundError(f"dataset {path} does not exist")
+
+
 def detect_format(path: str | pathlib.Path) -> str:
     """Name the format of ``path`` from the files present, or raise naming what was expected."""
     if str(path) == "synthetic":
         return "synthetic"
+    check_data_path(path)
     p = pathlib.Path(path)
     if p.with_name(p.name + ".txt").is_file():
         return "s3rec"
@@ -46,6 +62,8 @@ def load_dataset(
     ``attribute_fields`` to RecBole, ``synthetic_options`` to the generator."""
     if format not in FORMATS:
         raise ValueError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
+    if format in ("s3rec", "movielens", "recbole"):
+        check_data_path(path)
     if format == "auto":
         format = detect_format(path)
     if format == "synthetic":

@@ -6,6 +6,8 @@ import torch
 from torch import Tensor
 
 KS = (1, 5, 10, 20)
+# The keys of ``ranking_metrics`` (with the default ``ks``), known before anything is ranked.
+METRIC_NAMES = (*(f"HR@{k}" for k in KS), *(f"NDCG@{k}" for k in KS), "MRR")
 
 
 def rank_of_target(target_scores: Tensor, other_scores: Tensor) -> Tensor:

@@ -3,6 +3,14 @@
 Every epoch draws its samples, dropout and negatives from seeds derived from (seed, epoch), and
 ``last.pt`` is written atomically at the end of each epoch, so ``resume`` continues bit for bit:
 an interrupted run resumed from ``last.pt`` ends with the same weights as an uninterrupted one.
+
+A ``time_budget`` is checked after every optimizer step: when it runs out mid-epoch the epoch
+stops there and counts as the run's last (validated, checkpointed, logged). Its ``last.pt``
+holds exactly that state, so resuming it with a larger budget continues deterministically with
+the next epoch; such a run differs from one that was never stopped.
+
+The run folder is locked for the whole run (``convrec.training.run_folder``), and ``config.json``
+(the resolved settings) is written with the first checkpoint.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ from convrec.checkpoint_file import load_checkpoint
 from convrec.data.dataset import SequenceDataset
 from convrec.data.load import load_dataset
 from convrec.data.splits import SequenceIndex, sampled_negatives
-from convrec.evaluation.protocols import NEGATIVES_SEED, PROTOCOLS, evaluate
+from convrec.evaluation.protocols import NEGATIVES_SEED, evaluate
 from convrec.readouts import upgrade_flags
 from convrec.registry import build_model
 from convrec.training.checkpoint import atomic_write, save_checkpoint, save_json
@@ -34,6 +42,7 @@ from convrec.training.losses import (
     full_softmax_loss,
     sampled_softmax_loss,
 )
+from convrec.training.run_folder import RunFolder, RunFolderError
 
 # Settings that may change between a run and its resumption without changing its results.
 RESUMABLE_CHANGES = ("epochs", "patience", "time_budget", "eval_batch_size")
@@ -75,8 +84,13 @@ def train_one_epoch(
     group: ProcessGroup,
     progress: bool = False,
     step_callback: Callable[[torch.nn.Module], None] | None = None,
+    deadline: float | None = None,
 ) -> tuple[float, int]:
     """One pass over this epoch's samples -> (mean loss over all processes, samples).
+
+    With a ``deadline`` (a ``time.perf_counter()`` value) the pass stops after the first step
+    that ends past it (rank 0 decides for every rank); the samples count then falls short of
+    the epoch's.
 
     ``model`` may be DDP-wrapped. With several processes the epoch's sample order (the same on
     every rank) is padded to a multiple of the world size and dealt out round-robin, and each
@@ -134,6 +148,8 @@ def train_one_epoch(
         bar.update(len(u))
         rate = seen * group.world / (time.perf_counter() - start)
         bar.set_postfix(loss=f"{total / seen:.4f}", seq_per_s=f"{rate:.0f}")
+        if deadline is not None and group.broadcast(time.perf_counter() >= deadline):
+            break
     bar.close()
     return group.sum(total) / group.sum(seen), int(group.sum(seen))
 
@@ -157,19 +173,47 @@ def _write_log(path: pathlib.Path, rows: list[dict]) -> None:
     atomic_write(path, lambda f: f.write(buffer.getvalue().encode()))
 
 
-def _tensorboard(out: pathlib.Path, echo: Callable[[str], None]):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        echo("tensorboard is not installed: logging to log.csv only")
-        return None
-    return SummaryWriter(str(out / "tensorboard"))
+class _TensorBoard:
+    """TensorBoard scalars, the writer made at the first ``add`` (a run that fails before its
+    first epoch leaves no ``tensorboard/`` folder)."""
+
+    def __init__(self, out: pathlib.Path, echo: Callable[[str], None]) -> None:
+        self.out, self.echo, self.writer, self.missing = out, echo, None, False
+
+    def add(self, row: dict, epoch: int) -> None:
+        if self.writer is None and not self.missing:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                self.echo("tensorboard is not installed: logging to log.csv only")
+                self.missing = True
+                return
+            self.writer = SummaryWriter(str(self.out / "tensorboard"))
+        if self.writer is None:
+            return
+        for key, value in row.items():
+            if key != "epoch":
+                self.writer.add_scalar(key, value, epoch)
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _resolved(path: str | None) -> str | None:
+    """A data path as an absolute one (so a run's checkpoints work from any folder)."""
+    if path is None or path == "synthetic":
+        return path
+    return str(pathlib.Path(path).expanduser().resolve())
 
 
 def _check_resumable(saved: dict, config: TrainConfig) -> None:
     """A setting the saved run lacks (added to ``TrainConfig`` since) had its default then."""
     now = config.to_dict()
     saved = TrainConfig().to_dict() | upgrade_flags(saved)
+    for key in ("data", "timestamps"):  # runs saved before paths were stored resolved
+        saved[key] = _resolved(saved[key])
     changed = [k for k in now if k not in RESUMABLE_CHANGES and saved[k] != now[k]]
     if changed:
         details = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed)
@@ -192,16 +236,32 @@ def train(
     identical).
     """
     config.check()
+    config.data, config.timestamps = _resolved(config.data), _resolved(config.timestamps)
     group = ProcessGroup.from_environment(config.device)
+    folder = RunFolder(out_dir)
+    failed = True
     try:
-        return _train(config, pathlib.Path(out_dir), resume, progress, echo, step_callback, group)
+        # rank 0 locks; every rank learns the outcome, so none waits on a rank that stopped
+        problem = None
+        if group.is_main:
+            try:
+                folder.acquire()
+            except RunFolderError as error:
+                problem = str(error)
+        problem = group.broadcast(problem)
+        if problem is not None:
+            raise RunFolderError(problem)
+        summary = _train(config, folder, resume, progress, echo, step_callback, group)
+        failed = False
+        return summary
     finally:
+        folder.release(failed)
         group.close()
 
 
 def _train(
     config: TrainConfig,
-    out: pathlib.Path,
+    folder: RunFolder,
     resume: bool,
     progress: bool,
     echo: Callable[[str], None],
@@ -209,14 +269,26 @@ def _train(
     group: ProcessGroup,
 ) -> dict:
     say = echo if group.is_main else (lambda _message: None)
+    out = folder.path
     last_path, best_path = out / "last.pt", out / "best.pt"
     if last_path.exists() and not resume:
         raise FileExistsError(f"{out} already holds a run: pass --resume or choose another --out")
     if resume and not last_path.exists():
         raise FileNotFoundError(f"cannot resume: {last_path} does not exist")
+    saved = load_checkpoint(last_path, group.device) if resume else None
+    if saved is not None:
+        _check_resumable(saved["config"], config)
     data = load_training_data(config)
     index = SequenceIndex.from_dataset(data)
-    negatives = sampled_negatives(data, seed=NEGATIVES_SEED)
+    negatives = None
+    if "sampled" in config.protocols:
+        try:
+            negatives = sampled_negatives(data, seed=NEGATIVES_SEED)
+        except ValueError as error:
+            raise ValueError(
+                f"{error}; the sampled protocol needs 99 negatives per user: "
+                "train with --protocols full"
+            ) from None
     torch.manual_seed(config.seed)
     spec = model_spec(config, data)
     model = build_model(spec).to(group.device)
@@ -224,9 +296,7 @@ def _train(
         model.parameters(), lr=config.lr, weight_decay=config.weight_decay
     )
     state = {"epoch": 0, "best": -math.inf, "best_epoch": 0, "stale": 0, "log": [], "seconds": 0.0}
-    if resume:
-        saved = load_checkpoint(last_path, group.device)
-        _check_resumable(saved["config"], config)
+    if saved is not None:
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         state = saved["state"]
@@ -249,13 +319,19 @@ def _train(
         index=index,
         negatives=negatives,
     )
-    writer = _tensorboard(out, say) if group.is_main else None
+    writer = _TensorBoard(out, say) if group.is_main else None
+    stopped_by = "epochs"
     for epoch in range(state["epoch"] + 1, config.epochs + 1):
         if state["stale"] >= config.patience:
+            stopped_by = "patience"
             break
         if config.time_budget is not None and state["seconds"] >= config.time_budget:
+            stopped_by = "time_budget"
             break
         start = time.perf_counter()
+        deadline = None
+        if config.time_budget is not None:
+            deadline = start + config.time_budget - state["seconds"]
         loss, samples = train_one_epoch(
             trained,
             optimizer,
@@ -265,15 +341,15 @@ def _train(
             group,
             progress and group.is_main,
             step_callback,
+            deadline,
         )
         seconds = group.broadcast(time.perf_counter() - start)
-        valid = evaluate(model, data, "valid", PROTOCOLS, **evaluate_args)
+        valid = evaluate(model, data, "valid", config.protocols, **evaluate_args)
         state["wall_seconds"] = state.get("wall_seconds", 0.0) + time.perf_counter() - start
-        if config.select not in valid:
-            raise ValueError(
-                f"select={config.select!r} is not a metric; choose from {sorted(valid)}"
-            )
         state["seconds"] += seconds
+        out_of_time = deadline is not None and start + seconds >= deadline
+        if out_of_time:  # stopped mid-epoch (or just at its end): this epoch is the last
+            state["seconds"] = max(state["seconds"], config.time_budget)
         row = {
             "epoch": epoch,
             "train_loss": loss,
@@ -289,21 +365,24 @@ def _train(
             state["stale"] += 1
         state["epoch"] = epoch
         if group.is_main:
+            folder.wrote = True
             if improved:
                 save_checkpoint(best_path, _payload(model, spec, config, data, epoch))
             last = _payload(model, spec, config, data, epoch)
             save_checkpoint(last_path, last | {"optimizer": optimizer.state_dict(), "state": state})
+            save_json(out / "config.json", config.to_dict())
             _write_log(out / "log.csv", state["log"])
-            if writer is not None:
-                for key, value in row.items():
-                    if key != "epoch":
-                        writer.add_scalar(key, value, epoch)
-                writer.flush()
+            writer.add(row, epoch)
         group.barrier()
         say(
             f"epoch {epoch}: loss {loss:.4f}, {seconds:.1f} s ({samples / seconds:.0f} seq/s), "
             f"valid {config.select} {valid[config.select]:.4f}" + (" *" if improved else "")
         )
+        if out_of_time:
+            stopped_by = "time_budget"
+            if epoch < config.epochs:
+                say(f"time budget of {config.time_budget:g} s spent during epoch {epoch}")
+            break
     if writer is not None:
         writer.close()
     best = load_checkpoint(best_path, group.device)
@@ -314,7 +393,7 @@ def _train(
         )
     model.load_state_dict(best["model"])
     start = time.perf_counter()
-    test = evaluate(model, data, "test", PROTOCOLS, **evaluate_args)
+    test = evaluate(model, data, "test", config.protocols, **evaluate_args)
     test_seconds = time.perf_counter() - start
     summary = {
         "model": config.model,
@@ -323,6 +402,7 @@ def _train(
         "processes": group.world,
         "epochs_trained": state["epoch"],
         "best_epoch": state["best_epoch"],
+        "stopped_by": stopped_by,
         f"best_valid/{config.select}": state["best"],
         "train_seconds": state["seconds"],
         "seconds_per_epoch": state["seconds"] / max(len(state["log"]), 1),
