@@ -1,6 +1,8 @@
 """What one new event costs a recommender that already served the user's history, side by side:
 
-- streaming ConvRec: ``ConvRecEncoder(streaming=True).push`` on the user's state;
+- streaming ConvRec: ``ConvRecEncoder(streaming=True).push`` on the user's state, eager and
+  under ``torch.compile`` (how a server would run it: the eager push is a few dozen small ops
+  per level, so its time is mostly per-op overhead);
 - full ConvRec recompute: ``ConvRecEncoder.forward`` over the whole history again (windows
   anchored at the newest item shift with every event, so nothing can be reused);
 - SASRec with a KV cache: the new position's query, key and value in each of 2 blocks, its
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import math
 import pathlib
 import statistics
 import sys
@@ -36,7 +39,7 @@ from convrec.baselines.sasrec import TransformerEncoder
 from convrec.schedule import schedule_for_length
 
 LENGTHS = (50, 500, 5_000, 10_000, 100_000)
-SERIES = ("streaming push", "full recompute", "SASRec KV cache")
+SERIES = ("streaming push", "compiled push", "full recompute", "SASRec KV cache")
 COLUMNS = ("series", "L", "B", "D", "levels", "ms", "low_ms", "high_ms", "state_bytes")
 
 
@@ -51,7 +54,9 @@ def time_ms(run: Callable[[], object], repeats: int) -> list[float]:
     return times
 
 
-def streaming_push(length: int, args: argparse.Namespace) -> tuple[Callable[[], object], int]:
+def streaming_push(
+    length: int, args: argparse.Namespace, compiled: bool = False
+) -> tuple[Callable[[], object], int]:
     levels = schedule_for_length(length, 8)
     encoder = ConvRecEncoder(args.d_model, levels, dropout=0.0, streaming=True).eval()
     state = encoder.initial_state(args.batch, torch.zeros(1))
@@ -65,7 +70,8 @@ def streaming_push(length: int, args: argparse.Namespace) -> tuple[Callable[[], 
         )
         + 8
     )  # the event count
-    return (lambda: encoder.push(state, x)), per_user
+    push = torch.compile(encoder.push, dynamic=False) if compiled else encoder.push
+    return (lambda: push(state, x)), per_user
 
 
 def full_recompute(length: int, args: argparse.Namespace) -> tuple[Callable[[], object], int]:
@@ -99,6 +105,7 @@ def sasrec_kv_cache(length: int, args: argparse.Namespace) -> tuple[Callable[[],
 
 MAKERS = {
     "streaming push": streaming_push,
+    "compiled push": lambda length, args: streaming_push(length, args, compiled=True),
     "full recompute": full_recompute,
     "SASRec KV cache": sasrec_kv_cache,
 }
@@ -107,7 +114,7 @@ MAKERS = {
 def sweep(args: argparse.Namespace) -> list[dict]:
     rows = []
     for length in args.lengths:
-        for series in SERIES:
+        for series in args.series:
             run, state_bytes = MAKERS[series](length, args)
             with torch.no_grad():
                 times = time_ms(run, args.repeats)
@@ -134,16 +141,21 @@ def write(rows: list[dict], out: pathlib.Path, command: str) -> None:
         f"Command: `{command}`. Machine: {info}. B = {rows[0]['B']}, D = {rows[0]['D']}.",
         "",
         "Median ms per batch update (state per user). Recompute / push = how many times the",
-        "streaming update is cheaper than recomputing the history.",
+        "streaming update (eager, compiled) is cheaper than recomputing the history.",
         "",
         "| L | " + " | ".join(SERIES) + " | recompute / push |",
         "|---|" + "---|" * (len(SERIES) + 1),
     ]
     for length in dict.fromkeys(r["L"] for r in rows):
         cells = {r["series"]: r for r in rows if r["L"] == length}
-        text = [f"{cells[s]['ms']:.3g} ms ({_size(cells[s]['state_bytes'])})" for s in SERIES]
-        ratio = cells["full recompute"]["ms"] / cells["streaming push"]["ms"]
-        lines.append(f"| {length:,} | " + " | ".join(text) + f" | {ratio:,.0f}x |")
+        text = [
+            f"{cells[s]['ms']:.3g} ms ({_size(cells[s]['state_bytes'])})" if s in cells else "-"
+            for s in SERIES
+        ]
+        recompute = cells["full recompute"]["ms"] if "full recompute" in cells else math.nan
+        pushes = [s for s in ("streaming push", "compiled push") if s in cells]
+        ratio = " / ".join(f"{recompute / cells[s]['ms']:,.0f}x" for s in pushes)
+        lines.append(f"| {length:,} | " + " | ".join(text) + f" | {ratio} |")
     (out / "streaming_cost.md").write_text("\n".join(lines) + "\n")
     _plot(rows, out / "streaming_cost.png")
 
@@ -159,7 +171,7 @@ def _plot(rows: list[dict], path: pathlib.Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (time_axis, state_axis) = plt.subplots(1, 2, figsize=(10, 4))
-    for series in SERIES:
+    for series in dict.fromkeys(r["series"] for r in rows):
         mine = [r for r in rows if r["series"] == series]
         lengths = [r["L"] for r in mine]
         time_axis.plot(lengths, [r["ms"] for r in mine], marker="o", label=series)
@@ -185,6 +197,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--d-model", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--state-dtype", default="bf16", choices=["bf16", "fp32"])
+    parser.add_argument("--series", nargs="+", default=list(SERIES), choices=list(SERIES))
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     args.state_bytes = 2 if args.state_dtype == "bf16" else 4

@@ -98,16 +98,6 @@ def offset_terms(weight: Tensor, inputs: Tensor, span: int, heads: int) -> Tenso
     return out.reshape(batch, -1, d)[:, :length]
 
 
-def offset_term_rows(weight: Tensor, offsets: Tensor, inputs: Tensor, heads: int) -> Tensor:
-    """``W[:, :, offsets[b]] @ inputs[b]`` per group for ``inputs`` (B, D), ``offsets`` (B,):
-    every offset's term in one product, then each row's taken (k is small)."""
-    batch, d = inputs.shape
-    kernel, head_dim = weight.shape[-1], d // heads
-    w = weight.view(heads, head_dim, head_dim, kernel)
-    every = torch.einsum("bgc,gaco->boga", inputs.view(batch, heads, head_dim), w)
-    return every.reshape(batch, kernel, d)[torch.arange(batch, device=inputs.device), offsets]
-
-
 def stream_downscale_prefix(
     x: Tensor,
     mask: Tensor,
@@ -213,15 +203,14 @@ def _right_align(values: Tensor, lengths: Tensor) -> Tensor:
 
 
 class StreamState(NamedTuple):
-    """What ``stream_push`` keeps per user: ``events`` (B,) so far, and per level (lists of
-    (B, D)): the closed conv terms, pool and residual sums of the open window, and the open
-    window's current output and residual; ``last`` (B, D) the newest input; ``top`` (B, D)
-    the sum of the last level's closed windows. (5 levels + 2) x D numbers per user."""
+    """What ``stream_push`` keeps per user: ``events`` (B,) so far; per level (lists):
+    ``closed`` (B, 3, D), the open window's closed conv terms, pool sum and residual sum, and
+    ``open_out`` / ``open_res`` (B, D), its current output and residual; ``last`` (B, D) the
+    newest input; ``top`` (B, D) the sum of the last level's closed windows: (5 levels + 2) x D
+    numbers and a count per user."""
 
     events: Tensor
-    closed_conv: list[Tensor]
-    closed_pool: list[Tensor]
-    closed_res: list[Tensor]
+    closed: list[Tensor]
     open_out: list[Tensor]
     open_res: list[Tensor]
     last: Tensor
@@ -231,15 +220,16 @@ class StreamState(NamedTuple):
 def stream_state(batch: int, d_model: int, levels: int, like: Tensor) -> StreamState:
     """The state of ``batch`` users without events (device and dtype of ``like``)."""
 
-    def zeros() -> Tensor:
-        return like.new_zeros(batch, d_model)
+    def zeros(*shape: int) -> Tensor:
+        return like.new_zeros(batch, *shape, d_model)
 
-    def per_level() -> list[Tensor]:
-        return [zeros() for _ in range(levels)]
-
-    events = torch.zeros(batch, dtype=torch.int64, device=like.device)
     return StreamState(
-        events, per_level(), per_level(), per_level(), per_level(), per_level(), zeros(), zeros()
+        torch.zeros(batch, dtype=torch.int64, device=like.device),
+        [zeros(3) for _ in range(levels)],
+        [zeros() for _ in range(levels)],
+        [zeros() for _ in range(levels)],
+        zeros(),
+        zeros(),
     )
 
 
@@ -260,40 +250,42 @@ def stream_push(
     window there; the last level's closed windows add up in ``top``.
     """
     check_stream_levels(params, strides)
-    t = state.events
+    t, rows = state.events, torch.arange(x.shape[0], device=x.device)
     previous_out = [state.last, *state.open_out]  # level l's input: level l - 1's output
     previous_res = [state.last, *state.open_res]
     version, res_version = x, x
-    sums: tuple[list[Tensor], list[Tensor], list[Tensor]] = ([], [], [])
-    outs, ress = [], []
+    closed_sums, outs, ress = [], [], []
     span = 1
     for level, (p, stride) in enumerate(zip(params, strides, strict=True)):
-        element = t // span
-        slot = element % stride
+        slot = (t // span) % stride  # the open element's offset in level l's open window
         new_element = ((t % span) == 0) & (t > 0)
-        keep = (new_element & (slot > 0))[:, None].to(x.dtype)  # the closed one joins
-        restart = (new_element & (slot == 0))[:, None].to(x.dtype)  # a new window begins
+        keep = (new_element & (slot > 0)).to(x.dtype)[:, None, None]  # the closed one joins
+        restart = (new_element & (slot == 0)).to(x.dtype)[:, None, None]  # a new window
         closed_final = previous_out[level]
-        term = offset_term_rows(p.conv_weight, (slot - 1) % stride, closed_final, heads)
-        updated = []
-        for total, addition in zip(
-            (state.closed_conv[level], state.closed_pool[level], state.closed_res[level]),
-            (term, closed_final, previous_res[level]),
-            strict=True,
-        ):
-            updated.append((total + keep * addition) * (1 - restart))
-        for store, value in zip(sums, updated, strict=True):
-            store.append(value)
-        conv = p.conv_bias + updated[0] + offset_term_rows(p.conv_weight, slot, version, heads)
+        # the conv terms of the element that closed and of the open one, in one product
+        both = _every_offset_term(p.conv_weight, torch.stack([closed_final, version], 1), heads)
+        term = both[rows, 0, (slot - 1) % stride]
+        additions = torch.stack([term, closed_final, previous_res[level]], 1)
+        closed = (state.closed[level] + keep * additions) * (1 - restart)
+        closed_sums.append(closed)
+        conv = p.conv_bias + closed[:, 0] + both[rows, 1, slot]
         divisor = (slot + 1 if mask_aware else torch.full_like(slot, stride))[:, None].to(x.dtype)
-        res_version = (updated[2] + res_version) / divisor
-        pooled = (updated[1] + version) / divisor
+        res_version = (closed[:, 2] + res_version) / divisor
+        pooled = (closed[:, 1] + version) / divisor
         version = level_mix(conv, pooled, res_version, p, None, 0.0, False, eps)
         outs.append(version)
         ress.append(res_version)
         span *= stride
-    window = t // span
     closes = (((t % span) == 0) & (t > 0))[:, None].to(x.dtype)
     top = state.top + closes * state.open_out[-1]
-    user = (top + version) / (window + 1)[:, None].to(x.dtype)
-    return user, StreamState(t + 1, *sums, outs, ress, x, top)
+    user = (top + version) / (t // span + 1)[:, None].to(x.dtype)
+    return user, StreamState(t + 1, closed_sums, outs, ress, x, top)
+
+
+def _every_offset_term(weight: Tensor, inputs: Tensor, heads: int) -> Tensor:
+    """``W[:, :, o] @ inputs[b, n]`` per group for every offset o: (B, N, D) -> (B, N, k, D)."""
+    batch, count, d = inputs.shape
+    kernel, head_dim = weight.shape[-1], d // heads
+    w = weight.view(heads, head_dim, head_dim, kernel)
+    grouped = inputs.view(batch, count, heads, head_dim)
+    return torch.einsum("bngc,gaco->bnoga", grouped, w).reshape(batch, count, kernel, d)
