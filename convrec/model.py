@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from convrec.encoder import ConvRecEncoder
 from convrec.item_encoder import FaithfulItemEncoder, ItemAttributes, ItemEncoder, ItemInputs
 from convrec.ops.dispatch import UsesBackend, warn_once
+from convrec.ops.stream_downscale import StreamState
 from convrec.readouts import NEWEST, READOUTS, readout_names, upgrade_state_dict
 from convrec.recommender import SequentialRecommender
 from convrec.schedule import DEFAULT_LEVELS
@@ -125,6 +126,15 @@ class ConvRec(UsesBackend, SequentialRecommender):
 
     def user_from_vectors(self, x: Tensor, item_ids: Tensor) -> Tensor:
         return self._add_readouts(self.encoder(x, item_ids != 0), x, item_ids)
+
+    def push_vectors(
+        self, state: StreamState, x: Tensor, item_ids: Tensor
+    ) -> tuple[Tensor, StreamState]:
+        """Streaming models: one new event per user, its item vector ``x`` (B, D) and id
+        ``item_ids`` (B,) -> (user vectors (B, D) after it, readouts included; the new state):
+        everything after the item lookup, which serving runs on a frozen table."""
+        user, state = self.encoder.push(state, x)
+        return self._add_readouts(user, x[:, None], item_ids[:, None]), state
 
     def _encode_positions(
         self, item_ids: Tensor, mask: Tensor, timestamps: Tensor | None

@@ -165,3 +165,56 @@ def test_streaming_training_runs_all_positions(tmp_path) -> None:
     )  # fmt: skip
     summary = train(config, tmp_path, progress=False, echo=lambda _m: None)
     assert summary["epochs_trained"] == 1 and 0 <= summary["test"]["full/NDCG@10"] <= 1
+
+
+# ---- serving from states ----
+
+
+def _streaming_model(attribute_lists) -> ConvRec:
+    model = ConvRec(
+        30, d_model=8, levels=[(2, 2), (3, 3)], item_attributes=attribute_lists, dropout=0.0,
+        mask_aware=True, readouts=["last_item_skip", "last_item_table"], streaming=True,
+    )  # fmt: skip
+    return randomise(model).eval()
+
+
+def test_a_pool_of_states_serves_interleaved_users(attribute_lists) -> None:
+    """Users pushed in any interleaving get the model's scores on their histories so far."""
+    from convrec.serving import StreamingRecommender
+
+    model = _streaming_model(attribute_lists)
+    server = StreamingRecommender(model, num_users=5, k=4)
+    histories: dict[int, list[int]] = {u: [] for u in range(5)}
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(12):
+        users = torch.randperm(5, generator=gen)[: int(torch.randint(1, 4, (1,), generator=gen))]
+        items = torch.randint(1, 31, (len(users),), generator=gen)
+        scores, top = server.push(users, items)
+        for row, (user, item) in enumerate(zip(users.tolist(), items.tolist(), strict=True)):
+            histories[user].append(item)
+            expected = model.score(torch.tensor([histories[user]]))
+            want_scores, want_items = expected.topk(4)
+            torch.testing.assert_close(scores[row], want_scores[0], rtol=1e-5, atol=1e-5)
+            assert torch.equal(top[row], want_items[0])
+    server.reset(torch.tensor([0]))
+    assert server.events[0] == 0 and (server.states[0] == 0).all()
+    with pytest.raises(ValueError, match="at most once per call"):
+        server.push(torch.tensor([1, 1]), torch.tensor([2, 3]))
+
+
+def test_the_streaming_module_exports(attribute_lists) -> None:
+    from convrec.ops.stream_downscale import pack_state
+    from convrec.serving import StreamingModule
+
+    module = StreamingModule(_streaming_model(attribute_lists), k=3)
+    state = module.model.encoder.initial_state(4, module.table)
+    events, packed = pack_state(state._replace(events=torch.tensor([0, 1, 5, 17])))
+    packed = torch.randn_like(packed)
+    items = torch.tensor([3, 7, 1, 30])
+    batch = torch.export.Dim("batch", min=2)
+    program = torch.export.export(
+        module, (events, packed, items), dynamic_shapes=({0: batch}, {0: batch}, {0: batch})
+    )
+    exported, eager = program.module()(events, packed, items), module(events, packed, items)
+    for got, want in zip(exported, eager, strict=True):
+        torch.testing.assert_close(got, want)

@@ -289,3 +289,19 @@ def _every_offset_term(weight: Tensor, inputs: Tensor, heads: int) -> Tensor:
     w = weight.view(heads, head_dim, head_dim, kernel)
     grouped = inputs.view(batch, count, heads, head_dim)
     return torch.einsum("bngc,gaco->bnoga", grouped, w).reshape(batch, count, kernel, d)
+
+
+def pack_state(state: StreamState) -> tuple[Tensor, Tensor]:
+    """(events (B,), one (B, (5 levels + 2) x D) tensor): a state as two tensors, for pools of
+    users and exported graphs. ``unpack_state`` inverts it."""
+    parts = [c.flatten(1) for c in state.closed] + [*state.open_out, *state.open_res]
+    return state.events, torch.cat([*parts, state.last, state.top], dim=1)
+
+
+def unpack_state(events: Tensor, packed: Tensor, levels: int) -> StreamState:
+    """The ``StreamState`` of ``pack_state``'s two tensors, for a stack of ``levels`` levels."""
+    d = packed.shape[1] // (5 * levels + 2)
+    pieces = packed.split([3 * d] * levels + [d] * (2 * levels + 2), dim=1)
+    closed = [piece.view(-1, 3, d) for piece in pieces[:levels]]
+    open_out, open_res = list(pieces[levels : 2 * levels]), list(pieces[2 * levels : 3 * levels])
+    return StreamState(events, closed, open_out, open_res, pieces[-2], pieces[-1])

@@ -3,5 +3,13 @@
 from convrec.serving.export import FORMATS, export_model
 from convrec.serving.module import ServingModule
 from convrec.serving.recommender import Recommender
+from convrec.serving.streaming import StreamingModule, StreamingRecommender
 
-__all__ = ["FORMATS", "Recommender", "ServingModule", "export_model"]
+__all__ = [
+    "FORMATS",
+    "Recommender",
+    "ServingModule",
+    "StreamingModule",
+    "StreamingRecommender",
+    "export_model",
+]
