@@ -13,6 +13,7 @@ import os
 import pathlib
 import sys
 import tempfile
+from typing import NoReturn
 
 from convrec import __version__
 from convrec.readouts import READOUTS
@@ -337,8 +338,15 @@ def _bench_encoder(args: argparse.Namespace) -> None:
         write_results(pathlib.Path(args.out), "encoder_cpu", rows, table, "convrec bench encoder")
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad command line gets one line (not the whole usage) and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         prog="convrec",
         description="ConvRec: linear-cost sequential recommendation.",
         epilog="Errors print one line and exit with 2 (bad flag or setting), 3 (bad or missing "

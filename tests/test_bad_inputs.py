@@ -480,3 +480,20 @@ def test_time_budget_stops_mid_epoch_and_resumes_deterministically(tmp_path) -> 
     a, b = (load_checkpoint(tmp_path / n / "last.pt") for n in ("a", "b"))
     assert a["epoch"] == b["epoch"] == 2
     assert all(torch.equal(v, b["model"][k]) for k, v in a["model"].items())
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["train"], "the following arguments are required: --out"),
+        (["train", "--model", "xyz", "--out", "o"], "argument --model: invalid choice: 'xyz'"),
+        (["train", "--epochs", "two", "--out", "o"], "argument --epochs: invalid int value"),
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+    ],
+)
+def test_a_bad_command_line_is_one_line(argv, fragment, capsys) -> None:
+    """argparse's own errors too: one line naming the flag, not the whole usage."""
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(lines) == 1 and fragment in lines[0], lines

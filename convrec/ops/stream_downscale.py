@@ -12,9 +12,10 @@ what has arrived (``mask_aware``) or by the stride (the paper's zero padding). E
 LayerNorm); the user vector is the mean of the last level's windows so far.
 
 Kernel = stride only: windows then tile each level, and a closed window never changes. With
-kernel > stride a window would share inputs with the next one, and the open input would enter
-several windows of the same level; the streaming stack refuses such schedules (use kernel =
-stride, e.g. ``schedule_for_length(..., )`` levels, or the right-anchored ``downscale``).
+kernel > stride neighbouring windows share inputs, so the open input would sit in several
+windows of a level at once and each push would re-evaluate them all; such schedules are
+refused (``schedule_for_length`` and the default levels have kernel = stride; the
+right-anchored ``downscale`` takes any schedule).
 
 Three forms, each the oracle of the next:
 
