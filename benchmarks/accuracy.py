@@ -130,27 +130,18 @@ def run_folder(
 
 def _train_one(config: TrainConfig, folder: pathlib.Path, label: str, threads: int) -> dict | None:
     """Train (or resume, or just read) one run in a worker process; None when another process
-    holds the run's lock (two benchmarks sharing a runs folder never train the same run)."""
-    import fcntl
-
+    trains it (``train`` locks its folder: two benchmarks sharing a runs folder never train the
+    same run)."""
     import torch
 
+    from convrec.training.run_folder import RunFolderInUse
     from convrec.training.trainer import train
 
     torch.set_num_threads(threads)
     summary_path = folder / "summary.json"
     if summary_path.exists():
         return json.loads(summary_path.read_text())
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".lock", "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return None
-        if summary_path.exists():  # finished while we waited for the lock
-            return json.loads(summary_path.read_text())
-        text = json.dumps(config.to_dict(), indent=1).encode()
-        atomic_write(folder / "config.json", lambda f: f.write(text))
+    try:
         return train(
             config,
             folder,
@@ -158,6 +149,8 @@ def _train_one(config: TrainConfig, folder: pathlib.Path, label: str, threads: i
             progress=False,
             echo=lambda message: print(f"[{label}] {message}", flush=True),
         )
+    except RunFolderInUse:
+        return None
 
 
 def _exit_with_parent(parent: int) -> None:

@@ -24,6 +24,10 @@ class RunFolderError(RuntimeError):
     """The run folder cannot be used: locked by another run, not writable, or a file."""
 
 
+class RunFolderInUse(RunFolderError):
+    """Another process holds the run folder's lock."""
+
+
 class RunFolder:
     """``acquire()`` before loading data, ``release(failed)`` at the end (see module doc)."""
 
@@ -58,7 +62,7 @@ class RunFolder:
             os.close(fd)
             if error.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
                 raise RunFolderError(f"cannot lock {path}: {error.strerror}") from None
-            raise RunFolderError(
+            raise RunFolderInUse(
                 f"{path} is in use by another convrec run"
                 + (f" (process {owner})" if owner else "")
                 + ": wait for it to finish or choose another --out"

@@ -42,7 +42,7 @@ from convrec.training.losses import (
     full_softmax_loss,
     sampled_softmax_loss,
 )
-from convrec.training.run_folder import RunFolder, RunFolderError
+from convrec.training.run_folder import RunFolder, RunFolderError, RunFolderInUse
 
 # Settings that may change between a run and its resumption without changing its results.
 RESUMABLE_CHANGES = ("epochs", "patience", "time_budget", "eval_batch_size")
@@ -247,10 +247,11 @@ def train(
             try:
                 folder.acquire()
             except RunFolderError as error:
-                problem = str(error)
+                problem = (isinstance(error, RunFolderInUse), str(error))
         problem = group.broadcast(problem)
         if problem is not None:
-            raise RunFolderError(problem)
+            in_use, message = problem
+            raise (RunFolderInUse if in_use else RunFolderError)(message)
         summary = _train(config, folder, resume, progress, echo, step_callback, group)
         failed = False
         return summary
