@@ -218,3 +218,30 @@ def test_the_streaming_module_exports(attribute_lists) -> None:
     exported, eager = program.module()(events, packed, items), module(events, packed, items)
     for got, want in zip(exported, eager, strict=True):
         torch.testing.assert_close(got, want)
+
+
+def test_a_streaming_checkpoint_serves_original_ids(tmp_path) -> None:
+    from convrec.checkpoint_file import load_checkpoint
+    from convrec.serving import StreamingRecommender
+    from convrec.training import TrainConfig, train
+
+    tiny = {"num_users": 80, "num_items": 200, "mean_length": 10, "max_length": 30, "seed": 2}
+    config = TrainConfig(
+        synthetic=tiny, epochs=1, d_model=8, max_len=12, levels=[[2, 2], [3, 3]],
+        streaming=True, train_sampling="all-positions", backend="reference",
+    )  # fmt: skip
+    train(config, tmp_path, progress=False, echo=lambda _m: None)
+    item_ids = load_checkpoint(tmp_path / "best.pt")["item_ids"]
+    server = StreamingRecommender.from_checkpoint(str(tmp_path / "best.pt"), num_users=2, k=3)
+    first = server.observe([("ann", item_ids[5]), ("bob", item_ids[7])])
+    second = server.observe([("ann", item_ids[9])])
+    assert set(first) == {"ann", "bob"}
+    model = server.module.model
+    want_scores, want_items = model.score(torch.tensor([[5, 9]])).topk(3)
+    assert [item for item, _ in second["ann"]] == [item_ids[i] for i in want_items[0].tolist()]
+    got = torch.tensor([score for _, score in second["ann"]])
+    torch.testing.assert_close(got, want_scores[0], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="the pool holds 2 users"):
+        server.observe([("cid", item_ids[1])])
+    with pytest.raises(ValueError, match="unknown item ids"):
+        server.observe([("ann", "no-such-item")])

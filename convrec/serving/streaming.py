@@ -5,16 +5,20 @@ only the open window of each level: ``StreamingModule`` updates a batch of users
 each at O(levels) cost, whatever their history lengths, and scores the whole catalogue from a
 frozen item table. Its inputs and outputs are plain tensors (``ops.stream_downscale.pack_state``),
 so it exports with ``torch.export``. ``StreamingRecommender`` keeps the states of a population
-of users in one pooled tensor indexed by user and serves pushes from it.
+of users in one pooled tensor indexed by user and serves pushes from it, in internal or
+original ids (``from_checkpoint`` loads a ``convrec train --streaming`` checkpoint).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
 from convrec.model import ConvRec
 from convrec.ops.stream_downscale import pack_state, unpack_state
+from convrec.serving.checkpoint import load_model
 
 
 class StreamingModule(nn.Module):
@@ -51,15 +55,32 @@ class StreamingModule(nn.Module):
 
 
 class StreamingRecommender:
-    """The states of ``num_users`` users in one pool; ``push(users, items)`` records one event
-    for each listed user (internal ids; a user at most once per call) and returns their
-    top-k items by score after it. ``reset(users)`` forgets their histories."""
+    """The states of up to ``num_users`` users in one pooled tensor, served one event at a time.
 
-    def __init__(self, model: ConvRec, num_users: int, k: int = 10) -> None:
+    ``push(users, items)`` takes pool rows and internal item ids (tensors); ``observe(events)``
+    takes (user key, original item id) pairs, gives each new user key the next free row, and
+    returns each user's top-k (original item id, score) after the event. ``reset`` forgets
+    users. A user appears at most once per call: its events are ordered.
+    """
+
+    def __init__(
+        self, model: ConvRec, num_users: int, k: int = 10, item_ids: list[str] | None = None
+    ) -> None:
         self.module = StreamingModule(model, k)
         like = self.module.table
         self.events = torch.zeros(num_users, dtype=torch.int64, device=like.device)
         self.states = like.new_zeros(num_users, self.module.state_width())
+        self.item_ids = item_ids or [str(i) for i in range(model.num_items + 1)]
+        self._items = {orig: i for i, orig in enumerate(self.item_ids) if i > 0}
+        self._rows: dict[str, int] = {}
+
+    @classmethod
+    def from_checkpoint(cls, path: str, num_users: int, k: int = 10) -> StreamingRecommender:
+        """Serve a checkpoint of ``convrec train --streaming`` in its original item ids."""
+        model, meta = load_model(path)
+        if not isinstance(model, ConvRec) or not model.encoder.streaming:
+            raise ValueError(f"{path} is not a streaming ConvRec (train it with --streaming)")
+        return cls(model, num_users, k, meta["item_ids"])
 
     @torch.no_grad()
     def push(self, users: Tensor, items: Tensor) -> tuple[Tensor, Tensor]:
@@ -70,6 +91,25 @@ class StreamingRecommender:
         events, states, _, scores, top = self.module(self.events[users], self.states[users], items)
         self.events[users], self.states[users] = events, states
         return scores, top
+
+    def observe(self, events: Sequence[tuple[str, str]]) -> dict[str, list[tuple[str, float]]]:
+        """(user key, original item id) pairs -> each user's top-k (item id, score) after it."""
+        unknown = [item for _, item in events if str(item) not in self._items]
+        if unknown:
+            raise ValueError(f"unknown item ids: {unknown[:5]}")
+        keys = [str(user) for user, _ in events]
+        for key in keys:
+            if key not in self._rows:
+                if len(self._rows) == len(self.events):
+                    raise ValueError(f"the pool holds {len(self.events)} users; it is full")
+                self._rows[key] = len(self._rows)
+        rows = torch.tensor([self._rows[key] for key in keys], device=self.events.device)
+        items = torch.tensor([self._items[str(item)] for _, item in events], device=rows.device)
+        scores, top = self.push(rows, items)
+        return {
+            key: [(self.item_ids[int(i)], float(v)) for i, v in zip(t, s, strict=True)]
+            for key, s, t in zip(keys, scores, top, strict=True)
+        }
 
     def reset(self, users: Tensor) -> None:
         self.events[users] = 0
