@@ -68,6 +68,8 @@ class ConvRec(UsesBackend, SequentialRecommender):
             raise ValueError("faithful=True fixes the padding at construction: pass max_len")
         if faithful and mask_aware:
             raise ValueError("faithful=True uses the paper's plain pooling: set mask_aware=False")
+        if faithful and streaming:
+            raise ValueError("faithful=True is the paper's stack, anchored at the newest item")
         if not 0.0 <= input_dropout < 1.0:
             raise ValueError(f"input_dropout must be in [0, 1), got {input_dropout}")
         self.input_dropout = input_dropout

@@ -149,6 +149,8 @@ def test_streaming_encoder_push_equals_forward() -> None:
 def test_streaming_refuses_what_it_cannot_follow() -> None:
     with pytest.raises(ValueError, match="level 0 has kernel 3, stride 2"):
         ConvRecEncoder(8, [(3, 2)], streaming=True)
+    with pytest.raises(ValueError, match="faithful=True is the paper's stack"):
+        ConvRec(30, d_model=8, faithful=True, max_len=10, streaming=True)
     with pytest.raises(ValueError, match="readout 'attention'"):
         ConvRec(30, d_model=8, readouts=["attention"], streaming=True)
     with pytest.raises(TypeError, match="build it with streaming=True"):
