@@ -61,6 +61,13 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--faithful", action="store_true", default=s, help="the paper code's input block"
     )
+    p.add_argument(
+        "--leak-target-date",
+        action="store_true",
+        default=s,
+        help="faithful: give candidates the target's date, the paper code's protocol "
+        "(leaks the answer's timestamp; sampled loss and protocol only)",
+    )
     p.add_argument("--no-attributes", dest="use_attributes", action="store_false", default=s)
     p.add_argument(
         "--use-time", action="store_true", default=s, help="time context from timestamps"

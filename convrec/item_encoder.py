@@ -2,11 +2,13 @@
 
 ``ItemEncoder`` is the gather of docs/design.md (item row + mean attribute row, no
 per-position MLP), the path the fused kernels accelerate. ``FaithfulItemEncoder`` reproduces
-the input block of the paper's code for comparisons. ``ItemInputs`` is the spec both take.
+the input block of the paper's code (``convrec.compat`` loads the paper's weights into it).
+``ItemInputs`` is the spec they take.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -15,9 +17,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from convrec.ops.dispatch import UsesBackend
-from convrec.ops.gather_embed import attribute_bags, gather_embed
+from convrec.ops.downscale import PAPER_NORM_EPS, paper_layer_norm
+from convrec.ops.gather_embed import attribute_bags, bags_of_rows, gather_embed
 from convrec.ops.item_tables import ItemTables, check_csr, csr_from_lists
-from convrec.time_context import CONTEXT_DIM, time_context
+from convrec.time_context import (
+    CONTEXT_DIM,
+    DATE_DIFF_DIM,
+    DATE_DIM,
+    paper_date_features,
+    time_context,
+)
 
 EMBEDDING_STD = 0.02
 
@@ -141,7 +150,148 @@ class ItemEncoder(UsesBackend, _ItemInputs):
 
 
 class FaithfulItemEncoder(_ItemInputs):
-    """The paper code's input block, for comparisons (``ConvRec(faithful=True)``).
+    """The paper code's input block (``ConvRec(faithful=True)``): same weights, same vectors.
+
+    Item vector of id v with date context c (6 features, ``paper_date_features``):
+    ``item = item_proj([E_item[v]; Dropout(fusion([W_a f_v + b_a; context_encoder(c)]))])``, f_v
+    the multi-hot attribute vector (repeated ids count twice), plus ``feature_proj`` of dense
+    features. Input block: ``GELU(in_proj(paper_norm(Dropout(GELU([item; dt])))))``, dropout on
+    history positions only, times the mask. ``dt`` are the 3 time-difference channels: the
+    year/month/day features minus those of the previous history position (zero context at
+    padding), and ones at position 0 of a full ``max_len`` history, as the paper code computes
+    them on its ``max_len``-padded input. Without ``use_time`` every context is zero, which is
+    the paper model fed no dates (the channels and the context bias still count).
+
+    Candidates get, by default, no date: zero context and zero ``dt``, so their vectors do not
+    depend on the user (one table serves full ranking). ``leak_target_date=True`` is the paper
+    code's protocol instead: every candidate gets the date of the target interaction and ``dt``
+    = its year/month/day features minus the newest history position's. That date is the
+    answer's timestamp, unknown when recommending: a leak, for reproducing the paper's numbers.
+
+    Only the ids a call uses are encoded (``bags_of_rows`` on the distinct ids), never the whole
+    catalogue. Parameters start as the paper code's (``nn.Linear``/``nn.Embedding`` defaults).
+    """
+
+    def __init__(
+        self,
+        inputs: ItemInputs,
+        d_model: int,
+        max_len: int,
+        dropout: float = 0.1,
+        leak_target_date: bool = False,
+    ) -> None:
+        super().__init__(inputs)
+        if leak_target_date and not inputs.use_time:
+            raise ValueError("leak_target_date gives candidates the target's date: set use_time")
+        self.d_model, self.max_len, self.leak_target_date = d_model, max_len, leak_target_date
+        wide = 4 * d_model
+        self.item_embedding = nn.Embedding(inputs.num_items + 1, d_model, padding_idx=0)
+        if self.has_attributes:  # Linear(multi-hot -> 4D): weight columns as embedding rows
+            self.attr_proj = nn.Embedding(self.num_attributes, wide)
+            bound = 1 / math.sqrt(self.num_attributes)
+            nn.init.uniform_(self.attr_proj.weight, -bound, bound)
+        if self.has_features:
+            self.feature_proj = nn.Linear(self.item_features.shape[1], wide, bias=False)
+        fan_in = self.num_attributes + (self.item_features.shape[1] if self.has_features else 0)
+        bound = 1 / math.sqrt(max(fan_in, 1))
+        self.feature_bias = nn.Parameter(torch.empty(wide).uniform_(-bound, bound))
+        self.context_encoder = nn.Linear(DATE_DIM, d_model)
+        self.fusion = nn.Linear(wide + d_model, wide)
+        self.item_proj = nn.Linear(d_model + wide, d_model)
+        self.norm = nn.LayerNorm(d_model + DATE_DIFF_DIM, eps=PAPER_NORM_EPS)
+        self.in_proj = nn.Linear(d_model + DATE_DIFF_DIM, d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def _attribute_term(self, rows: Tensor) -> Tensor:
+        """``W_a f_v + b_a`` (R, 4D) for distinct ids ``rows`` (R,)."""
+        h = self.feature_bias.expand(rows.shape[0], -1)
+        if self.has_attributes:
+            bags = bags_of_rows(rows, self.attr_offsets, self.attr_ids, self.attr_proj.weight)
+            h = h + bags
+        if self.has_features:
+            h = h + self.feature_proj(self.item_features[rows].to(h.dtype))
+        return h
+
+    def _item_vectors(self, item_ids: Tensor, context: Tensor | None) -> Tensor:
+        """Item vectors (*, D) of ids (*) with date contexts (*, 6) (None: zero context)."""
+        rows, where = torch.unique(item_ids, return_inverse=True)
+        wide = 4 * self.d_model
+        w_attr, w_ctx = self.fusion.weight[:, :wide], self.fusion.weight[:, wide:]
+        w_item, w_ac = (
+            self.item_proj.weight[:, : self.d_model],
+            self.item_proj.weight[:, self.d_model :],
+        )
+        # fusion([h; context_encoder(c)]) = w_attr h + (w_ctx W_c) c + (w_ctx b_c + b_fusion)
+        ac_rows = F.linear(self._attribute_term(rows), w_attr)
+        ac_const = F.linear(self.context_encoder.bias, w_ctx, self.fusion.bias)
+        ac_ctx = w_ctx @ self.context_encoder.weight  # (4D, 6)
+        item_rows = F.linear(self.item_embedding(rows), w_item, self.item_proj.bias)
+        if self.training and self.dropout.p > 0:  # dropout needs every position's 4D vector
+            ac = ac_rows[where] + ac_const
+            if context is not None:
+                ac = ac + F.linear(context.to(ac.dtype), ac_ctx)
+            return item_rows[where] + F.linear(self.dropout(ac), w_ac)
+        v = (item_rows + F.linear(ac_rows + ac_const, w_ac))[where]
+        if context is not None:
+            v = v + F.linear(context.to(v.dtype), w_ac @ ac_ctx)
+        return v
+
+    def _input_block(self, v: Tensor, dt: Tensor, history: bool) -> Tensor:
+        v = F.gelu(torch.cat([v, dt.to(v.dtype)], dim=-1))
+        if history:
+            v = self.dropout(v)
+        v = paper_layer_norm(v, self.norm.weight, self.norm.bias, self.norm.eps)
+        return F.gelu(self.in_proj(v))
+
+    def history_context(self, timestamps: Tensor | None, mask: Tensor) -> Tensor:
+        """(B, L, 6) date contexts of history positions, zero at padding and without use_time."""
+        if not self.use_time:
+            return torch.zeros(*mask.shape, DATE_DIM, device=mask.device, dtype=torch.float64)
+        return paper_date_features(timestamps) * mask.unsqueeze(-1)
+
+    def time_differences(self, context: Tensor) -> Tensor:
+        """(B, L, 3): year/month/day features minus the previous position's (zero context before
+        the first), ones at position 0 of a full ``max_len`` history."""
+        dates = context[..., :DATE_DIFF_DIM]
+        dt = dates - F.pad(dates, (0, 0, 1, 0))[:, :-1]
+        if dates.shape[1] == self.max_len:
+            dt = torch.cat([torch.ones_like(dt[:, :1]), dt[:, 1:]], dim=1)
+        return dt
+
+    def forward(self, item_ids: Tensor, mask: Tensor, timestamps: Tensor | None = None) -> Tensor:
+        """History positions (B, L) -> (B, L, D), zero where ``mask`` is False."""
+        context = self.history_context(timestamps, mask)
+        v = self._item_vectors(item_ids, context if self.use_time else None)
+        v = self._input_block(v, self.time_differences(context), history=True)
+        return v * mask.unsqueeze(-1).to(v.dtype)
+
+    def vectors(self, item_ids: Tensor) -> Tensor:
+        """Candidate vectors with no date (the leak-free protocol) for ids of any shape."""
+        rows, where = torch.unique(item_ids, return_inverse=True)
+        v = self._item_vectors(rows, None)
+        dt = torch.zeros(rows.shape[0], DATE_DIFF_DIM, device=v.device, dtype=v.dtype)
+        return self._input_block(v, dt, history=False)[where]
+
+    def dated_vectors(
+        self, item_ids: Tensor, timestamps: Tensor, mask: Tensor, target_timestamps: Tensor
+    ) -> Tensor:
+        """Candidates (B, C) given the target's date (the paper code's leaking protocol):
+        ``timestamps``/``mask`` (B, L) of the histories, ``target_timestamps`` (B,)."""
+        if target_timestamps.shape != item_ids.shape[:1]:
+            raise ValueError(
+                f"target_timestamps must have shape ({item_ids.shape[0]},), got "
+                f"{tuple(target_timestamps.shape)}"
+            )
+        target = paper_date_features(target_timestamps)[:, None, :].expand(*item_ids.shape, -1)
+        newest = self.history_context(timestamps, mask)[:, -1:, :DATE_DIFF_DIM]
+        v = self._item_vectors(item_ids, target)
+        return self._input_block(v, target[..., :DATE_DIFF_DIM] - newest, history=False)
+
+
+class LegacyFaithfulItemEncoder(_ItemInputs):
+    """The first approximation of the paper code's input block (``ConvRec(faithful=True,
+    faithful_version=1)``), kept so checkpoints written with it still load; it is not the
+    paper's model (``FaithfulItemEncoder`` is).
 
     item = Linear([E_item[v]; Dropout(Linear([Linear_4D(f_v); Linear(c)]))]), then
     Linear(LayerNorm(Dropout(GELU([item; c])))) and GELU, times the mask. f_v is the multi-hot

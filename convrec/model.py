@@ -10,7 +10,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from convrec.encoder import ConvRecEncoder
-from convrec.item_encoder import FaithfulItemEncoder, ItemAttributes, ItemEncoder, ItemInputs
+from convrec.item_encoder import (
+    FaithfulItemEncoder,
+    ItemAttributes,
+    ItemEncoder,
+    ItemInputs,
+    LegacyFaithfulItemEncoder,
+)
 from convrec.ops.dispatch import UsesBackend, warn_once
 from convrec.readouts import NEWEST, READOUTS, readout_names, upgrade_state_dict
 from convrec.recommender import SequentialRecommender
@@ -21,21 +27,25 @@ class ConvRec(UsesBackend, SequentialRecommender):
     """The ConvRec recommender.
 
     Item inputs (``item_attributes``, ``num_attributes``, ``item_features``, ``use_time``) as in
-    ``convrec.item_encoder.ItemInputs``. ``faithful=True`` uses the paper code's input block
-    and its padding fixed at construction from ``max_len`` (required then). ``input_dropout``
-    drops entries of the history item vectors in training (candidates are never dropped), the
-    regulariser SASRec applies to its inputs. ``readouts`` names terms added to the user vector
-    after the levels (``convrec.readouts.READOUTS``; not in the paper), e.g.
-    ``("last_item_skip", "last_item_transition")``.
+    ``convrec.item_encoder.ItemInputs``. ``faithful=True`` is the paper code's model
+    (``FaithfulItemEncoder``, its LayerNorm at every level, its padding fixed at construction from
+    ``max_len``, required then; ``convrec.compat.from_official`` loads its weights); it runs on the
+    reference backend. ``leak_target_date=True`` (faithful, with ``use_time``) adds the paper code's
+    candidate protocol: candidates get the target interaction's date, a leak. ``faithful_version=1``
+    rebuilds the earlier approximation that old checkpoints hold. ``input_dropout`` drops entries of
+    the history item vectors in training (candidates are never dropped), the regulariser SASRec
+    applies to its inputs. ``readouts`` names terms added to the user vector after the levels
+    (``convrec.readouts.READOUTS``; not in the paper), e.g. ``("last_item_skip",
+    "last_item_transition")``.
 
-    ``backend`` (``convrec.ops.dispatch``; ``set_backend`` changes it) "triton" runs the item
-    gather fused into level 1 (``ops.embed_conv_pool``) and the other levels and candidate
-    vectors on Triton too. The fused kernel covers item rows and attributes only: "triton"
-    refuses dense features, time context and the faithful block; "auto" runs the first two
-    unfused with one warning, and never fuses the faithful block. The kernel never stores the
-    item vectors, so training with ``input_dropout`` gathers them unfused (evaluation stays
-    fused), and the readouts gather what they read again: the newest item, or the whole history
-    when a readout reads it. Every backend reads the same ``state_dict``.
+    ``backend`` (``convrec.ops.dispatch``; ``set_backend`` changes it) "triton" runs the item gather
+    fused into level 1 (``ops.embed_conv_pool``) and the other levels and candidate vectors on
+    Triton too. The fused kernel covers item rows and attributes only: "triton" refuses dense
+    features, time context and the faithful block; "auto" runs the first two unfused with one
+    warning, and never fuses the faithful block. The kernel never stores the item vectors, so
+    training with ``input_dropout`` gathers them unfused (evaluation stays fused), and the readouts
+    gather what they read again: the newest item, or the whole history when a readout reads it.
+    Every backend reads the same ``state_dict``.
     """
 
     def __init__(
@@ -57,8 +67,14 @@ class ConvRec(UsesBackend, SequentialRecommender):
         max_len: int | None = None,
         backend: str = "auto",
         check_inputs: bool = False,
+        leak_target_date: bool = False,
+        faithful_version: int = 2,
     ) -> None:
         super().__init__()
+        if leak_target_date and not (faithful and faithful_version == 2):
+            raise ValueError("leak_target_date is the paper code's protocol: set faithful=True")
+        if faithful_version not in (1, 2):
+            raise ValueError(f"faithful_version must be 1 or 2, got {faithful_version}")
         if faithful and max_len is None:
             raise ValueError("faithful=True fixes the padding at construction: pass max_len")
         if faithful and mask_aware:
@@ -68,8 +84,15 @@ class ConvRec(UsesBackend, SequentialRecommender):
         self.input_dropout = input_dropout
         self.max_len, self.faithful, self.check_inputs = max_len, faithful, check_inputs
         inputs = ItemInputs(num_items, item_attributes, num_attributes, item_features, use_time)
-        if faithful:
-            self.item_encoder = FaithfulItemEncoder(inputs, d_model, dropout=dropout)
+        paper_norm = faithful and faithful_version == 2
+        self.leaks_target_date = leak_target_date
+        if paper_norm:
+            self.item_encoder = FaithfulItemEncoder(
+                inputs, d_model, max_len, dropout=dropout, leak_target_date=leak_target_date
+            )
+            self._unfusable = "the faithful input block"
+        elif faithful:
+            self.item_encoder = LegacyFaithfulItemEncoder(inputs, d_model, dropout=dropout)
             self._unfusable = "the faithful input block"
         else:
             self.item_encoder = ItemEncoder(inputs, d_model)
@@ -82,6 +105,7 @@ class ConvRec(UsesBackend, SequentialRecommender):
             mask_aware=mask_aware,
             fixed_length=max_len if faithful else None,
             check_inputs=check_inputs,
+            paper_norm=paper_norm,
         )
         self.readouts = nn.ModuleDict(
             {name: READOUTS[name].build(d_model, num_items) for name in readout_names(readouts)}

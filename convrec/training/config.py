@@ -30,6 +30,7 @@ class TrainConfig:
     readouts: list[str] = field(default_factory=list)  # convrec: names in convrec.readouts
     mask_aware: bool = False
     faithful: bool = False
+    leak_target_date: bool = False  # faithful: candidates get the target's date (a leak)
     use_attributes: bool = True
     use_time: bool = False
     backend: str = "auto"
@@ -94,6 +95,17 @@ class TrainConfig:
         self.readouts = list(readout_names(self.readouts))
         if self.readouts and self.model != "convrec":
             raise ValueError(f"readouts are a ConvRec setting; {self.model} has no use for them")
+        if self.leak_target_date and not (
+            self.faithful and self.use_time and self.loss == "sampled"
+        ):
+            raise ValueError(
+                "leak_target_date is the paper code's protocol: it needs faithful, use_time and "
+                "loss='sampled' (candidates get the target's date)"
+            )
+        if self.leak_target_date and not self.select.startswith("sampled/"):
+            raise ValueError(
+                "leak_target_date scores sampled candidates only: select 'sampled/...'"
+            )
         if "/" not in self.select:
             raise ValueError(f"select must look like 'full/NDCG@10', got {self.select!r}")
         return self

@@ -105,8 +105,18 @@ def train_one_epoch(
             if config.loss == "full":
                 loss = full_softmax_loss(model, ids_t, targets, times_t)
             else:
+                target_times = None
+                if config.leak_target_date:
+                    target_times = torch.from_numpy(index.target_times(u, c)).to(group.device)
                 loss = sampled_softmax_loss(
-                    model, ids_t, targets, times_t, config.negatives, num_items, negatives
+                    model,
+                    ids_t,
+                    targets,
+                    times_t,
+                    config.negatives,
+                    num_items,
+                    negatives,
+                    target_timestamps=target_times,
                 )
         if not torch.isfinite(loss):
             raise FloatingPointError(f"epoch {epoch}: loss became {loss.item()}; lower --lr")
@@ -228,6 +238,8 @@ def _train(
         f"{config.model} on {data.name}: {data.num_users} users, {data.num_items} items, "
         f"{params:,} parameters" + (f", {group.world} processes" if group.world > 1 else "")
     )
+    # a model given the target's date scores sampled candidates only
+    protocols = ("sampled",) if config.leak_target_date else PROTOCOLS
     evaluate_args = dict(
         max_len=config.max_len,
         batch_size=config.eval_batch_size,
@@ -253,7 +265,7 @@ def _train(
             step_callback,
         )
         seconds = group.broadcast(time.perf_counter() - start)
-        valid = evaluate(model, data, "valid", PROTOCOLS, **evaluate_args)
+        valid = evaluate(model, data, "valid", protocols, **evaluate_args)
         state["wall_seconds"] = state.get("wall_seconds", 0.0) + time.perf_counter() - start
         if config.select not in valid:
             raise ValueError(
@@ -300,7 +312,7 @@ def _train(
         )
     model.load_state_dict(best["model"])
     start = time.perf_counter()
-    test = evaluate(model, data, "test", PROTOCOLS, **evaluate_args)
+    test = evaluate(model, data, "test", protocols, **evaluate_args)
     test_seconds = time.perf_counter() - start
     summary = {
         "model": config.model,
