@@ -202,36 +202,39 @@ class FaithfulItemEncoder(_ItemInputs):
         self.in_proj = nn.Linear(d_model + DATE_DIFF_DIM, d_model)
         self.dropout = nn.Dropout(dropout)
 
-    def _attribute_term(self, rows: Tensor) -> Tensor:
-        """``W_a f_v + b_a`` (R, 4D) for distinct ids ``rows`` (R,)."""
-        h = self.feature_bias.expand(rows.shape[0], -1)
+    def _fused_rows(self, rows: Tensor, out: Tensor) -> Tensor:
+        """``out @ (W_a f_v + b_a)`` for distinct ids ``rows`` (R,): the attribute projection is
+        linear, so ``out`` (a slice of the fusion, or the fusion then ``item_proj``) is folded
+        into the (A, 4D) attribute table first, and the bags sum rows of the folded table."""
+        h = F.linear(self.feature_bias, out).expand(rows.shape[0], -1)
         if self.has_attributes:
-            bags = bags_of_rows(rows, self.attr_offsets, self.attr_ids, self.attr_proj.weight)
-            h = h + bags
+            table = F.linear(self.attr_proj.weight, out)
+            h = h + bags_of_rows(rows, self.attr_offsets, self.attr_ids, table)
         if self.has_features:
-            h = h + self.feature_proj(self.item_features[rows].to(h.dtype))
+            features = self.item_features[rows].to(h.dtype)
+            h = h + F.linear(features, out @ self.feature_proj.weight)
         return h
 
     def _item_vectors(self, item_ids: Tensor, context: Tensor | None) -> Tensor:
-        """Item vectors (*, D) of ids (*) with date contexts (*, 6) (None: zero context)."""
+        """Item vectors of ids (*) with date contexts (*, 6) (or broadcastable to it; None:
+        zero context) -> (*, D). Per-id work runs once per distinct id; what depends on the
+        position (the context, the dropout mask of the fused vector) runs per position."""
         rows, where = torch.unique(item_ids, return_inverse=True)
         wide = 4 * self.d_model
         w_attr, w_ctx = self.fusion.weight[:, :wide], self.fusion.weight[:, wide:]
-        w_item, w_ac = (
-            self.item_proj.weight[:, : self.d_model],
-            self.item_proj.weight[:, self.d_model :],
-        )
+        w_item = self.item_proj.weight[:, : self.d_model]
+        w_ac = self.item_proj.weight[:, self.d_model :]
         # fusion([h; context_encoder(c)]) = w_attr h + (w_ctx W_c) c + (w_ctx b_c + b_fusion)
-        ac_rows = F.linear(self._attribute_term(rows), w_attr)
         ac_const = F.linear(self.context_encoder.bias, w_ctx, self.fusion.bias)
         ac_ctx = w_ctx @ self.context_encoder.weight  # (4D, 6)
         item_rows = F.linear(self.item_embedding(rows), w_item, self.item_proj.bias)
         if self.training and self.dropout.p > 0:  # dropout needs every position's 4D vector
-            ac = ac_rows[where] + ac_const
+            ac = self._fused_rows(rows, w_attr)[where] + ac_const
             if context is not None:
                 ac = ac + F.linear(context.to(ac.dtype), ac_ctx)
             return item_rows[where] + F.linear(self.dropout(ac), w_ac)
-        v = (item_rows + F.linear(ac_rows + ac_const, w_ac))[where]
+        rows_out = item_rows + self._fused_rows(rows, w_ac @ w_attr) + F.linear(ac_const, w_ac)
+        v = rows_out[where]
         if context is not None:
             v = v + F.linear(context.to(v.dtype), w_ac @ ac_ctx)
         return v
@@ -282,10 +285,11 @@ class FaithfulItemEncoder(_ItemInputs):
                 f"target_timestamps must have shape ({item_ids.shape[0]},), got "
                 f"{tuple(target_timestamps.shape)}"
             )
-        target = paper_date_features(target_timestamps)[:, None, :].expand(*item_ids.shape, -1)
+        target = paper_date_features(target_timestamps)[:, None, :]  # (B, 1, 6), shared by C
         newest = self.history_context(timestamps, mask)[:, -1:, :DATE_DIFF_DIM]
         v = self._item_vectors(item_ids, target)
-        return self._input_block(v, target[..., :DATE_DIFF_DIM] - newest, history=False)
+        dt = (target[..., :DATE_DIFF_DIM] - newest).expand(*item_ids.shape, -1)
+        return self._input_block(v, dt, history=False)
 
 
 class LegacyFaithfulItemEncoder(_ItemInputs):

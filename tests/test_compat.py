@@ -23,6 +23,12 @@ D, N, A, USERS = 8, 40, 11, 5
 F64 = torch.float64
 
 
+class _Identity(torch.nn.Identity):
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+
 def _gelu(x: torch.Tensor) -> torch.Tensor:
     return 0.5 * x * (1 + torch.erf(x / math.sqrt(2)))
 
@@ -216,6 +222,12 @@ def test_faithful_reproduces_official_model(levels, heads, max_len, dates) -> No
     torch.testing.assert_close(model.encode(ids, times), user, **exact)
     ours = model.score(ids, candidates, times, **leak)
     torch.testing.assert_close(ours, scores, **exact)
+    # training mode with the per-position dropout path (dropout made the identity) agrees too
+    model.train()
+    model.encoder.dropout = 0.0
+    model.item_encoder.dropout = _Identity(p=0.5)
+    torch.testing.assert_close(model.score(ids, candidates, times, **leak), scores, **exact)
+    model.eval()
     # a history shorter than max_len is the same history padded by the model
     cut = ids[1:2, max_len - lengths[1] :]
     short = model.encode(cut, times[1:2, max_len - lengths[1] :] if times is not None else None)
