@@ -59,7 +59,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
         ),
     )
     p.add_argument(
-        "--faithful", action="store_true", default=s, help="the paper code's input block"
+        "--faithful", action="store_true", default=s, help="the authors' model (convrec.compat)"
     )
     p.add_argument(
         "--leak-target-date",

@@ -215,29 +215,40 @@ class FaithfulItemEncoder(_ItemInputs):
             h = h + F.linear(features, out @ self.feature_proj.weight)
         return h
 
-    def _item_vectors(self, item_ids: Tensor, context: Tensor | None) -> Tensor:
-        """Item vectors of ids (*) with date contexts (*, 6) (or broadcastable to it; None:
-        zero context) -> (*, D). Per-id work runs once per distinct id; what depends on the
-        position (the context, the dropout mask of the fused vector) runs per position."""
-        rows, where = torch.unique(item_ids, return_inverse=True)
+    def _row_terms(self, rows: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
+        """Per distinct id ``rows`` (R,): what ``_at_positions`` gathers.
+
+        fusion([h; context_encoder(c)]) = w_attr h + (w_ctx W_c) c + (w_ctx b_c + b_fusion),
+        so the id part is computed per row and the context part per position. With dropout
+        active the fused 4D vector is needed per position (its mask is); otherwise item_proj
+        is folded in too and only D-wide rows are gathered. Returns (rows (R, D), fused rows
+        (R, 4D) or None, the context weight (4D or D, 6))."""
         wide = 4 * self.d_model
         w_attr, w_ctx = self.fusion.weight[:, :wide], self.fusion.weight[:, wide:]
         w_item = self.item_proj.weight[:, : self.d_model]
         w_ac = self.item_proj.weight[:, self.d_model :]
-        # fusion([h; context_encoder(c)]) = w_attr h + (w_ctx W_c) c + (w_ctx b_c + b_fusion)
         ac_const = F.linear(self.context_encoder.bias, w_ctx, self.fusion.bias)
         ac_ctx = w_ctx @ self.context_encoder.weight  # (4D, 6)
         item_rows = F.linear(self.item_embedding(rows), w_item, self.item_proj.bias)
-        if self.training and self.dropout.p > 0:  # dropout needs every position's 4D vector
-            ac = self._fused_rows(rows, w_attr)[where] + ac_const
-            if context is not None:
-                ac = ac + F.linear(context.to(ac.dtype), ac_ctx)
-            return item_rows[where] + F.linear(self.dropout(ac), w_ac)
+        if self.training and self.dropout.p > 0:
+            return item_rows, self._fused_rows(rows, w_attr) + ac_const, ac_ctx
         rows_out = item_rows + self._fused_rows(rows, w_ac @ w_attr) + F.linear(ac_const, w_ac)
-        v = rows_out[where]
-        if context is not None:
-            v = v + F.linear(context.to(v.dtype), w_ac @ ac_ctx)
-        return v
+        return rows_out, None, w_ac @ ac_ctx
+
+    def _at_positions(
+        self, terms: tuple[Tensor, Tensor | None, Tensor], where: Tensor, context: Tensor | None
+    ) -> Tensor:
+        """Item vectors (*, D) of the rows ``where`` (*) picks from ``_row_terms``, with date
+        contexts (*, 6) or broadcastable to it (None: zero context)."""
+        rows_out, fused, context_weight = terms
+        if fused is None:
+            return _add_context(rows_out[where], context, context_weight)
+        ac = self.dropout(_add_context(fused[where], context, context_weight))
+        return rows_out[where] + F.linear(ac, self.item_proj.weight[:, self.d_model :])
+
+    def _item_vectors(self, item_ids: Tensor, context: Tensor | None) -> Tensor:
+        rows, where = torch.unique(item_ids, return_inverse=True)
+        return self._at_positions(self._row_terms(rows), where, context)
 
     def _input_block(self, v: Tensor, dt: Tensor, history: bool) -> Tensor:
         v = F.gelu(torch.cat([v, dt.to(v.dtype)], dim=-1))
@@ -263,8 +274,14 @@ class FaithfulItemEncoder(_ItemInputs):
 
     def forward(self, item_ids: Tensor, mask: Tensor, timestamps: Tensor | None = None) -> Tensor:
         """History positions (B, L) -> (B, L, D), zero where ``mask`` is False."""
+        rows, where = torch.unique(item_ids, return_inverse=True)
+        return self._history(self._row_terms(rows), where, mask, timestamps)
+
+    def _history(
+        self, terms: tuple, where: Tensor, mask: Tensor, timestamps: Tensor | None
+    ) -> Tensor:
         context = self.history_context(timestamps, mask)
-        v = self._item_vectors(item_ids, context if self.use_time else None)
+        v = self._at_positions(terms, where, context if self.use_time else None)
         v = self._input_block(v, self.time_differences(context), history=True)
         return v * mask.unsqueeze(-1).to(v.dtype)
 
@@ -275,21 +292,55 @@ class FaithfulItemEncoder(_ItemInputs):
         dt = torch.zeros(rows.shape[0], DATE_DIFF_DIM, device=v.device, dtype=v.dtype)
         return self._input_block(v, dt, history=False)[where]
 
-    def dated_vectors(
-        self, item_ids: Tensor, timestamps: Tensor, mask: Tensor, target_timestamps: Tensor
-    ) -> Tensor:
-        """Candidates (B, C) given the target's date (the paper code's leaking protocol):
-        ``timestamps``/``mask`` (B, L) of the histories, ``target_timestamps`` (B,)."""
-        if target_timestamps.shape != item_ids.shape[:1]:
+    def history_and_candidates(
+        self,
+        item_ids: Tensor,
+        mask: Tensor,
+        timestamps: Tensor | None,
+        candidates: Tensor,
+        target_timestamps: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """``forward`` of the histories (B, L) and the candidates' vectors (B, C) in one pass
+        over their distinct ids (one item-table gradient instead of two). Candidates get no
+        date, or with ``target_timestamps`` (B,) the target's date (the paper code's leaking
+        protocol) and its year/month/day differences to the newest history position."""
+        rows, where = torch.unique(
+            torch.cat([item_ids.flatten(), candidates.flatten()]), return_inverse=True
+        )
+        terms = self._row_terms(rows)
+        split = item_ids.numel()
+        history = self._history(terms, where[:split].view_as(item_ids), mask, timestamps)
+        at = where[split:].view_as(candidates)
+        if target_timestamps is None:
+            v = self._at_positions(terms, at, None)
+            return history, self._input_block(v, torch.zeros_like(v[..., :DATE_DIFF_DIM]), False)
+        if target_timestamps.shape != candidates.shape[:1]:
             raise ValueError(
-                f"target_timestamps must have shape ({item_ids.shape[0]},), got "
+                f"target_timestamps must have shape ({candidates.shape[0]},), got "
                 f"{tuple(target_timestamps.shape)}"
             )
         target = paper_date_features(target_timestamps)[:, None, :]  # (B, 1, 6), shared by C
         newest = self.history_context(timestamps, mask)[:, -1:, :DATE_DIFF_DIM]
-        v = self._item_vectors(item_ids, target)
-        dt = (target[..., :DATE_DIFF_DIM] - newest).expand(*item_ids.shape, -1)
-        return self._input_block(v, dt, history=False)
+        v = self._at_positions(terms, at, target)
+        dt = (target[..., :DATE_DIFF_DIM] - newest).expand(*candidates.shape, -1)
+        return history, self._input_block(v, dt, history=False)
+
+
+def _add_context(x: Tensor, context: Tensor | None, weight: Tensor) -> Tensor:
+    """``x + context @ weight.T`` for x (*, W) and context (*, 6) or broadcastable to it.
+
+    One position per row: ``addmm`` with the (6, W) factor on the right, whose weight gradient
+    ``context.T @ grad`` is a short-wide product (a tall-skinny ``grad.T @ context``, what
+    ``F.linear`` would compute, runs an order of magnitude slower on CPU BLAS)."""
+    if context is None:
+        return x
+    context = context.to(x.dtype)
+    if context.shape[:-1] != x.shape[:-1]:  # shared by many rows: project once, broadcast
+        return x + context @ weight.T
+    # a contiguous right factor: autograd then computes its gradient as context.T @ grad
+    right = weight.T.contiguous()
+    flat = torch.addmm(x.reshape(-1, x.shape[-1]), context.reshape(-1, context.shape[-1]), right)
+    return flat.view(x.shape)
 
 
 class LegacyFaithfulItemEncoder(_ItemInputs):

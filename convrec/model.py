@@ -120,9 +120,30 @@ class ConvRec(UsesBackend, SequentialRecommender):
                 f"{self._unfusable}: use backend='auto' or 'reference'"
             )
 
-    def _encode(self, item_ids: Tensor, mask: Tensor, timestamps: Tensor | None) -> Tensor:
+    def _check_length(self, item_ids: Tensor) -> None:
         if self.max_len is not None and item_ids.shape[1] > self.max_len:
             raise ValueError(f"history length {item_ids.shape[1]} exceeds max_len={self.max_len}")
+
+    def _user_and_candidates(
+        self,
+        item_ids: Tensor,
+        candidates: Tensor,
+        timestamps: Tensor | None,
+        target_timestamps: Tensor | None,
+    ) -> tuple[Tensor, Tensor]:
+        """The faithful block encodes histories and candidates in one pass over their ids."""
+        if not isinstance(self.item_encoder, FaithfulItemEncoder):
+            return super()._user_and_candidates(item_ids, candidates, timestamps, target_timestamps)
+        item_ids = self._checked_ids(item_ids, timestamps)
+        self._check_length(item_ids)
+        x, vectors = self.item_encoder.history_and_candidates(
+            item_ids, item_ids != 0, timestamps, candidates, target_timestamps
+        )
+        x = F.dropout(x, self.input_dropout, self.training)
+        return self.user_from_vectors(x, item_ids), vectors
+
+    def _encode(self, item_ids: Tensor, mask: Tensor, timestamps: Tensor | None) -> Tensor:
+        self._check_length(item_ids)
         if not self._fused(item_ids.device):
             x = self.item_encoder(item_ids, mask, timestamps)
             x = F.dropout(x, self.input_dropout, self.training)

@@ -127,8 +127,8 @@ class SequentialRecommender(nn.Module):
             )
         if not self.leaks_target_date and target_timestamps is not None:
             raise ValueError("target_timestamps are read only by leak_target_date=True models")
-        user = self.encode(item_ids, timestamps)
         if candidates is None:
+            user = self.encode(item_ids, timestamps)
             scores = user @ self.item_vectors().T
             return scores.index_fill(1, torch.tensor([0], device=scores.device), float("-inf"))
         if candidates.dim() != 2 or candidates.shape[0] != item_ids.shape[0]:
@@ -136,15 +136,21 @@ class SequentialRecommender(nn.Module):
                 f"candidates must have shape (B, C) with B={item_ids.shape[0]}, "
                 f"got {tuple(candidates.shape)}"
             )
-        if self.leaks_target_date:
-            check_id_range(candidates, self.num_items, "candidates")
-            mask = item_ids != 0
-            vectors = self.item_encoder.dated_vectors(
-                candidates.long(), timestamps, mask, target_timestamps
-            )
-        else:
-            vectors = self.item_vectors(candidates)
+        check_id_range(candidates, self.num_items, "candidates")
+        user, vectors = self._user_and_candidates(
+            item_ids, candidates.long(), timestamps, target_timestamps
+        )
         return torch.einsum("bd,bcd->bc", user, vectors)
+
+    def _user_and_candidates(
+        self,
+        item_ids: Tensor,
+        candidates: Tensor,
+        timestamps: Tensor | None,
+        target_timestamps: Tensor | None,
+    ) -> tuple[Tensor, Tensor]:
+        """User vectors (B, D) and candidate vectors (B, C, D) for checked candidate ids."""
+        return self.encode(item_ids, timestamps), self.item_encoder.vectors(candidates)
 
     @torch.no_grad()
     def recommend(

@@ -57,8 +57,9 @@ def paper_layer_norm(
     It differs from ``F.layer_norm`` (biased variance, eps inside the square root) by more than
     rounding, so a model that must reproduce the paper's weights needs this one.
     """
-    mean = x.mean(-1, keepdim=True)
-    return weight * (x - mean) / (x.std(-1, keepdim=True) + eps) + bias
+    centred = x - x.mean(-1, keepdim=True)
+    std = (centred.square().sum(-1, keepdim=True) / (x.shape[-1] - 1)).sqrt()
+    return torch.addcmul(bias, centred, weight * (1 / (std + eps)))
 
 
 def level_mix(
