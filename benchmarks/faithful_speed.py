@@ -208,9 +208,14 @@ def main() -> None:
         )
     lines += [
         "",
-        "With dropout > 0 in training, every history position needs its own 4D fused vector "
-        "(the dropout mask is per position); with dropout 0 (or in evaluation) the item MLP "
-        "runs once per distinct id.",
+        "With dropout > 0 in training, every position needs its own 4D fused vector (its "
+        "dropout mask is per position), so both sides draw, multiply and project the same "
+        "(B, L, 4D) tensors; with dropout 0 (or in evaluation) the faithful item MLP runs once "
+        "per distinct id. Both sides share the per-position input block (GELU, the paper "
+        "LayerNorm and a Linear over D + 3 channels), the level stack (reference backend: the "
+        "fast backends lack the paper LayerNorm) and the dense gradient of the item table; the "
+        "authors' side adds per position a dense multi-hot lookup and the (attributes -> 4D) "
+        "and (5D -> 4D) products.",
         "",
         "Command: `OMP_NUM_THREADS=1 python -m benchmarks.faithful_speed --out benchmarks/results`",
     ]

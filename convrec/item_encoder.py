@@ -152,15 +152,15 @@ class ItemEncoder(UsesBackend, _ItemInputs):
 class FaithfulItemEncoder(_ItemInputs):
     """The paper code's input block (``ConvRec(faithful=True)``): same weights, same vectors.
 
-    Item vector of id v with date context c (6 features, ``paper_date_features``):
-    ``item = item_proj([E_item[v]; Dropout(fusion([W_a f_v + b_a; context_encoder(c)]))])``, f_v
-    the multi-hot attribute vector (repeated ids count twice), plus ``feature_proj`` of dense
-    features. Input block: ``GELU(in_proj(paper_norm(Dropout(GELU([item; dt])))))``, dropout on
-    history positions only, times the mask. ``dt`` are the 3 time-difference channels: the
-    year/month/day features minus those of the previous history position (zero context at
-    padding), and ones at position 0 of a full ``max_len`` history, as the paper code computes
-    them on its ``max_len``-padded input. Without ``use_time`` every context is zero, which is
-    the paper model fed no dates (the channels and the context bias still count).
+    Item vector of id v with date context c (6 features, ``paper_date_features``): ``item =
+    item_proj([E_item[v]; Dropout(fusion([W_a f_v + b_a; context_encoder(c)]))])``, f_v the
+    multi-hot attribute vector (a repeated id counts twice, the paper's 0/1 vector once), plus
+    ``feature_proj`` of dense features. Input block: ``GELU(in_proj(paper_norm(Dropout(GELU([item;
+    dt])))))``, dropout on history positions only, times the mask. ``dt`` are the 3 time-difference
+    channels: the year/month/day features minus those of the previous history position (zero context
+    at padding), and ones at position 0 of a full ``max_len`` history, as the paper code computes
+    them on its ``max_len``-padded input. Without ``use_time`` every context is zero, which is the
+    paper model fed no dates (the channels and the context bias still count).
 
     Candidates get, by default, no date: zero context and zero ``dt``, so their vectors do not
     depend on the user (one table serves full ranking). ``leak_target_date=True`` is the paper
@@ -168,8 +168,9 @@ class FaithfulItemEncoder(_ItemInputs):
     = its year/month/day features minus the newest history position's. That date is the
     answer's timestamp, unknown when recommending: a leak, for reproducing the paper's numbers.
 
-    Only the ids a call uses are encoded (``bags_of_rows`` on the distinct ids), never the whole
-    catalogue. Parameters start as the paper code's (``nn.Linear``/``nn.Embedding`` defaults).
+    Per-id work runs once per distinct id of a call (histories and candidates together in
+    ``history_and_candidates``; ``bags_of_rows``), never over the whole catalogue. Parameters
+    start as the paper code's (``nn.Linear``/``nn.Embedding`` defaults).
     """
 
     def __init__(
