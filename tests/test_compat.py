@@ -11,13 +11,18 @@ from __future__ import annotations
 import datetime
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from convrec.compat import date_features, from_official
+from convrec.data.dataset import SequenceDataset
+from convrec.data.splits import SequenceIndex
+from convrec.evaluation.protocols import evaluate
 from convrec.item_encoder import LegacyFaithfulItemEncoder
 from convrec.model import ConvRec
 from convrec.registry import build_model
+from convrec.training.losses import sampled_softmax_loss
 
 D, N, A, USERS = 8, 40, 11, 5
 F64 = torch.float64
@@ -276,3 +281,40 @@ def test_faithful_backends_specs_and_the_leak_option() -> None:
     assert not old.encoder.paper_norm
     new = dict(num_items=30, d_model=8, faithful=True, max_len=10, faithful_version=2)
     assert build_model(dict(spec, kwargs=new)).encoder.paper_norm
+
+
+def test_leaking_protocol_trains_and_evaluates_sampled_only() -> None:
+    rng = np.random.default_rng(0)
+    sequences = [rng.integers(1, 201, size=int(n)) for n in rng.integers(4, 12, size=20)]
+    times = [np.sort(rng.integers(10**9, 2 * 10**9, size=len(s))) for s in sequences]
+    data = SequenceDataset(
+        "tiny",
+        sequences,
+        times,
+        [str(u) for u in range(20)],
+        [str(i) for i in range(201)],
+        np.zeros(202, dtype=np.int64),
+        np.zeros(0, dtype=np.int64),
+        [],
+    )
+    index = SequenceIndex.from_dataset(data)
+    users, cuts = np.arange(20), index.split_cuts("test")
+    assert (index.target_times(users, cuts) == np.array([t[-1] for t in times])).all()
+    model = ConvRec(200, d_model=8, faithful=True, max_len=10, use_time=True, leak_target_date=True)
+    ids, stamps = (torch.from_numpy(a) for a in index.histories(users, cuts, 10))
+    targets = torch.from_numpy(index.targets(users, cuts))
+    loss = sampled_softmax_loss(
+        model,
+        ids,
+        targets,
+        stamps,
+        5,
+        30,
+        torch.Generator().manual_seed(0),
+        target_timestamps=torch.from_numpy(index.target_times(users, cuts)),
+    )
+    loss.backward()
+    metrics = evaluate(model, data, "test", ("sampled",), max_len=10, index=index)
+    assert 0 <= metrics["sampled/NDCG@10"] <= 1
+    with pytest.raises(ValueError, match="'sampled' protocol only"):
+        evaluate(model, data, "test", ("full",), max_len=10, index=index)
