@@ -318,3 +318,10 @@ def test_leaking_protocol_trains_and_evaluates_sampled_only() -> None:
     assert 0 <= metrics["sampled/NDCG@10"] <= 1
     with pytest.raises(ValueError, match="'sampled' protocol only"):
         evaluate(model, data, "test", ("full",), max_len=10, index=index)
+
+
+def test_serving_refuses_the_faithful_model() -> None:
+    from convrec.serving.module import ServingModule
+
+    with pytest.raises(ValueError, match="faithful=True"):
+        ServingModule(ConvRec(30, d_model=8, faithful=True, max_len=10), max_len=10, k=5)
