@@ -119,7 +119,14 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
         ),
     )
     p.add_argument(
-        "--faithful", action="store_true", default=s, help="the paper code's input block"
+        "--faithful", action="store_true", default=s, help="the authors' model (convrec.compat)"
+    )
+    p.add_argument(
+        "--leak-target-date",
+        action="store_true",
+        default=s,
+        help="faithful: give candidates the target's date, the paper code's protocol "
+        "(leaks the answer's timestamp; sampled loss and protocol only)",
     )
     p.add_argument(
         "--streaming",

@@ -16,7 +16,14 @@ from torch import Tensor, nn
 
 from convrec.checks import check_sequence
 from convrec.ops.dispatch import UsesBackend, kernel_size_problem, set_backend
-from convrec.ops.downscale import LevelParams, downscale, downscale_backend, level_mix
+from convrec.ops.downscale import (
+    PAPER_NORM_EPS,
+    LevelParams,
+    check_paper_norm_backend,
+    downscale,
+    downscale_backend,
+    level_mix,
+)
 from convrec.ops.embed_conv_pool import embed_conv_pool
 from convrec.ops.gather_embed import gather_embed
 from convrec.ops.item_tables import ItemTables
@@ -33,7 +40,9 @@ from convrec.schedule import DEFAULT_LEVELS, check_levels, schedule_for_length
 class ConvLevel(nn.Module):
     """Parameters of one level: grouped conv, Linear, residual weights alpha/beta, LayerNorm."""
 
-    def __init__(self, d_model: int, kernel: int, stride: int, heads: int) -> None:
+    def __init__(
+        self, d_model: int, kernel: int, stride: int, heads: int, norm_eps: float = 1e-5
+    ) -> None:
         super().__init__()
         self.kernel, self.stride = kernel, stride
         # per-head Conv1d(D/H, D/H, k) of the paper == one grouped conv; same default init
@@ -41,7 +50,7 @@ class ConvLevel(nn.Module):
         self.linear = nn.Linear(d_model, d_model)
         self.alpha = nn.Parameter(torch.tensor(0.5))
         self.beta = nn.Parameter(torch.tensor(0.5))
-        self.norm = nn.LayerNorm(d_model)
+        self.norm = nn.LayerNorm(d_model, eps=norm_eps)
 
     def params(self) -> LevelParams:
         return LevelParams(
@@ -66,7 +75,9 @@ class ConvRecEncoder(UsesBackend, nn.Module):
     needs kernel = stride): ``forward_positions`` then gives the user vector after every
     position in one pass and ``push`` updates users one event at a time. ``backend`` names the
     implementation of ``ops.downscale`` (``convrec.ops.dispatch``; change it with
-    ``convrec.ops.dispatch.set_backend``).
+    ``convrec.ops.dispatch.set_backend``). ``paper_norm=True`` normalises every level as the
+    paper code does (``ops.downscale.paper_layer_norm``, eps 1e-6); only the reference
+    implements it, so the encoder then runs on the reference and refuses the fast backends.
     """
 
     def __init__(
@@ -80,6 +91,7 @@ class ConvRecEncoder(UsesBackend, nn.Module):
         fixed_length: int | None = None,
         check_inputs: bool = False,
         streaming: bool = False,
+        paper_norm: bool = False,
     ) -> None:
         super().__init__()
         if d_model < 1:
@@ -93,13 +105,19 @@ class ConvRecEncoder(UsesBackend, nn.Module):
         self.levels = check_levels(levels)
         self.d_model, self.heads, self.dropout = d_model, heads, dropout
         self.mask_aware, self.fixed_length = mask_aware, fixed_length
-        self.check_inputs, self.streaming = check_inputs, streaming
-        self.stack = nn.ModuleList(ConvLevel(d_model, k, s, heads) for k, s in self.levels)
+        self.check_inputs, self.paper_norm = check_inputs, paper_norm
+        self.streaming = streaming
+        if streaming and paper_norm:
+            raise ValueError("paper_norm is the paper's stack, anchored at the newest item")
+        eps = PAPER_NORM_EPS if paper_norm else 1e-5
+        self.stack = nn.ModuleList(ConvLevel(d_model, k, s, heads, eps) for k, s in self.levels)
         if streaming:
             check_stream_levels(self._params(), self._strides())
         set_backend(self, backend)
 
     def check_backend_choice(self, name: str) -> None:
+        if self.paper_norm:
+            check_paper_norm_backend(name)
         problem = kernel_size_problem(max(k for k, _ in self.levels))
         if name == "triton" and problem is not None:
             raise ValueError(f"backend 'triton' cannot run levels {self.levels}: {problem}")
@@ -142,6 +160,7 @@ class ConvRecEncoder(UsesBackend, nn.Module):
             eps=self.stack[0].norm.eps,
             return_levels=return_levels,
             backend=self.backend_for(x.device),
+            paper_norm=self.paper_norm,
         )
         return (out.user, out.levels) if return_levels else out.user
 
@@ -229,6 +248,8 @@ class ConvRecEncoder(UsesBackend, nn.Module):
 
     def backend_for(self, device: torch.device) -> str:
         """The implementation of ``ops.downscale`` this encoder runs on ``device``."""
+        if self.paper_norm:
+            return "reference"
         return downscale_backend(self.backend, device, [k for k, _ in self.levels])
 
     def _pad_to_fixed_length(self, x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
@@ -251,4 +272,5 @@ class ConvRecEncoder(UsesBackend, nn.Module):
             f"dropout={self.dropout}, mask_aware={self.mask_aware}, backend={self.backend!r}"
             + (", streaming=True" if self.streaming else "")
             + (f", fixed_length={self.fixed_length}" if self.fixed_length else "")
+            + (", paper_norm=True" if self.paper_norm else "")
         )

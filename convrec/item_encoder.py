@@ -2,11 +2,13 @@
 
 ``ItemEncoder`` is the gather of docs/design.md (item row + mean attribute row, no
 per-position MLP), the path the fused kernels accelerate. ``FaithfulItemEncoder`` reproduces
-the input block of the paper's code for comparisons. ``ItemInputs`` is the spec both take.
+the input block of the paper's code (``convrec.compat`` loads the paper's weights into it).
+``ItemInputs`` is the spec they take.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -15,9 +17,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from convrec.ops.dispatch import UsesBackend
-from convrec.ops.gather_embed import attribute_bags, gather_embed
+from convrec.ops.downscale import PAPER_NORM_EPS, paper_layer_norm
+from convrec.ops.gather_embed import attribute_bags, bags_of_rows, gather_embed
 from convrec.ops.item_tables import ItemTables, check_csr, csr_from_lists
-from convrec.time_context import CONTEXT_DIM, time_context
+from convrec.time_context import (
+    CONTEXT_DIM,
+    DATE_DIFF_DIM,
+    DATE_DIM,
+    paper_date_features,
+    time_context,
+)
 
 EMBEDDING_STD = 0.02
 
@@ -141,7 +150,204 @@ class ItemEncoder(UsesBackend, _ItemInputs):
 
 
 class FaithfulItemEncoder(_ItemInputs):
-    """The paper code's input block, for comparisons (``ConvRec(faithful=True)``).
+    """The paper code's input block (``ConvRec(faithful=True)``): same weights, same vectors.
+
+    Item vector of id v with date context c (6 features, ``paper_date_features``): ``item =
+    item_proj([E_item[v]; Dropout(fusion([W_a f_v + b_a; context_encoder(c)]))])``, f_v the
+    multi-hot attribute vector (a repeated id counts twice, the paper's 0/1 vector once), plus
+    ``feature_proj`` of dense features. Input block: ``GELU(in_proj(paper_norm(Dropout(GELU([item;
+    dt])))))``, dropout on history positions only, times the mask. ``dt`` are the 3 time-difference
+    channels: the year/month/day features minus those of the previous history position (zero context
+    at padding), and ones at position 0 of a full ``max_len`` history, as the paper code computes
+    them on its ``max_len``-padded input. Without ``use_time`` every context is zero, which is the
+    paper model fed no dates (the channels and the context bias still count).
+
+    Candidates get, by default, no date: zero context and zero ``dt``, so their vectors do not
+    depend on the user (one table serves full ranking). ``leak_target_date=True`` is the paper
+    code's protocol instead: every candidate gets the date of the target interaction and ``dt``
+    = its year/month/day features minus the newest history position's. That date is the
+    answer's timestamp, unknown when recommending: a leak, for reproducing the paper's numbers.
+
+    Per-id work runs once per distinct id of a call (histories and candidates together in
+    ``history_and_candidates``; ``bags_of_rows``), never over the whole catalogue. Parameters
+    start as the paper code's (``nn.Linear``/``nn.Embedding`` defaults).
+    """
+
+    def __init__(
+        self,
+        inputs: ItemInputs,
+        d_model: int,
+        max_len: int,
+        dropout: float = 0.1,
+        leak_target_date: bool = False,
+    ) -> None:
+        super().__init__(inputs)
+        if leak_target_date and not inputs.use_time:
+            raise ValueError("leak_target_date gives candidates the target's date: set use_time")
+        self.d_model, self.max_len, self.leak_target_date = d_model, max_len, leak_target_date
+        wide = 4 * d_model
+        self.item_embedding = nn.Embedding(inputs.num_items + 1, d_model, padding_idx=0)
+        if self.has_attributes:  # Linear(multi-hot -> 4D): weight columns as embedding rows
+            self.attr_proj = nn.Embedding(self.num_attributes, wide)
+            bound = 1 / math.sqrt(self.num_attributes)
+            nn.init.uniform_(self.attr_proj.weight, -bound, bound)
+        if self.has_features:
+            self.feature_proj = nn.Linear(self.item_features.shape[1], wide, bias=False)
+        fan_in = self.num_attributes + (self.item_features.shape[1] if self.has_features else 0)
+        bound = 1 / math.sqrt(max(fan_in, 1))
+        self.feature_bias = nn.Parameter(torch.empty(wide).uniform_(-bound, bound))
+        self.context_encoder = nn.Linear(DATE_DIM, d_model)
+        self.fusion = nn.Linear(wide + d_model, wide)
+        self.item_proj = nn.Linear(d_model + wide, d_model)
+        self.norm = nn.LayerNorm(d_model + DATE_DIFF_DIM, eps=PAPER_NORM_EPS)
+        self.in_proj = nn.Linear(d_model + DATE_DIFF_DIM, d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def _fused_rows(self, rows: Tensor, out: Tensor) -> Tensor:
+        """``out @ (W_a f_v + b_a)`` for distinct ids ``rows`` (R,): the attribute projection is
+        linear, so ``out`` (a slice of the fusion, or the fusion then ``item_proj``) is folded
+        into the (A, 4D) attribute table first, and the bags sum rows of the folded table."""
+        h = F.linear(self.feature_bias, out).expand(rows.shape[0], -1)
+        if self.has_attributes:
+            table = F.linear(self.attr_proj.weight, out)
+            h = h + bags_of_rows(rows, self.attr_offsets, self.attr_ids, table)
+        if self.has_features:
+            features = self.item_features[rows].to(h.dtype)
+            h = h + F.linear(features, out @ self.feature_proj.weight)
+        return h
+
+    def _row_terms(self, rows: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
+        """Per distinct id ``rows`` (R,): what ``_at_positions`` gathers.
+
+        fusion([h; context_encoder(c)]) = w_attr h + (w_ctx W_c) c + (w_ctx b_c + b_fusion),
+        so the id part is computed per row and the context part per position. With dropout
+        active the fused 4D vector is needed per position (its mask is); otherwise item_proj
+        is folded in too and only D-wide rows are gathered. Returns (rows (R, D), fused rows
+        (R, 4D) or None, the context weight (4D or D, 6))."""
+        wide = 4 * self.d_model
+        w_attr, w_ctx = self.fusion.weight[:, :wide], self.fusion.weight[:, wide:]
+        w_item = self.item_proj.weight[:, : self.d_model]
+        w_ac = self.item_proj.weight[:, self.d_model :]
+        ac_const = F.linear(self.context_encoder.bias, w_ctx, self.fusion.bias)
+        ac_ctx = w_ctx @ self.context_encoder.weight  # (4D, 6)
+        item_rows = F.linear(self.item_embedding(rows), w_item, self.item_proj.bias)
+        if self.training and self.dropout.p > 0:
+            return item_rows, self._fused_rows(rows, w_attr) + ac_const, ac_ctx
+        rows_out = item_rows + self._fused_rows(rows, w_ac @ w_attr) + F.linear(ac_const, w_ac)
+        return rows_out, None, w_ac @ ac_ctx
+
+    def _at_positions(
+        self, terms: tuple[Tensor, Tensor | None, Tensor], where: Tensor, context: Tensor | None
+    ) -> Tensor:
+        """Item vectors (*, D) of the rows ``where`` (*) picks from ``_row_terms``, with date
+        contexts (*, 6) or broadcastable to it (None: zero context)."""
+        rows_out, fused, context_weight = terms
+        if fused is None:
+            return _add_context(rows_out[where], context, context_weight)
+        ac = self.dropout(_add_context(fused[where], context, context_weight))
+        return rows_out[where] + F.linear(ac, self.item_proj.weight[:, self.d_model :])
+
+    def _item_vectors(self, item_ids: Tensor, context: Tensor | None) -> Tensor:
+        rows, where = torch.unique(item_ids, return_inverse=True)
+        return self._at_positions(self._row_terms(rows), where, context)
+
+    def _input_block(self, v: Tensor, dt: Tensor, history: bool) -> Tensor:
+        v = F.gelu(torch.cat([v, dt.to(v.dtype)], dim=-1))
+        if history:
+            v = self.dropout(v)
+        v = paper_layer_norm(v, self.norm.weight, self.norm.bias, self.norm.eps)
+        return F.gelu(self.in_proj(v))
+
+    def history_context(self, timestamps: Tensor | None, mask: Tensor) -> Tensor:
+        """(B, L, 6) date contexts of history positions, zero at padding and without use_time."""
+        if not self.use_time:
+            return torch.zeros(*mask.shape, DATE_DIM, device=mask.device, dtype=torch.float64)
+        return paper_date_features(timestamps) * mask.unsqueeze(-1)
+
+    def time_differences(self, context: Tensor) -> Tensor:
+        """(B, L, 3): year/month/day features minus the previous position's (zero context before
+        the first), ones at position 0 of a full ``max_len`` history."""
+        dates = context[..., :DATE_DIFF_DIM]
+        dt = dates - F.pad(dates, (0, 0, 1, 0))[:, :-1]
+        if dates.shape[1] == self.max_len:
+            dt = torch.cat([torch.ones_like(dt[:, :1]), dt[:, 1:]], dim=1)
+        return dt
+
+    def forward(self, item_ids: Tensor, mask: Tensor, timestamps: Tensor | None = None) -> Tensor:
+        """History positions (B, L) -> (B, L, D), zero where ``mask`` is False."""
+        rows, where = torch.unique(item_ids, return_inverse=True)
+        return self._history(self._row_terms(rows), where, mask, timestamps)
+
+    def _history(
+        self, terms: tuple, where: Tensor, mask: Tensor, timestamps: Tensor | None
+    ) -> Tensor:
+        context = self.history_context(timestamps, mask)
+        v = self._at_positions(terms, where, context if self.use_time else None)
+        v = self._input_block(v, self.time_differences(context), history=True)
+        return v * mask.unsqueeze(-1).to(v.dtype)
+
+    def vectors(self, item_ids: Tensor) -> Tensor:
+        """Candidate vectors with no date (the leak-free protocol) for ids of any shape."""
+        rows, where = torch.unique(item_ids, return_inverse=True)
+        v = self._item_vectors(rows, None)
+        dt = torch.zeros(rows.shape[0], DATE_DIFF_DIM, device=v.device, dtype=v.dtype)
+        return self._input_block(v, dt, history=False)[where]
+
+    def history_and_candidates(
+        self,
+        item_ids: Tensor,
+        mask: Tensor,
+        timestamps: Tensor | None,
+        candidates: Tensor,
+        target_timestamps: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """``forward`` of the histories (B, L) and the candidates' vectors (B, C) in one pass
+        over their distinct ids (one item-table gradient instead of two). Candidates get no
+        date, or with ``target_timestamps`` (B,) the target's date (the paper code's leaking
+        protocol) and its year/month/day differences to the newest history position."""
+        rows, where = torch.unique(
+            torch.cat([item_ids.flatten(), candidates.flatten()]), return_inverse=True
+        )
+        terms = self._row_terms(rows)
+        split = item_ids.numel()
+        history = self._history(terms, where[:split].view_as(item_ids), mask, timestamps)
+        at = where[split:].view_as(candidates)
+        if target_timestamps is None:
+            v = self._at_positions(terms, at, None)
+            return history, self._input_block(v, torch.zeros_like(v[..., :DATE_DIFF_DIM]), False)
+        if target_timestamps.shape != candidates.shape[:1]:
+            raise ValueError(
+                f"target_timestamps must have shape ({candidates.shape[0]},), got "
+                f"{tuple(target_timestamps.shape)}"
+            )
+        target = paper_date_features(target_timestamps)[:, None, :]  # (B, 1, 6), shared by C
+        newest = self.history_context(timestamps, mask)[:, -1:, :DATE_DIFF_DIM]
+        v = self._at_positions(terms, at, target)
+        dt = (target[..., :DATE_DIFF_DIM] - newest).expand(*candidates.shape, -1)
+        return history, self._input_block(v, dt, history=False)
+
+
+def _add_context(x: Tensor, context: Tensor | None, weight: Tensor) -> Tensor:
+    """``x + context @ weight.T`` for x (*, W) and context (*, 6) or broadcastable to it.
+
+    One position per row: ``addmm`` with the (6, W) factor on the right, whose weight gradient
+    ``context.T @ grad`` is a short-wide product (a tall-skinny ``grad.T @ context``, what
+    ``F.linear`` would compute, runs an order of magnitude slower on CPU BLAS)."""
+    if context is None:
+        return x
+    context = context.to(x.dtype)
+    if context.shape[:-1] != x.shape[:-1]:  # shared by many rows: project once, broadcast
+        return x + context @ weight.T
+    # a contiguous right factor: autograd then computes its gradient as context.T @ grad
+    right = weight.T.contiguous()
+    flat = torch.addmm(x.reshape(-1, x.shape[-1]), context.reshape(-1, context.shape[-1]), right)
+    return flat.view(x.shape)
+
+
+class LegacyFaithfulItemEncoder(_ItemInputs):
+    """The first approximation of the paper code's input block (``ConvRec(faithful=True,
+    faithful_version=1)``), kept so checkpoints written with it still load; it is not the
+    paper's model (``FaithfulItemEncoder`` is).
 
     item = Linear([E_item[v]; Dropout(Linear([Linear_4D(f_v); Linear(c)]))]), then
     Linear(LayerNorm(Dropout(GELU([item; c])))) and GELU, times the mask. f_v is the multi-hot

@@ -10,7 +10,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from convrec.encoder import ConvRecEncoder
-from convrec.item_encoder import FaithfulItemEncoder, ItemAttributes, ItemEncoder, ItemInputs
+from convrec.item_encoder import (
+    FaithfulItemEncoder,
+    ItemAttributes,
+    ItemEncoder,
+    ItemInputs,
+    LegacyFaithfulItemEncoder,
+)
 from convrec.ops.dispatch import UsesBackend, warn_once
 from convrec.ops.stream_downscale import StreamState
 from convrec.readouts import NEWEST, READOUTS, readout_names, upgrade_state_dict
@@ -22,24 +28,28 @@ class ConvRec(UsesBackend, SequentialRecommender):
     """The ConvRec recommender.
 
     Item inputs (``item_attributes``, ``num_attributes``, ``item_features``, ``use_time``) as in
-    ``convrec.item_encoder.ItemInputs``. ``faithful=True`` uses the paper code's input block
-    and its padding fixed at construction from ``max_len`` (required then). ``input_dropout``
-    drops entries of the history item vectors in training (candidates are never dropped), the
-    regulariser SASRec applies to its inputs. ``readouts`` names terms added to the user vector
-    after the levels (``convrec.readouts.READOUTS``; not in the paper), e.g.
-    ``("last_item_skip", "last_item_transition")``. ``streaming=True`` anchors the levels' windows
-    at the first event (``ConvRecEncoder(streaming=True)``), so one forward scores the next
-    item at every position (``score_positions``, training with ``all-positions``) and the
-    encoder's ``push`` updates a user per event; readouts must read only the newest item.
+    ``convrec.item_encoder.ItemInputs``. ``faithful=True`` is the paper code's model
+    (``FaithfulItemEncoder``, its LayerNorm at every level, its padding fixed at construction from
+    ``max_len``, required then; ``convrec.compat.from_official`` loads its weights); it runs on the
+    reference backend. ``leak_target_date=True`` (faithful, with ``use_time``) adds the paper code's
+    candidate protocol: candidates get the target interaction's date, a leak. ``faithful_version=1``
+    rebuilds the earlier approximation that old checkpoints hold. ``input_dropout`` drops entries of
+    the history item vectors in training (candidates are never dropped), the regulariser SASRec
+    applies to its inputs. ``readouts`` names terms added to the user vector after the levels
+    (``convrec.readouts.READOUTS``; not in the paper), e.g. ``("last_item_skip",
+    "last_item_transition")``. ``streaming=True`` anchors the levels' windows at the first event
+    (``ConvRecEncoder(streaming=True)``), so one forward scores the next item at every position
+    (``score_positions``, training with ``all-positions``) and the encoder's ``push`` updates a
+    user per event; readouts must read only the newest item.
 
-    ``backend`` (``convrec.ops.dispatch``; ``set_backend`` changes it) "triton" runs the item
-    gather fused into level 1 (``ops.embed_conv_pool``) and the other levels and candidate
-    vectors on Triton too. The fused kernel covers item rows and attributes only: "triton"
-    refuses dense features, time context and the faithful block; "auto" runs the first two
-    unfused with one warning, and never fuses the faithful block. The kernel never stores the
-    item vectors, so training with ``input_dropout`` gathers them unfused (evaluation stays
-    fused), and the readouts gather what they read again: the newest item, or the whole history
-    when a readout reads it. Every backend reads the same ``state_dict``.
+    ``backend`` (``convrec.ops.dispatch``; ``set_backend`` changes it) "triton" runs the item gather
+    fused into level 1 (``ops.embed_conv_pool``) and the other levels and candidate vectors on
+    Triton too. The fused kernel covers item rows and attributes only: "triton" refuses dense
+    features, time context and the faithful block; "auto" runs the first two unfused with one
+    warning, and never fuses the faithful block. The kernel never stores the item vectors, so
+    training with ``input_dropout`` gathers them unfused (evaluation stays fused), and the readouts
+    gather what they read again: the newest item, or the whole history when a readout reads it.
+    Every backend reads the same ``state_dict``.
     """
 
     def __init__(
@@ -62,8 +72,14 @@ class ConvRec(UsesBackend, SequentialRecommender):
         max_len: int | None = None,
         backend: str = "auto",
         check_inputs: bool = False,
+        leak_target_date: bool = False,
+        faithful_version: int = 2,
     ) -> None:
         super().__init__()
+        if leak_target_date and not (faithful and faithful_version == 2):
+            raise ValueError("leak_target_date is the paper code's protocol: set faithful=True")
+        if faithful_version not in (1, 2):
+            raise ValueError(f"faithful_version must be 1 or 2, got {faithful_version}")
         if faithful and max_len is None:
             raise ValueError("faithful=True fixes the padding at construction: pass max_len")
         if faithful and mask_aware:
@@ -75,8 +91,15 @@ class ConvRec(UsesBackend, SequentialRecommender):
         self.input_dropout = input_dropout
         self.max_len, self.faithful, self.check_inputs = max_len, faithful, check_inputs
         inputs = ItemInputs(num_items, item_attributes, num_attributes, item_features, use_time)
-        if faithful:
-            self.item_encoder = FaithfulItemEncoder(inputs, d_model, dropout=dropout)
+        paper_norm = faithful and faithful_version == 2
+        self.leaks_target_date = leak_target_date
+        if paper_norm:
+            self.item_encoder = FaithfulItemEncoder(
+                inputs, d_model, max_len, dropout=dropout, leak_target_date=leak_target_date
+            )
+            self._unfusable = "the faithful input block"
+        elif faithful:
+            self.item_encoder = LegacyFaithfulItemEncoder(inputs, d_model, dropout=dropout)
             self._unfusable = "the faithful input block"
         else:
             self.item_encoder = ItemEncoder(inputs, d_model)
@@ -90,6 +113,7 @@ class ConvRec(UsesBackend, SequentialRecommender):
             fixed_length=max_len if faithful else None,
             check_inputs=check_inputs,
             streaming=streaming,
+            paper_norm=paper_norm,
         )
         readouts = readout_names(readouts)
         history = [name for name in readouts if READOUTS[name].reads != NEWEST]
@@ -111,9 +135,30 @@ class ConvRec(UsesBackend, SequentialRecommender):
                 f"{self._unfusable}: use backend='auto' or 'reference'"
             )
 
-    def _encode(self, item_ids: Tensor, mask: Tensor, timestamps: Tensor | None) -> Tensor:
+    def _check_length(self, item_ids: Tensor) -> None:
         if self.max_len is not None and item_ids.shape[1] > self.max_len:
             raise ValueError(f"history length {item_ids.shape[1]} exceeds max_len={self.max_len}")
+
+    def _user_and_candidates(
+        self,
+        item_ids: Tensor,
+        candidates: Tensor,
+        timestamps: Tensor | None,
+        target_timestamps: Tensor | None,
+    ) -> tuple[Tensor, Tensor]:
+        """The faithful block encodes histories and candidates in one pass over their ids."""
+        if not isinstance(self.item_encoder, FaithfulItemEncoder):
+            return super()._user_and_candidates(item_ids, candidates, timestamps, target_timestamps)
+        item_ids = self._checked_ids(item_ids, timestamps)
+        self._check_length(item_ids)
+        x, vectors = self.item_encoder.history_and_candidates(
+            item_ids, item_ids != 0, timestamps, candidates, target_timestamps
+        )
+        x = F.dropout(x, self.input_dropout, self.training)
+        return self.user_from_vectors(x, item_ids), vectors
+
+    def _encode(self, item_ids: Tensor, mask: Tensor, timestamps: Tensor | None) -> Tensor:
+        self._check_length(item_ids)
         if not self._fused(item_ids.device):
             x = self.item_encoder(item_ids, mask, timestamps)
             x = F.dropout(x, self.input_dropout, self.training)

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from convrec.checks import check_id_range, check_item_ids
-from convrec.item_encoder import FaithfulItemEncoder, ItemEncoder
+from convrec.item_encoder import FaithfulItemEncoder, ItemEncoder, LegacyFaithfulItemEncoder
 from convrec.ops.dispatch import set_backend
 
 
@@ -18,9 +18,12 @@ class SequentialRecommender(nn.Module):
     """Base class: subclasses set ``self.item_encoder`` and ``self.encoder`` and implement
     ``_encode``."""
 
-    item_encoder: ItemEncoder | FaithfulItemEncoder
+    item_encoder: ItemEncoder | FaithfulItemEncoder | LegacyFaithfulItemEncoder
     encoder: nn.Module
     check_inputs: bool = False
+    # candidates get the target interaction's date (ConvRec(leak_target_date=True)): scoring
+    # then needs candidates and target_timestamps
+    leaks_target_date: bool = False
 
     @property
     def num_items(self) -> int:
@@ -84,6 +87,7 @@ class SequentialRecommender(nn.Module):
         candidates: Tensor | None = None,
         timestamps: Tensor | None = None,
         every_position: bool = False,
+        target_timestamps: Tensor | None = None,
     ) -> Tensor:
         """``score``, or ``score_positions`` with ``every_position``: calling the module lets
         wrappers such as DDP see the forward."""
@@ -91,7 +95,7 @@ class SequentialRecommender(nn.Module):
             if candidates is not None:
                 raise ValueError("every_position scores all items: candidates must be None")
             return self.score_positions(item_ids, timestamps)
-        return self.score(item_ids, candidates, timestamps)
+        return self.score(item_ids, candidates, timestamps, target_timestamps)
 
     def score_positions(self, item_ids: Tensor, timestamps: Tensor | None = None) -> Tensor:
         """(P, N + 1) all-item scores of every real (non-padding) slot, in row-major order, each
@@ -104,14 +108,27 @@ class SequentialRecommender(nn.Module):
         return scores.index_fill(1, torch.tensor([0], device=scores.device), float("-inf"))
 
     def score(
-        self, item_ids: Tensor, candidates: Tensor | None = None, timestamps: Tensor | None = None
+        self,
+        item_ids: Tensor,
+        candidates: Tensor | None = None,
+        timestamps: Tensor | None = None,
+        target_timestamps: Tensor | None = None,
     ) -> Tensor:
         """Dot-product scores: (B, C) for candidate ids (B, C), or (B, N + 1) for all items.
 
         In the all-items form column j is item j and column 0 (padding) is -inf.
+        ``target_timestamps`` (B,): the dates of the interactions being predicted, which only a
+        model that ``leaks_target_date`` reads (and requires, with candidates).
         """
-        user = self.encode(item_ids, timestamps)
+        if self.leaks_target_date and (candidates is None or target_timestamps is None):
+            raise ValueError(
+                "this model gives candidates the target's date (leak_target_date=True): pass "
+                "candidates (B, C) and target_timestamps (B,)"
+            )
+        if not self.leaks_target_date and target_timestamps is not None:
+            raise ValueError("target_timestamps are read only by leak_target_date=True models")
         if candidates is None:
+            user = self.encode(item_ids, timestamps)
             scores = user @ self.item_vectors().T
             return scores.index_fill(1, torch.tensor([0], device=scores.device), float("-inf"))
         if candidates.dim() != 2 or candidates.shape[0] != item_ids.shape[0]:
@@ -119,7 +136,21 @@ class SequentialRecommender(nn.Module):
                 f"candidates must have shape (B, C) with B={item_ids.shape[0]}, "
                 f"got {tuple(candidates.shape)}"
             )
-        return torch.einsum("bd,bcd->bc", user, self.item_vectors(candidates))
+        check_id_range(candidates, self.num_items, "candidates")
+        user, vectors = self._user_and_candidates(
+            item_ids, candidates.long(), timestamps, target_timestamps
+        )
+        return torch.einsum("bd,bcd->bc", user, vectors)
+
+    def _user_and_candidates(
+        self,
+        item_ids: Tensor,
+        candidates: Tensor,
+        timestamps: Tensor | None,
+        target_timestamps: Tensor | None,
+    ) -> tuple[Tensor, Tensor]:
+        """User vectors (B, D) and candidate vectors (B, C, D) for checked candidate ids."""
+        return self.encode(item_ids, timestamps), self.item_encoder.vectors(candidates)
 
     @torch.no_grad()
     def recommend(

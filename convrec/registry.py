@@ -2,7 +2,8 @@
 
 Kept outside ``convrec.training`` so serving can load checkpoints without training code. Specs
 written before the readout registry (one boolean keyword per readout) are upgraded here; their
-state_dict keys are renamed by ``ConvRec`` itself when it loads them.
+state_dict keys are renamed by ``ConvRec`` itself when it loads them. Faithful specs without a
+``faithful_version`` hold the earlier approximation of the paper's block (version 1).
 """
 
 from __future__ import annotations
@@ -22,4 +23,6 @@ def build_model(spec: dict) -> SequentialRecommender:
     if spec["attr_offsets"] is not None:
         attributes = (spec["attr_offsets"], spec["attr_ids"])
     kwargs = upgrade_flags(spec["kwargs"]) if spec["kind"] == "convrec" else spec["kwargs"]
+    if kwargs.get("faithful") and "faithful_version" not in kwargs:
+        kwargs = dict(kwargs, faithful_version=1)  # written before the paper's block was exact
     return MODELS[spec["kind"]](**kwargs, item_attributes=attributes)

@@ -38,3 +38,63 @@ def time_context(timestamps: Tensor, mask: Tensor) -> Tensor:
         [gap.log1p(), age.log1p(), week.sin(), week.cos(), year.sin(), year.cos()], dim=-1
     )
     return (features * mask.unsqueeze(-1)).to(torch.float32)
+
+
+DATE_DIM = 6
+DATE_DIFF_DIM = 3  # year, month, day: the features the paper code differences between events
+
+
+def _civil(days: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Proleptic Gregorian (year, month 1-12, day 1-31) of integer days since 1970-01-01."""
+    z = days + 719468
+    era = torch.div(z, 146097, rounding_mode="floor")
+    doe = z - era * 146097
+    yoe = torch.div(doe - doe // 1460 + doe // 36524 - doe // 146096, 365, rounding_mode="floor")
+    doy = doe - (365 * yoe + yoe // 4 - yoe // 100)
+    mp = (5 * doy + 2) // 153
+    day = doy - (153 * mp + 2) // 5 + 1
+    month = torch.where(mp < 10, mp + 3, mp - 9)
+    year = yoe + era * 400 + (month <= 2).long()
+    return year, month, day
+
+
+def _days_from_civil(year: Tensor, month: Tensor, day: Tensor) -> Tensor:
+    y = year - (month <= 2).long()
+    era = torch.div(y, 400, rounding_mode="floor")
+    yoe = y - era * 400
+    mp = torch.where(month > 2, month - 3, month + 9)
+    doy = (153 * mp + 2) // 5 + day - 1
+    return era * 146097 + yoe * 365 + yoe // 4 - yoe // 100 + doy - 719468
+
+
+def _iso_weeks_in_year(year: Tensor) -> Tensor:
+    def p(y: Tensor) -> Tensor:
+        return torch.remainder(
+            y
+            + torch.div(y, 4, rounding_mode="floor")
+            - torch.div(y, 100, rounding_mode="floor")
+            + torch.div(y, 400, rounding_mode="floor"),
+            7,
+        )
+
+    return 52 + ((p(year) == 4) | (p(year - 1) == 3)).long()
+
+
+def paper_date_features(timestamps: Tensor) -> Tensor:
+    """Unix seconds (any shape) -> (*, 6) float64: the paper code's date context of an event,
+    ``[(year - 2002) / 12, month / 12, day / 31, weekday / 7, day_of_year / 365, iso_week / 4]``
+    on the UTC calendar date (weekday 0 = Monday, day of year from 1, ISO 8601 week 1-53).
+
+    The first ``DATE_DIFF_DIM`` features are the ones whose differences between consecutive
+    events the paper's input block reads (``ConvRec(faithful=True)``).
+    """
+    days = torch.div(timestamps.to(torch.int64), int(_DAY), rounding_mode="floor")
+    year, month, day = _civil(days)
+    weekday = torch.remainder(days + 3, 7)  # 1970-01-01 was a Thursday
+    yday = days - _days_from_civil(year, torch.ones_like(month), torch.ones_like(day)) + 1
+    week = torch.div(yday - (weekday + 1) + 10, 7, rounding_mode="floor")
+    week = torch.where(week > _iso_weeks_in_year(year), torch.ones_like(week), week)
+    week = torch.where(week < 1, _iso_weeks_in_year(year - 1), week)
+    parts = [year - 2002, month, day, weekday, yday, week]
+    scale = torch.tensor([12, 12, 31, 7, 365, 4], dtype=torch.float64, device=days.device)
+    return torch.stack(parts, dim=-1).to(torch.float64) / scale

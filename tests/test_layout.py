@@ -17,7 +17,7 @@ FLOORS = {
     "kernels": ("ops.triton",),
     "ops": ("ops",),
     "models": ("encoder", "item_encoder", "readouts", "recommender", "model", "baselines"),
-    "registry": ("registry",),
+    "registry": ("registry", "compat"),
     "data": ("data",),
     "evaluation": ("evaluation",),
     "serving": ("serving",),

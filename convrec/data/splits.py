@@ -48,6 +48,12 @@ class SequenceIndex:
     def targets(self, users: np.ndarray, cuts: np.ndarray) -> np.ndarray:
         return self.items[self.starts[users] + cuts]
 
+    def target_times(self, users: np.ndarray, cuts: np.ndarray) -> np.ndarray:
+        """Unix seconds of each cut's target interaction (needs timestamps)."""
+        if self.times is None:
+            raise ValueError("this dataset has no timestamps")
+        return self.times[self.starts[users] + cuts]
+
     def seen(self, users: np.ndarray, cuts: np.ndarray) -> np.ndarray:
         """Every item before each cut (not truncated to max_len), (S, max cut), 0 as filler."""
         width = max(int(cuts.max()), 1)

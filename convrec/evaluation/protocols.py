@@ -54,6 +54,11 @@ def evaluate(
     for protocol in protocols:
         if protocol not in PROTOCOLS:
             raise ValueError(f"unknown protocol {protocol!r}; choose from {PROTOCOLS}")
+    if "full" in protocols and _leaks_target_date(model):
+        raise ValueError(
+            "this model gives candidates the target's date (leak_target_date): evaluate it under "
+            "the 'sampled' protocol only"
+        )
     index = index or SequenceIndex.from_dataset(data)
     if "sampled" in protocols and negatives is None:
         negatives = sampled_negatives(data, seed=NEGATIVES_SEED)
@@ -116,9 +121,18 @@ def _batch_ranks(
     if "sampled" in protocols:
         negs = torch.from_numpy(negatives[users]).to(device)
         candidates = torch.cat([targets[:, None], negs], dim=1)
-        scores = model.score(ids_t, candidates, timestamps=times_t)
+        extra = {}
+        if _leaks_target_date(model):
+            extra["target_timestamps"] = torch.from_numpy(index.target_times(users, cuts)).to(
+                device
+            )
+        scores = model.score(ids_t, candidates, timestamps=times_t, **extra)
         ranks["sampled"] = rank_of_target(scores[:, 0], scores[:, 1:])
     return ranks
+
+
+def _leaks_target_date(model: nn.Module) -> bool:
+    return bool(getattr(model, "leaks_target_date", False))
 
 
 def _uses_time(model: nn.Module) -> bool:

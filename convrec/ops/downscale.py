@@ -7,6 +7,9 @@ fallback. Each level l computes, with r the long residual (r starts as the input
     y = GELU(Linear(GroupedConv1d_k,s(pad(x))));  y = Dropout(y)
     x = LayerNorm(y + alpha_l * AvgPool_k,s(pad(x)) + beta_l * AvgPool_k,s(pad(r)))
     r = AvgPool_k,s(pad(r))
+
+``paper_norm=True`` replaces LayerNorm by the paper code's normalisation
+(``paper_layer_norm``); only the reference implements it.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from convrec.ops.conv_pool import ConvPoolOutput, conv_pool
-from convrec.ops.dispatch import kernel_size_problem, resolve
+from convrec.ops.dispatch import check_backend, kernel_size_problem, resolve
 from convrec.ops.downscale_ext import downscale_extension
 
 
@@ -42,6 +45,23 @@ class DownscaleOutput(NamedTuple):
     levels: list[Tensor]  # each level's output (B, L_l, D); empty unless asked for
 
 
+PAPER_NORM_EPS = 1e-6
+
+
+def paper_layer_norm(
+    x: Tensor, weight: Tensor, bias: Tensor, eps: float = PAPER_NORM_EPS
+) -> Tensor:
+    """The paper code's LayerNorm over the last dim: ``weight * (x - mean) / (std + eps) + bias``
+    with the unbiased (n - 1) standard deviation and eps added to it, not to the variance.
+
+    It differs from ``F.layer_norm`` (biased variance, eps inside the square root) by more than
+    rounding, so a model that must reproduce the paper's weights needs this one.
+    """
+    centred = x - x.mean(-1, keepdim=True)
+    std = (centred.square().sum(-1, keepdim=True) / (x.shape[-1] - 1)).sqrt()
+    return torch.addcmul(bias, centred, weight * (1 / (std + eps)))
+
+
 def level_mix(
     conv: Tensor,
     pooled: Tensor,
@@ -51,14 +71,19 @@ def level_mix(
     dropout: float,
     training: bool,
     eps: float,
+    paper_norm: bool = False,
 ) -> Tensor:
-    """The rest of a level after ``conv_pool``: Linear, GELU, dropout, residual mix, LayerNorm.
+    """The rest of a level after ``conv_pool``: Linear, GELU, dropout, residual mix, LayerNorm
+    (``paper_layer_norm`` with ``paper_norm``).
 
     Windows outside ``level_mask`` (mask-aware mode) are zeroed.
     """
     y = F.dropout(F.gelu(F.linear(conv, p.linear_weight, p.linear_bias)), dropout, training)
     mixed = y + p.alpha * pooled + p.beta * residual
-    x = F.layer_norm(mixed, (conv.shape[-1],), p.norm_weight, p.norm_bias, eps)
+    if paper_norm:
+        x = paper_layer_norm(mixed, p.norm_weight, p.norm_bias, eps)
+    else:
+        x = F.layer_norm(mixed, (conv.shape[-1],), p.norm_weight, p.norm_bias, eps)
     if level_mask is not None:
         x = x * level_mask.unsqueeze(-1).to(x.dtype)
     return x
@@ -85,16 +110,22 @@ def downscale(
     return_levels: bool = False,
     residual: Tensor | None = None,
     backend: str = "reference",
+    paper_norm: bool = False,
 ) -> DownscaleOutput:
     """Dispatch to the implementation ``backend`` selects (``convrec.ops.dispatch``).
 
     "triton" runs each level's ``conv_pool`` as a Triton kernel and the rest in PyTorch.
     "cpp" / "cuda" run the whole stack in the ``convrec._C`` extension (``downscale_ext``);
     with no levels there is nothing to fuse and the reference computes the position mean.
+    ``paper_norm`` (the paper code's LayerNorm, ``paper_layer_norm``) runs on the reference
+    only: "auto" and "reference" take it there, any other backend raises ``ValueError``.
     """
     if len(params) != len(strides):
         raise ValueError(f"{len(params)} level parameter sets but {len(strides)} strides")
     args = (x, params, strides, heads, mask, mask_aware, dropout, training, eps, return_levels)
+    if paper_norm:
+        check_paper_norm_backend(backend)
+        return downscale_reference(*args, residual=residual, paper_norm=True)
     backend = downscale_backend(backend, x.device, [p.conv_weight.shape[-1] for p in params])
     if backend == "reference":
         return downscale_reference(*args, residual=residual)
@@ -105,6 +136,16 @@ def downscale(
         return downscale_reference(*args, residual=residual)
     user, levels = downscale_extension(*args, residual=residual)
     return DownscaleOutput(user, levels)
+
+
+def check_paper_norm_backend(backend: str) -> None:
+    """Raise unless ``backend`` can run ``downscale(paper_norm=True)`` ("auto" or "reference")."""
+    check_backend(backend)
+    if backend not in ("auto", "reference"):
+        raise ValueError(
+            f"backend {backend!r} does not implement the paper's LayerNorm (paper_norm=True): "
+            "use backend='reference' or 'auto'"
+        )
 
 
 def downscale_backend(backend: str, device: torch.device, kernels: Sequence[int]) -> str:
@@ -126,6 +167,7 @@ def downscale_reference(
     return_levels: bool = False,
     residual: Tensor | None = None,
     conv_pool_fn: Callable[..., ConvPoolOutput] = conv_pool,
+    paper_norm: bool = False,
 ) -> DownscaleOutput:
     """Run every level on ``x`` (B, L, D) and read out the user vector (B, D).
 
@@ -135,7 +177,8 @@ def downscale_reference(
     behaviour) padding counts as zeros in every average. Kernel sizes come from the conv weights.
     ``residual`` (B, L, D) is the long residual entering the first level given (default: x),
     which lets the stack continue after a first level computed elsewhere (the fused kernel);
-    with no levels the result is the position mean of ``x``.
+    with no levels the result is the position mean of ``x``. ``paper_norm`` normalises every
+    level with ``paper_layer_norm`` instead of ``F.layer_norm``.
     """
     if mask is not None:
         x = x * mask.unsqueeze(-1).to(x.dtype)
@@ -146,7 +189,7 @@ def downscale_reference(
         conv, pooled, residual, level_mask = conv_pool_fn(
             x, residual, p.conv_weight, p.conv_bias, stride, heads, level_mask
         )
-        x = level_mix(conv, pooled, residual, p, level_mask, dropout, training, eps)
+        x = level_mix(conv, pooled, residual, p, level_mask, dropout, training, eps, paper_norm)
         if return_levels:
             outputs.append(x)
     return DownscaleOutput(mean_over_positions(x, level_mask), outputs)

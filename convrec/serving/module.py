@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from convrec.item_encoder import FaithfulItemEncoder
 from convrec.recommender import SequentialRecommender
 
 
@@ -29,6 +30,11 @@ class ServingModule(nn.Module):
         super().__init__()
         if model.item_encoder.use_time:
             raise ValueError("serving exports do not support time-context models yet")
+        if isinstance(model.item_encoder, FaithfulItemEncoder):
+            raise ValueError(
+                "serving does not support faithful=True models: their history vectors carry "
+                "time-difference channels, so one frozen item table cannot serve them"
+            )
         if not 1 <= k <= model.num_items:
             raise ValueError(f"k must be in [1, {model.num_items}], got {k}")
         self.max_len, self.k = max_len, k

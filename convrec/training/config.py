@@ -57,6 +57,7 @@ class TrainConfig:
     streaming: bool = False  # convrec: windows anchored at the first event (all-positions)
     mask_aware: bool = False
     faithful: bool = False
+    leak_target_date: bool = False  # faithful: candidates get the target's date (a leak)
     use_attributes: bool = True
     use_time: bool = False
     backend: str = "auto"
@@ -180,6 +181,20 @@ class TrainConfig:
         if self.readouts and self.model != "convrec":
             raise ConfigError(
                 "readouts", f"readouts are a ConvRec setting; {self.model} has no use for them"
+            )
+        if self.leak_target_date and not (
+            self.faithful and self.use_time and self.loss == "sampled"
+        ):
+            raise ConfigError(
+                "leak_target_date",
+                "leak_target_date is the paper code's protocol: it needs faithful, use_time and "
+                "loss='sampled' (candidates get the target's date)",
+            )
+        if self.leak_target_date and list(self.protocols) != ["sampled"]:
+            raise ConfigError(
+                "leak_target_date",
+                "leak_target_date scores sampled candidates only: pass protocols=['sampled'] "
+                "(--protocols sampled) and a 'sampled/...' select",
             )
         unknown = [p for p in self.protocols if p not in PROTOCOLS]
         if unknown or not self.protocols:

@@ -29,7 +29,10 @@ def model_spec(config: TrainConfig, data: SequenceDataset) -> dict:
             faithful=config.faithful,
             max_len=config.max_len if config.faithful else None,
             backend=config.backend,
+            leak_target_date=config.leak_target_date,
         )
+        if config.faithful:
+            kwargs["faithful_version"] = 2
     else:
         kwargs = dict(common, max_len=config.max_len, num_blocks=config.blocks)
     kwargs.update(use_time=config.use_time)

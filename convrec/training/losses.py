@@ -26,14 +26,18 @@ def sampled_softmax_loss(
     negatives: int,
     num_items: int,
     generator: torch.Generator,
+    target_timestamps: Tensor | None = None,
 ) -> Tensor:
     """Cross-entropy of the target against ``negatives`` uniform items (the paper's 100).
 
     A negative that happens to equal the target is masked out rather than counted.
+    ``target_timestamps`` go to models that give candidates the target's date.
     """
     negs = torch.randint(1, num_items + 1, (len(targets), negatives), generator=generator)
     negs = negs.to(targets.device)
-    scores = model(item_ids, torch.cat([targets[:, None], negs], dim=1), timestamps)
+    candidates = torch.cat([targets[:, None], negs], dim=1)
+    extra = {} if target_timestamps is None else {"target_timestamps": target_timestamps}
+    scores = model(item_ids, candidates, timestamps, **extra)
     scores[:, 1:] = scores[:, 1:].masked_fill(negs == targets[:, None], float("-inf"))
     return F.cross_entropy(scores, torch.zeros_like(targets))
 

@@ -131,8 +131,18 @@ def train_one_epoch(
             if config.loss == "full":
                 loss = full_softmax_loss(model, ids_t, targets, times_t)
             else:
+                target_times = None
+                if config.leak_target_date:
+                    target_times = torch.from_numpy(index.target_times(u, c)).to(group.device)
                 loss = sampled_softmax_loss(
-                    model, ids_t, targets, times_t, config.negatives, num_items, negatives
+                    model,
+                    ids_t,
+                    targets,
+                    times_t,
+                    config.negatives,
+                    num_items,
+                    negatives,
+                    target_timestamps=target_times,
                 )
         if not torch.isfinite(loss):
             raise FloatingPointError(f"epoch {epoch}: loss became {loss.item()}; lower --lr")
