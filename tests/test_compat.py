@@ -325,3 +325,16 @@ def test_serving_refuses_the_faithful_model() -> None:
 
     with pytest.raises(ValueError, match="faithful=True"):
         ServingModule(ConvRec(30, d_model=8, faithful=True, max_len=10), max_len=10, k=5)
+
+
+def test_the_leaking_protocol_is_configured_explicitly() -> None:
+    from convrec.training import TrainConfig
+    from convrec.training.config import ConfigError
+
+    settings = dict(model="convrec", faithful=True, use_time=True, leak_target_date=True)
+    settings |= dict(loss="sampled", select="sampled/NDCG@10")
+    with pytest.raises(ConfigError, match="pass protocols=\\['sampled'\\]"):
+        TrainConfig(**settings).check()
+    assert TrainConfig(**settings, protocols=["sampled"]).check().protocols == ["sampled"]
+    with pytest.raises(ConfigError, match="needs faithful, use_time and loss='sampled'"):
+        TrainConfig(leak_target_date=True, loss="sampled", protocols=["sampled"]).check()
