@@ -111,14 +111,15 @@ def from_official(
         leak_target_date=leak_target_date,
         backend="reference",
     ).to(dtype)
-    target = model.state_dict()
+    target = {**model.state_dict(), **model.encoder.level_state("encoder.")}
+    target.pop("encoder.stack_weights")  # loaded as its per-level tensors
     loaded: dict[str, Tensor] = {}
     for theirs, ours in OFFICIAL_NAMES.items():
         value = _take(state, theirs)
         if theirs == "item_encoder.features_encoder.weight":
             value = value.T
         loaded[ours] = _checked(theirs, ours, value, target)
-    for level in range(len(model.encoder.stack)):
+    for level in range(len(model.encoder.levels)):
         for theirs, ours in LEVEL_NAMES.items():
             theirs, ours = _STACK + theirs.replace("{l}", str(level)), ours.format(l=level)
             if "{h}" in theirs:

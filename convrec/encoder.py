@@ -18,7 +18,6 @@ from convrec.checks import check_sequence
 from convrec.ops.dispatch import UsesBackend, kernel_size_problem, set_backend
 from convrec.ops.downscale import (
     PAPER_NORM_EPS,
-    LevelParams,
     check_paper_norm_backend,
     downscale,
     downscale_backend,
@@ -27,6 +26,8 @@ from convrec.ops.downscale import (
 from convrec.ops.embed_conv_pool import embed_conv_pool
 from convrec.ops.gather_embed import gather_embed
 from convrec.ops.item_tables import ItemTables
+from convrec.ops.level_params import LevelParams, PackedLevels
+from convrec.ops.stack_dropout import StackDropout
 from convrec.ops.stream_downscale import (
     StreamState,
     check_stream_levels,
@@ -36,33 +37,31 @@ from convrec.ops.stream_downscale import (
 )
 from convrec.schedule import DEFAULT_LEVELS, check_levels, schedule_for_length
 
+LEVEL_KEYS = (
+    "conv.weight",
+    "conv.bias",
+    "linear.weight",
+    "linear.bias",
+    "alpha",
+    "beta",
+    "norm.weight",
+    "norm.bias",
+)
+"""Names of a level's tensors under ``stack.{l}.`` (``LevelParams`` order): the ``state_dict``
+keys of encoders before the stack was packed, which ``load_state_dict`` still accepts."""
 
-class ConvLevel(nn.Module):
-    """Parameters of one level: grouped conv, Linear, residual weights alpha/beta, LayerNorm."""
 
-    def __init__(
-        self, d_model: int, kernel: int, stride: int, heads: int, norm_eps: float = 1e-5
-    ) -> None:
-        super().__init__()
-        self.kernel, self.stride = kernel, stride
-        # per-head Conv1d(D/H, D/H, k) of the paper == one grouped conv; same default init
-        self.conv = nn.Conv1d(d_model, d_model, kernel, stride=stride, groups=heads)
-        self.linear = nn.Linear(d_model, d_model)
-        self.alpha = nn.Parameter(torch.tensor(0.5))
-        self.beta = nn.Parameter(torch.tensor(0.5))
-        self.norm = nn.LayerNorm(d_model, eps=norm_eps)
-
-    def params(self) -> LevelParams:
-        return LevelParams(
-            self.conv.weight,
-            self.conv.bias,
-            self.linear.weight,
-            self.linear.bias,
-            self.alpha,
-            self.beta,
-            self.norm.weight,
-            self.norm.bias,
-        )
+def initial_stack(d_model: int, levels: Sequence[tuple[int, int]], heads: int) -> Tensor:
+    """Packed initial parameters (``PackedLevels`` layout): per level the default initialisation
+    of a grouped ``nn.Conv1d`` and an ``nn.Linear`` (drawn in that order, level by level),
+    alpha = beta = 0.5, LayerNorm weight 1 and bias 0."""
+    parts = []
+    for kernel, stride in levels:
+        conv = nn.Conv1d(d_model, d_model, kernel, stride=stride, groups=heads)
+        linear = nn.Linear(d_model, d_model)
+        halves, ones = torch.full((2,), 0.5), torch.ones(d_model)
+        parts += [conv.weight, conv.bias, linear.weight, linear.bias, halves, ones, ones * 0]
+    return torch.cat([t.detach().reshape(-1) for t in parts])
 
 
 class ConvRecEncoder(UsesBackend, nn.Module):
@@ -78,6 +77,11 @@ class ConvRecEncoder(UsesBackend, nn.Module):
     ``convrec.ops.dispatch.set_backend``). ``paper_norm=True`` normalises every level as the
     paper code does (``ops.downscale.paper_layer_norm``, eps 1e-6); only the reference
     implements it, so the encoder then runs on the reference and refuses the fast backends.
+
+    Every level's parameters live packed in one parameter, ``stack_weights``
+    (``ops.level_params.PackedLevels``), so the extension reads them whole and a backward
+    writes one gradient; ``level_params()`` gives per-level views and ``level_state()`` them by
+    their ``stack.{l}.*`` names (``LEVEL_KEYS``), which ``load_state_dict`` also accepts.
     """
 
     def __init__(
@@ -109,10 +113,11 @@ class ConvRecEncoder(UsesBackend, nn.Module):
         self.streaming = streaming
         if streaming and paper_norm:
             raise ValueError("paper_norm is the paper's stack, anchored at the newest item")
-        eps = PAPER_NORM_EPS if paper_norm else 1e-5
-        self.stack = nn.ModuleList(ConvLevel(d_model, k, s, heads, eps) for k, s in self.levels)
+        self.norm_eps = PAPER_NORM_EPS if paper_norm else 1e-5
+        self.stack_weights = nn.Parameter(initial_stack(d_model, self.levels, heads))
         if streaming:
-            check_stream_levels(self._params(), self._strides())
+            check_stream_levels(self.level_params(), self._strides())
+        self.register_load_state_dict_pre_hook(_pack_level_keys)
         set_backend(self, backend)
 
     def check_backend_choice(self, name: str) -> None:
@@ -150,14 +155,14 @@ class ConvRecEncoder(UsesBackend, nn.Module):
             x, mask = self._pad_to_fixed_length(x, mask)
         out = downscale(
             x,
-            self._params(),
+            self.packed(),
             self._strides(),
             self.heads,
             mask=mask,
             mask_aware=self.mask_aware,
             dropout=self.dropout,
             training=self.training,
-            eps=self.stack[0].norm.eps,
+            eps=self.norm_eps,
             return_levels=return_levels,
             backend=self.backend_for(x.device),
             paper_norm=self.paper_norm,
@@ -172,28 +177,41 @@ class ConvRecEncoder(UsesBackend, nn.Module):
         check_sequence(x, self.d_model, mask, self.check_inputs)
         if mask is None:
             mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
-        args = (x, mask, self._params(), self._strides(), self.heads, self.mask_aware)
-        return stream_downscale(
-            *args, self.dropout, self.training, self.stack[0].norm.eps, self.backend
-        )
+        args = (x, mask, self.level_params(), self._strides(), self.heads, self.mask_aware)
+        return stream_downscale(*args, self.dropout, self.training, self.norm_eps, self.backend)
 
     def initial_state(self, batch: int, like: Tensor) -> StreamState:
         """The ``push`` state of ``batch`` users without events (``like``'s device and dtype)."""
-        return stream_state(batch, self.d_model, len(self.stack), like)
+        return stream_state(batch, self.d_model, len(self.levels), like)
 
     def push(self, state: StreamState, x: Tensor) -> tuple[Tensor, StreamState]:
         """Streaming encoders, eval mode: one new event's vector per user (B, D) -> their user
         vectors (B, D) and the new state, at O(levels) cost whatever the history length."""
         if not self.streaming:
             raise TypeError("only a streaming encoder (streaming=True) updates a state")
-        args = (self._params(), self._strides(), self.heads, self.mask_aware)
-        return stream_push(state, x, *args, self.stack[0].norm.eps)
+        args = (self.level_params(), self._strides(), self.heads, self.mask_aware)
+        return stream_push(state, x, *args, self.norm_eps)
 
-    def _params(self) -> list[LevelParams]:
-        return [level.params() for level in self.stack]
+    def packed(self) -> PackedLevels:
+        """The level stack's parameters as ``ops.downscale`` takes them."""
+        kernels = tuple(k for k, _ in self.levels)
+        return PackedLevels(self.stack_weights, kernels, self.d_model, self.heads)
+
+    def level_params(self) -> list[LevelParams]:
+        """Per-level views of ``stack_weights`` (writable; gradients reach the packed tensor)."""
+        return self.packed().unpack()
+
+    def level_state(self, prefix: str = "") -> dict[str, Tensor]:
+        """The per-level views by name, ``{prefix}stack.{l}.{key}`` for ``key`` in
+        ``LEVEL_KEYS``: the tensors a ``state_dict`` held before the stack was packed."""
+        return {
+            f"{prefix}stack.{level}.{key}": tensor
+            for level, params in enumerate(self.level_params())
+            for key, tensor in zip(LEVEL_KEYS, params, strict=True)
+        }
 
     def _strides(self) -> list[int]:
-        return [level.stride for level in self.stack]
+        return [s for _, s in self.levels]
 
     def forward_ids(
         self,
@@ -216,8 +234,9 @@ class ConvRecEncoder(UsesBackend, nn.Module):
             return self(x, mask, return_levels)
         if self.fixed_length is not None:
             item_ids, mask = self._pad_to_fixed_length(item_ids, mask)
-        params, strides = self._params(), self._strides()
-        eps = self.stack[0].norm.eps
+        packed, strides, eps = self.packed(), self._strides(), self.norm_eps
+        params = packed.unpack()
+        drop = StackDropout.draw(self.dropout, self.training, item_ids.device)
         first = embed_conv_pool(
             item_ids,
             tables,
@@ -229,10 +248,10 @@ class ConvRecEncoder(UsesBackend, nn.Module):
             self.mask_aware,
             backend,
         )
-        x = level_mix(*first[:3], params[0], first.mask, self.dropout, self.training, eps)
+        x = level_mix(*first[:3], params[0], first.mask, drop, 0, eps)
         out = downscale(
             x,
-            params[1:],
+            packed.tail(1),
             strides[1:],
             self.heads,
             mask=first.mask,
@@ -274,3 +293,15 @@ class ConvRecEncoder(UsesBackend, nn.Module):
             + (f", fixed_length={self.fixed_length}" if self.fixed_length else "")
             + (", paper_norm=True" if self.paper_norm else "")
         )
+
+
+def _pack_level_keys(module: nn.Module, state: dict, prefix: str, *_) -> None:
+    """``load_state_dict`` pre-hook: per-level ``stack.{l}.*`` tensors (``LEVEL_KEYS``; what
+    encoders wrote before the stack was packed, and what ``convrec.compat`` maps to) become one
+    ``stack_weights``. Left alone unless every level's every key is there."""
+    names = [
+        f"{prefix}stack.{level}.{key}" for level in range(len(module.levels)) for key in LEVEL_KEYS
+    ]
+    if f"{prefix}stack_weights" in state or not all(name in state for name in names):
+        return
+    state[f"{prefix}stack_weights"] = torch.cat([state.pop(name).reshape(-1) for name in names])

@@ -169,24 +169,75 @@ CONVREC_HD A residual_mix(A gelu, A alpha, A pooled, A beta, A residual) {
   return gelu + alpha * pooled + beta * residual;
 }
 
-// Dropout factor of a kept (1 / (1 - p)) or dropped (0) element, without a branch. The mask
-// byte is read as uint8_t: compilers vectorise byte-to-float conversions, not bool ones.
-template <typename A>
-CONVREC_HD A keep_factor(uint8_t keep, A scale) {
-  return static_cast<A>(keep) * scale;
+// ----------------------------------------------------------------------------- dropout ----
+
+// Dropout keep decisions from a counter-based hash of one seed, the twin of
+// convrec/ops/stack_dropout.py (keep_mask): element (row n, channel c) of level l is kept when
+// mix32(row_key(l, n) + c * kChannelStep) >> 8 is at least floor(p * 2^24). Nothing is stored:
+// the forward and the backward recompute the same decisions.
+CONVREC_HD uint32_t mix32(uint32_t x) {  // Wellons' lowbias32
+  x ^= x >> 16;
+  x *= 0x21f0aaadu;
+  x ^= x >> 15;
+  x *= 0x735a2d97u;
+  x ^= x >> 15;
+  return x;
 }
 
-// Runs body(c, dropout factor) over the team's channels and sums what it returns. With a keep
-// mask the factors are first expanded into `factor` (D values of scratch), so the main loop
-// reads floats only and vectorises (compilers will not mix byte and float lanes in it).
+constexpr uint32_t kLevelSalt = 0x9e3779b9u, kRowSalt = 0x85ebca6bu, kChannelStep = 0x7feb352du;
+
+template <typename A>
+struct Dropout {
+  const int64_t* seed = nullptr;  // (2,) 32-bit words, or nullptr: no dropout
+  int64_t level = 0;
+  uint32_t threshold = 0;  // floor(p * 2^24)
+  A scale = A(1);  // 1 / (1 - p)
+
+  CONVREC_HD bool on() const { return seed != nullptr; }
+
+  CONVREC_HD uint32_t row_key(int64_t n) const {
+    const uint32_t key = mix32(static_cast<uint32_t>(seed[0]) ^
+                               mix32(static_cast<uint32_t>(seed[1]) ^
+                                     mix32(static_cast<uint32_t>(level) + kLevelSalt)));
+    const uint64_t u = static_cast<uint64_t>(n);
+    return mix32(key ^ mix32(static_cast<uint32_t>(u) ^
+                             mix32(static_cast<uint32_t>(u >> 32) + kRowSalt)));
+  }
+
+  // 1 / (1 - p) for a kept element, 0 for a dropped one, without a branch.
+  CONVREC_HD A factor(uint32_t row_key, int64_t c) const {
+    const uint32_t h = mix32(row_key + static_cast<uint32_t>(c) * kChannelStep);
+    return static_cast<A>((h >> 8) >= threshold) * scale;
+  }
+};
+
+// Runs body(c, dropout factor) over the team's channels of row n and sums what it returns.
+// With dropout the factors are first expanded into `factor` (D values of scratch), so the main
+// loop reads floats only and vectorises.
 template <class Team, typename A, class Body>
-CONVREC_HD A channel_sum(const Team& team, int64_t d, const bool* keep, A scale, A* factor,
-                         Body body) {
+CONVREC_HD A channel_sum(const Team& team, int64_t d, const Dropout<A>& drop, int64_t n,
+                         A* factor, Body body) {
   A sum = A(0);
-  if (keep != nullptr) {
-    const uint8_t* bytes = reinterpret_cast<const uint8_t*>(keep);
+  if (drop.on()) {
+    const uint32_t key = drop.row_key(n);
     CONVREC_SIMD
-    for (int64_t c = team.lane(); c < d; c += Team::size) factor[c] = keep_factor(bytes[c], scale);
+    for (int64_t c = team.lane(); c < d; c += Team::size) factor[c] = drop.factor(key, c);
+    CONVREC_SIMD_SUM(sum)
+    for (int64_t c = team.lane(); c < d; c += Team::size) sum += body(c, factor[c]);
+  } else {
+    CONVREC_SIMD_SUM(sum)
+    for (int64_t c = team.lane(); c < d; c += Team::size) sum += body(c, A(1));
+  }
+  return sum;
+}
+
+// channel_sum again over the factors an earlier channel_sum of the same row expanded into
+// `factor` (the backward's second pass over a row hashes nothing).
+template <class Team, typename A, class Body>
+CONVREC_HD A channel_sum_again(const Team& team, int64_t d, bool dropout, const A* factor,
+                               Body body) {
+  A sum = A(0);
+  if (dropout) {
     CONVREC_SIMD_SUM(sum)
     for (int64_t c = team.lane(); c < d; c += Team::size) sum += body(c, factor[c]);
   } else {
@@ -324,8 +375,7 @@ struct EpilogueRow {
   int64_t windows, d;
   T* pre;  // (rows, D): GEMM result in, pre-activation (with bias) out
   const T* bias;  // (D,)
-  const bool* keep;  // (rows, D) dropout keep mask or nullptr
-  A scale;  // 1 / (1 - p)
+  Dropout<A> drop;
   const T* pooled;
   const T* res_pooled;
   const T* alpha;  // scalar
@@ -346,15 +396,14 @@ struct EpilogueRow {
     T* y_row = pre + n * d;
     const T* px = pooled + n * d;
     const T* pr = res_pooled + n * d;
-    const bool* kp = keep != nullptr ? keep + n * d : nullptr;
     const T* bias_row = bias;
     // lambdas capture by value: pointers copied into them stay loop-invariant for the vectoriser
-    const A sum = channel_sum(team, d, kp, scale, scratch + d, [=](int64_t c, A drop) {
+    const A sum = channel_sum(team, d, drop, n, scratch + d, [=](int64_t c, A factor) {
       // backward recomputes from the stored (rounded) pre-activation
       const T y_t = static_cast<T>(static_cast<A>(y_row[c]) + static_cast<A>(bias_row[c]));
       y_row[c] = y_t;
       const A y = static_cast<A>(y_t);
-      m[c] = residual_mix(y * gelu_cdf(y) * drop, a, static_cast<A>(px[c]), bt,
+      m[c] = residual_mix(y * gelu_cdf(y) * factor, a, static_cast<A>(px[c]), bt,
                           static_cast<A>(pr[c]));
       return m[c];
     });
@@ -470,8 +519,7 @@ struct EpilogueGradRow {
   static constexpr int64_t scratch_rows = 5;
   int64_t windows, d;
   const T* pre;
-  const bool* keep;
-  A scale;
+  Dropout<A> drop;
   const T* pooled;
   const T* res_pooled;
   const T* alpha;
@@ -516,16 +564,15 @@ struct EpilogueGradRow {
     const T* y_row = pre + n * d;
     const T* px = pooled + n * d;
     const T* pr = res_pooled + n * d;
-    const bool* kp = keep != nullptr ? keep + n * d : nullptr;
     A* pg = part.gamma;
     A* ps = part.shift;
     const T* weight = gamma;
     // recompute the normalised mix; LayerNorm backward needs sum(dxhat) and sum(dxhat * xhat)
     A* factor = scratch + 4 * d;
-    A s1 = channel_sum(team, d, kp, scale, factor, [=](int64_t c, A drop) {
+    A s1 = channel_sum(team, d, drop, n, factor, [=](int64_t c, A keep) {
       const A y = static_cast<A>(y_row[c]);
       cdf[c] = gelu_cdf(y);
-      const A m = residual_mix(y * cdf[c] * drop, a, static_cast<A>(px[c]), bt,
+      const A m = residual_mix(y * cdf[c] * keep, a, static_cast<A>(px[c]), bt,
                                static_cast<A>(pr[c]));
       xhat[c] = (m - mean) * rstd;
       const A go = on * g_out[c];
@@ -544,10 +591,10 @@ struct EpilogueGradRow {
     T* gr = grad_res_pooled + n * d;
     A* pb = part.bias;
     // dm: gradient of the mix; its dot products with the pools are the alpha / beta gradients
-    const A sa = channel_sum(team, d, kp, scale, factor, [=](int64_t c, A drop) {
+    const A sa = channel_sum_again(team, d, drop.on(), factor, [=](int64_t c, A keep) {
       const A dm = rstd * (g_out[c] - s1 - xhat[c] * s2);
       const A y = static_cast<A>(y_row[c]);
-      const A dy = dm * drop * gelu_grad(y, cdf[c]);
+      const A dy = dm * keep * gelu_grad(y, cdf[c]);
       pb[c] += dy;
       gy[c] = static_cast<T>(dy);
       gp[c] = static_cast<T>(a * dm);
@@ -600,24 +647,102 @@ struct InputGradRow {
   }
 };
 
-// Writes the summed partials of one level (column c of the 3 * D + 2 sums) into the gradients.
-template <typename T, typename A>
-struct StoreParamGrads {
-  int64_t d;
-  const A* sums;
-  T* grad_gamma;
-  T* grad_shift;
-  T* grad_bias;
-  T* grad_alpha;
-  T* grad_beta;
+// ------------------------------------------------------------------- packed parameters ----
 
-  CONVREC_HD void operator()(int64_t col) const {
-    T* dst = col < d           ? grad_gamma + col
-             : col < 2 * d     ? grad_shift + (col - d)
-             : col < 3 * d     ? grad_bias + (col - 2 * d)
-             : col == 3 * d    ? grad_alpha
-                               : grad_beta;
-    *dst = static_cast<T>(sums[col]);
+// Offsets of one level's tensors in the packed parameter vector, the twin of
+// convrec/ops/level_params.py: conv weight (D, D/H, k), conv bias, Linear weight (D, D) and
+// bias, alpha, beta, LayerNorm weight and bias, each row-major, levels one after another.
+struct LevelLayout {
+  int64_t conv_w, conv_b, lin_w, lin_b, alpha, beta, norm_w, norm_b, end;
+
+  CONVREC_HD static LevelLayout at(int64_t base, int64_t d, int64_t heads, int64_t kernel) {
+    LevelLayout o{};
+    o.conv_w = base;
+    o.conv_b = o.conv_w + d * (d / heads) * kernel;
+    o.lin_w = o.conv_b + d;
+    o.lin_b = o.lin_w + d * d;
+    o.alpha = o.lin_b + d;
+    o.beta = o.alpha + 1;
+    o.norm_w = o.beta + 1;
+    o.norm_b = o.norm_w + d;
+    o.end = o.norm_b + d;
+    return o;
+  }
+};
+
+// Row r = j * D + c_in of the (kernel * D, D) matrix C with window @ C == GroupedConv(window):
+// column c_out holds conv weight [c_out, c_in mod D/H, j] when c_in and c_out are in the same
+// group, else 0. C @ Linear^T is the level's folded GEMM weight. (Rows, not elements: no integer
+// division per element.)
+template <typename T, typename A>
+struct ConvMatrixRow {
+  int64_t d, head_dim, kernel;
+  const T* conv_w;  // (D, D/H, k)
+  A* out;  // (k * D, D)
+
+  CONVREC_HD void operator()(int64_t r) const {
+    const int64_t j = r / d, c_in = r % d;
+    const int64_t first = c_in / head_dim * head_dim, c = c_in - first;
+    A* row = out + r * d;
+    for (int64_t c_out = 0; c_out < d; ++c_out) row[c_out] = A(0);
+    for (int64_t c_out = first; c_out < first + head_dim; ++c_out)
+      row[c_out] = static_cast<A>(conv_w[(c_out * head_dim + c) * kernel + j]);
+  }
+};
+
+// Column c of the folded bias: Linear(conv bias) = linear bias + linear weight @ conv bias.
+template <typename T, typename A>
+struct FoldBiasCol {
+  int64_t d;
+  const T* conv_b;
+  const T* lin_w;  // (D, D) [out, in]
+  const T* lin_b;
+  T* out;  // (D,)
+
+  CONVREC_HD void operator()(int64_t c) const {
+    A sum = static_cast<A>(lin_b[c]);
+    for (int64_t i = 0; i < d; ++i) sum += static_cast<A>(lin_w[c * d + i]) * static_cast<A>(conv_b[i]);
+    out[c] = static_cast<T>(sum);
+  }
+};
+
+// Channel o of one level's slice of the packed gradient: row o of the conv weight and of the
+// Linear weight, element o of both biases and of the LayerNorm weight and bias, and (o = 0)
+// alpha and beta. From the row passes: `sums` holds the LayerNorm weight and bias, folded-bias,
+// alpha and beta gradients ((3 * D + 2,): gamma, shift, bias, alpha, beta). From the GEMMs:
+// grad_c = dW @ Linear (k * D, D) and grad_lin = dW^T @ C (D, D), with dW the folded weight's
+// gradient. The folded bias b = lb + Linear @ cb adds db ⊗ cb to the Linear weight's gradient
+// and Linear^T @ db to the conv bias's.
+template <typename T, typename A>
+struct UnfoldLevelGrads {
+  int64_t d, head_dim, kernel;
+  LevelLayout at;  // offsets into `params` and `grad`
+  const A* sums;
+  const A* grad_c;
+  const A* grad_lin;
+  const T* params;
+  T* grad;
+
+  CONVREC_HD void operator()(int64_t o) const {
+    const A* db = sums + 2 * d;
+    const int64_t first = o / head_dim * head_dim;  // o's group starts at this input channel
+    T* conv_row = grad + at.conv_w + o * head_dim * kernel;
+    for (int64_t c = 0; c < head_dim; ++c)
+      for (int64_t j = 0; j < kernel; ++j)
+        conv_row[c * kernel + j] = static_cast<T>(grad_c[(j * d + first + c) * d + o]);
+    A conv_bias = A(0);
+    for (int64_t i = 0; i < d; ++i) conv_bias += static_cast<A>(params[at.lin_w + i * d + o]) * db[i];
+    grad[at.conv_b + o] = static_cast<T>(conv_bias);
+    for (int64_t c = 0; c < d; ++c)
+      grad[at.lin_w + o * d + c] =
+          static_cast<T>(grad_lin[o * d + c] + db[o] * static_cast<A>(params[at.conv_b + c]));
+    grad[at.lin_b + o] = static_cast<T>(db[o]);
+    grad[at.norm_w + o] = static_cast<T>(sums[o]);
+    grad[at.norm_b + o] = static_cast<T>(sums[d + o]);
+    if (o == 0) {
+      grad[at.alpha] = static_cast<T>(sums[3 * d]);
+      grad[at.beta] = static_cast<T>(sums[3 * d + 1]);
+    }
   }
 };
 

@@ -2,8 +2,10 @@
 // of downscale.h (CpuDevice in downscale_cpu.cpp, CudaDevice in downscale_cuda.cu); the GEMMs go
 // through ATen (MKL/oneDNN on CPU, cuBLAS on CUDA, on the current stream) via the stable ABI.
 //
-// Each level's grouped conv and Linear arrive folded into one (kernel * D, D) matrix W and one
-// bias (see convrec/ops/downscale_ext.py), so a level is: window pass, one GEMM, one epilogue.
+// The parameters of every level arrive packed in one vector (LevelLayout in downscale.h). Each
+// level's grouped conv and Linear are folded here into one (kernel * D, D) matrix W and one bias
+// (fold_levels), so a level is: window pass, one GEMM, one epilogue; the backward unfolds W's
+// gradient into the packed gradient (one tensor for the whole stack).
 // The window matrix of a level input is (B, windows, kernel, D): for kernel == stride it is the
 // zero-padded sequence itself; overlapping windows hold a position once per window.
 #pragma once
@@ -30,9 +32,8 @@ using torch::headeronly::ScalarType;
 using torch::stable::Tensor;
 
 using ForwardOut = std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>>;
-// grad x, grad residual, grad W per level, grad bias, alpha, beta, norm weight, norm bias
-using BackwardOut =
-    std::tuple<Tensor, Tensor, std::vector<Tensor>, Tensor, Tensor, Tensor, Tensor, Tensor>;
+// grad x, grad residual, grad of the packed parameters
+using BackwardOut = std::tuple<Tensor, Tensor, Tensor>;
 
 // Entries the forward saves per level, in this order, then the position-mean divisors.
 constexpr int kSavedPerLevel = 6;
@@ -105,35 +106,23 @@ inline ScalarType acc_type(ScalarType t) {
   return t == ScalarType::Double ? ScalarType::Double : ScalarType::Float;
 }
 
-// Level parameters, stacked: W per level (kernel * D, D); bias, norm weight/bias (M, D);
-// alpha, beta (M,).
+// The packed parameters of a call and, per level, its offsets and folded GEMM operands: C,
+// the conv as a (kernel * D, D) matrix in the accumulation dtype, W = C @ Linear^T in the input
+// dtype, and the folded bias (M, D).
 struct Params {
-  std::vector<Tensor> weight;
-  Tensor bias, alpha, beta, norm_weight, norm_bias;
+  Tensor packed;
+  int64_t heads = 1;
+  std::vector<LevelLayout> at;
+  std::vector<Tensor> conv_matrix, weight;
+  Tensor bias;
 };
 
-inline void check_params(const Params& p, const Geometry& g, const Tensor& x,
-                         bool need_bias = true) {
-  const int64_t m = static_cast<int64_t>(g.levels.size());
-  const ScalarType dt = x.scalar_type();
-  STD_TORCH_CHECK(static_cast<int64_t>(p.weight.size()) == m, "downscale: ", p.weight.size(),
-                  " weight matrices for ", m, " levels");
-  for (int64_t l = 0; l < m; ++l)
-    check_tensor(p.weight[l], "weight[" + std::to_string(l) + "]",
-                 {g.levels[l].kernel * g.d, g.d}, dt, x);
-  if (need_bias) check_tensor(p.bias, "bias", {m, g.d}, dt, x);
-  check_tensor(p.alpha, "alpha", {m}, dt, x);
-  check_tensor(p.beta, "beta", {m}, dt, x);
-  check_tensor(p.norm_weight, "norm_weight", {m, g.d}, dt, x);
-  if (need_bias) check_tensor(p.norm_bias, "norm_bias", {m, g.d}, dt, x);
-}
-
-inline void check_keep(const std::vector<Tensor>& keep, const Geometry& g, const Tensor& x) {
-  STD_TORCH_CHECK(keep.empty() || keep.size() == g.levels.size(), "downscale: ", keep.size(),
-                  " dropout masks for ", g.levels.size(), " levels (give none or one per level)");
-  for (size_t l = 0; l < keep.size(); ++l)
-    check_tensor(keep[l], "dropout_keep[" + std::to_string(l) + "]",
-                 {g.batch, g.levels[l].windows, g.d}, ScalarType::Bool, x);
+inline void check_packed(const Tensor& packed, int64_t heads, const Geometry& g, const Tensor& x) {
+  STD_TORCH_CHECK(heads >= 1 && g.d % heads == 0, "downscale: D=", g.d,
+                  " is not divisible by heads=", heads);
+  int64_t size = 0;
+  for (const Level& v : g.levels) size = LevelLayout::at(size, g.d, heads, v.kernel).end;
+  check_tensor(packed, "params", {size}, x.scalar_type(), x);
 }
 
 inline void check_mask(const std::optional<Tensor>& mask, bool mask_aware, const Geometry& g,
@@ -152,6 +141,19 @@ T* ptr_or_null(const std::optional<Tensor>& t) {
   return t.has_value() ? ptr<T>(*t) : nullptr;
 }
 
+// Checks the dropout seed and returns the kernels' view of dropout at level 0.
+template <typename A>
+Dropout<A> check_dropout(const std::optional<Tensor>& seed, double p, const Tensor& x) {
+  Dropout<A> drop;
+  if (!seed.has_value()) return drop;
+  check_tensor(*seed, "dropout_seed", {2}, ScalarType::Long, x);
+  STD_TORCH_CHECK(p > 0.0 && p < 1.0, "downscale: dropout must be in (0, 1) with a seed, got ", p);
+  drop.seed = ptr<int64_t>(*seed);
+  drop.threshold = static_cast<uint32_t>(p * 16777216.0);  // floor(p * 2^24)
+  drop.scale = static_cast<A>(1.0 / (1.0 - p));
+  return drop;
+}
+
 inline Tensor view2d(const Tensor& t, int64_t rows, int64_t cols) {
   return torch::stable::view(t, {rows, cols});
 }
@@ -163,6 +165,33 @@ inline void mm_out(const Tensor& out, const Tensor& a, const Tensor& b) {
   CONVREC_ERROR_CODE_CHECK(
       torch_call_dispatcher("aten::mm", "out", stack.data(), TORCH_ABI_VERSION));
   torch::stable::detail::to<Tensor>(stack[0]);  // release the returned reference to out
+}
+
+// Folds every level's grouped conv and Linear (see Params). Recomputed by the backward rather
+// than saved: a level costs one small GEMM and two element passes.
+template <typename T, typename A, class Dev>
+Params fold_levels(const Dev& dev, const Geometry& g, const Tensor& packed, int64_t heads) {
+  const int64_t d = g.d, m = static_cast<int64_t>(g.levels.size());
+  const ScalarType acc = acc_type(packed.scalar_type());
+  Params p{packed, heads, {}, {}, {}, torch::stable::new_empty(packed, {m, d})};
+  Tensor flat = packed;  // narrow takes a mutable handle
+  int64_t base = 0;
+  for (int64_t l = 0; l < m; ++l) {
+    const int64_t k = g.levels[l].kernel;
+    const LevelLayout at = LevelLayout::at(base, d, heads, k);
+    base = at.end;
+    const T* w = ptr<T>(packed);
+    Tensor conv = torch::stable::new_empty(packed, {k * d, d}, acc);
+    dev.columns(k * d, ConvMatrixRow<T, A>{d, d / heads, k, w + at.conv_w, ptr<A>(conv)});
+    Tensor linear = torch::stable::view(torch::stable::narrow(flat, 0, at.lin_w, d * d), {d, d});
+    Tensor folded = torch::stable::matmul(conv, torch::stable::transpose(torch::stable::to(linear, acc), 0, 1));
+    dev.columns(d, FoldBiasCol<T, A>{d, w + at.conv_b, w + at.lin_w, w + at.lin_b,
+                                     ptr<T>(p.bias) + l * d});
+    p.at.push_back(at);
+    p.conv_matrix.push_back(conv);
+    p.weight.push_back(torch::stable::to(folded, packed.scalar_type()));
+  }
+  return p;
 }
 
 // Level 0 may read x in place (no window-matrix copy, x saved instead) when its windows tile x
@@ -189,8 +218,7 @@ template <typename T, typename A, class Dev>
 ForwardOut forward_levels(Dev& dev, const Geometry& g, const Tensor& x,
                           const std::optional<Tensor>& residual,
                           const std::optional<Tensor>& mask, const Params& p, bool mask_aware,
-                          const std::vector<Tensor>& keep, double scale, double eps,
-                          bool return_levels) {
+                          const Dropout<A>& drop, double eps, bool return_levels) {
   const int64_t m = static_cast<int64_t>(g.levels.size()), d = g.d, batch = g.batch;
   const ScalarType acc = acc_type(x.scalar_type());
   std::vector<Tensor> levels, saved;
@@ -227,6 +255,9 @@ ForwardOut forward_levels(Dev& dev, const Geometry& g, const Tensor& x,
     dev.rows(rows, d, window);
 
     const Tensor& windows = l == 0 && use_x ? x : win;
+    const T* w = ptr<T>(p.packed);
+    Dropout<A> level_drop = drop;
+    level_drop.level = l;
     Tensor pre = torch::stable::matmul(view2d(windows, rows, v.kernel * d), p.weight[l]);
     const bool last = l == m - 1;
     Tensor next_win, plain;
@@ -240,14 +271,13 @@ ForwardOut forward_levels(Dev& dev, const Geometry& g, const Tensor& x,
                                d,
                                ptr<T>(pre),
                                ptr<T>(p.bias) + l * d,
-                               keep.empty() ? nullptr : ptr<bool>(keep[l]),
-                               static_cast<A>(scale),
+                               level_drop,
                                ptr<T>(pooled),
                                ptr<T>(res_pooled),
-                               ptr<T>(p.alpha) + l,
-                               ptr<T>(p.beta) + l,
-                               ptr<T>(p.norm_weight) + l * d,
-                               ptr<T>(p.norm_bias) + l * d,
+                               w + p.at[l].alpha,
+                               w + p.at[l].beta,
+                               w + p.at[l].norm_w,
+                               w + p.at[l].norm_b,
                                static_cast<A>(eps),
                                mask_aware ? ptr<bool>(row_mask) : nullptr,
                                ptr<A>(stats),
@@ -279,23 +309,21 @@ ForwardOut forward_levels(Dev& dev, const Geometry& g, const Tensor& x,
 // --------------------------------------------------------------------------- backward ----
 
 template <typename T, typename A, class Dev>
-BackwardOut backward_levels(Dev& dev, const Geometry& g, const Tensor& x, const Tensor& grad_user,
+BackwardOut backward_levels(Dev& dev, const Geometry& g, const std::optional<Tensor>& x,
+                            const std::optional<Tensor>& grad_user,
                             const std::vector<Tensor>& grad_levels,
                             const std::optional<Tensor>& mask, const Params& p, bool mask_aware,
-                            bool has_residual, const std::vector<Tensor>& keep, double scale,
+                            bool has_residual, const Dropout<A>& drop,
                             const std::vector<Tensor>& saved) {
   const int64_t m = static_cast<int64_t>(g.levels.size()), d = g.d, batch = g.batch;
-  const ScalarType acc = acc_type(grad_user.scalar_type());
-  const Tensor& ref = grad_user;
+  const Tensor& ref = p.packed;
+  const ScalarType acc = acc_type(ref.scalar_type());
   Tensor grad_x = torch::stable::new_empty(ref, {batch, g.length, d});
   Tensor grad_res =
       torch::stable::new_empty(ref, {has_residual ? batch : 0, g.length, d});
-  std::vector<Tensor> grad_weight(m);
-  Tensor grad_bias = torch::stable::new_empty(ref, {m, d});
-  Tensor grad_alpha = torch::stable::new_empty(ref, {m});
-  Tensor grad_beta = torch::stable::new_empty(ref, {m});
-  Tensor grad_gamma = torch::stable::new_empty(ref, {m, d});
-  Tensor grad_shift = torch::stable::new_empty(ref, {m, d});
+  Tensor grad_params = torch::stable::new_empty(p.packed, {p.packed.size(0)});
+  Tensor flat = p.packed;  // narrow takes a mutable handle
+  const T* w = ptr<T>(p.packed);
   const Tensor& denom = saved[kSavedPerLevel * m];
 
   WindowGrads<T, A> after{};
@@ -313,20 +341,21 @@ BackwardOut backward_levels(Dev& dev, const Geometry& g, const Tensor& x, const 
     const bool last = l == m - 1;
     const Tensor* grad_plain =
         grad_levels.empty() || grad_levels[l].numel() == 0 ? nullptr : &grad_levels[l];
+    Dropout<A> level_drop = drop;
+    level_drop.level = l;
     EpilogueGradRow<T, A> epilogue{v.windows,
                                    d,
                                    ptr<T>(s[kPre]),
-                                   keep.empty() ? nullptr : ptr<bool>(keep[l]),
-                                   static_cast<A>(scale),
+                                   level_drop,
                                    ptr<T>(s[kPooled]),
                                    ptr<T>(s[s[kResPooled].numel() == 0 ? kPooled : kResPooled]),
-                                   ptr<T>(p.alpha) + l,
-                                   ptr<T>(p.beta) + l,
-                                   ptr<T>(p.norm_weight) + l * d,
+                                   w + p.at[l].alpha,
+                                   w + p.at[l].beta,
+                                   w + p.at[l].norm_w,
                                    ptr<A>(s[kRowStats]),
                                    mask_aware ? ptr<bool>(s[kRowMask]) : nullptr,
                                    last,
-                                   last && grad_user.numel() > 0 ? ptr<T>(grad_user) : nullptr,
+                                   last ? ptr_or_null<T>(grad_user) : nullptr,
                                    ptr<A>(denom),
                                    after,
                                    grad_plain ? ptr<T>(*grad_plain) : nullptr,
@@ -337,23 +366,15 @@ BackwardOut backward_levels(Dev& dev, const Geometry& g, const Tensor& x, const 
     // deterministic: fixed slots, summed by ATen in a fixed order
     const std::vector<int64_t> slot_dim{0};
     Tensor sums = torch::stable::sum(table, torch::headeronly::IntHeaderOnlyArrayRef(slot_dim));
-    StoreParamGrads<T, A> store{d,
-                                ptr<A>(sums),
-                                ptr<T>(grad_gamma) + l * d,
-                                ptr<T>(grad_shift) + l * d,
-                                ptr<T>(grad_bias) + l * d,
-                                ptr<T>(grad_alpha) + l,
-                                ptr<T>(grad_beta) + l};
-    dev.columns(3 * d + 2, store);
-
     const Tensor weight_t = torch::stable::transpose(p.weight[l], 0, 1);
     Tensor win2d;
     if (l == 0 && s[kWin].numel() == 0) {  // the forward read x in place
-      if (x_is_window_matrix<T>(dev, g, x, mask)) {
-        win2d = view2d(x, rows, v.kernel * d);
+      const Tensor& xs = *x;
+      if (x_is_window_matrix<T>(dev, g, xs, mask)) {
+        win2d = view2d(xs, rows, v.kernel * d);
       } else {
-        win2d = torch::stable::new_empty(x, {rows, v.kernel * d});
-        dev.rows(rows, d, WindowMatrixRow<T, A>{v, d, ptr<T>(x), ptr_or_null<bool>(mask),
+        win2d = torch::stable::new_empty(xs, {rows, v.kernel * d});
+        dev.rows(rows, d, WindowMatrixRow<T, A>{v, d, ptr<T>(xs), ptr_or_null<bool>(mask),
                                                 ptr<T>(win2d)});
       }
       // windows tile x: the window gradient is grad x itself, finished in place below
@@ -363,7 +384,18 @@ BackwardOut backward_levels(Dev& dev, const Geometry& g, const Tensor& x, const 
       win2d = view2d(s[kWin], rows, v.kernel * d);
       after_win = torch::stable::matmul(grad_pre, weight_t);
     }
-    grad_weight[l] = torch::stable::matmul(torch::stable::transpose(win2d, 0, 1), grad_pre);
+    // unfold dW into the conv and Linear gradients (in the accumulation dtype)
+    const Tensor grad_w = torch::stable::to(
+        torch::stable::matmul(torch::stable::transpose(win2d, 0, 1), grad_pre), acc);
+    const LevelLayout& at = p.at[l];
+    const Tensor linear = torch::stable::to(
+        torch::stable::view(torch::stable::narrow(flat, 0, at.lin_w, d * d), {d, d}), acc);
+    const Tensor grad_c = torch::stable::matmul(grad_w, linear);
+    const Tensor grad_lin =
+        torch::stable::matmul(torch::stable::transpose(grad_w, 0, 1), p.conv_matrix[l]);
+    dev.columns(d,
+                UnfoldLevelGrads<T, A>{d, d / p.heads, v.kernel, at, ptr<A>(sums), ptr<A>(grad_c),
+                                       ptr<A>(grad_lin), w, ptr<T>(grad_params)});
     after_pooled = grad_pooled;
     after_res = grad_res_pooled;
     after = WindowGrads<T, A>{v, ptr<T>(after_win), ptr<T>(after_pooled), ptr<T>(after_res),
@@ -378,7 +410,7 @@ BackwardOut backward_levels(Dev& dev, const Geometry& g, const Tensor& x, const 
                            ptr<T>(grad_x),
                            has_residual ? ptr<T>(grad_res) : nullptr};
   dev.rows(batch * g.length, d, input);
-  return {grad_x, grad_res, grad_weight, grad_bias, grad_alpha, grad_beta, grad_gamma, grad_shift};
+  return {grad_x, grad_res, grad_params};
 }
 
 // ------------------------------------------------------------------------ op entries ----
@@ -387,10 +419,9 @@ BackwardOut backward_levels(Dev& dev, const Geometry& g, const Tensor& x, const 
 // x. `Dev::dispatch(dtype, f)` calls f(T{}, A{}) for a dtype the device supports.
 template <class Dev>
 ForwardOut downscale_forward(Tensor x, std::optional<Tensor> residual, std::optional<Tensor> mask,
-                             std::vector<Tensor> weight, Tensor bias, Tensor alpha, Tensor beta,
-                             Tensor norm_weight, Tensor norm_bias, std::vector<int64_t> kernels,
-                             std::vector<int64_t> strides, bool mask_aware,
-                             std::vector<Tensor> keep, double scale, double eps,
+                             Tensor params, std::vector<int64_t> kernels,
+                             std::vector<int64_t> strides, int64_t heads, bool mask_aware,
+                             std::optional<Tensor> dropout_seed, double dropout, double eps,
                              bool return_levels) {
   STD_TORCH_CHECK(x.dim() == 3, "downscale: x must have shape (B, L, D), got ", shape_str(x));
   Dev::check_dtype(x.scalar_type());
@@ -402,45 +433,40 @@ ForwardOut downscale_forward(Tensor x, std::optional<Tensor> residual, std::opti
   }
   check_mask(mask, mask_aware, g, x);
   if (mask.has_value()) mask = torch::stable::contiguous(*mask);
-  Params p{weight, bias, alpha, beta, norm_weight, norm_bias};
-  check_params(p, g, x);
-  for (auto& w : p.weight) w = torch::stable::contiguous(w);
-  p.bias = torch::stable::contiguous(p.bias);
-  p.norm_weight = torch::stable::contiguous(p.norm_weight);
-  p.norm_bias = torch::stable::contiguous(p.norm_bias);
-  check_keep(keep, g, x);
-  for (auto& k : keep) k = torch::stable::contiguous(k);
+  check_packed(params, heads, g, x);
+  params = torch::stable::contiguous(params);
   Dev dev(x);
   return Dev::dispatch(x.scalar_type(), [&](auto t, auto a) {
     using T = decltype(t);
     using A = decltype(a);
-    return forward_levels<T, A>(dev, g, x, residual, mask, p, mask_aware, keep, scale, eps,
+    const Dropout<A> drop = check_dropout<A>(dropout_seed, dropout, x);
+    const Params p = fold_levels<T, A>(dev, g, params, heads);
+    return forward_levels<T, A>(dev, g, x, residual, mask, p, mask_aware, drop, eps,
                                 return_levels);
   });
 }
 
 template <class Dev>
-BackwardOut downscale_backward(Tensor grad_user, std::vector<Tensor> grad_levels, Tensor x,
-                               std::optional<Tensor> mask, std::vector<Tensor> weight,
-                               Tensor alpha, Tensor beta, Tensor norm_weight,
+BackwardOut downscale_backward(std::optional<Tensor> grad_user, std::vector<Tensor> grad_levels,
+                               std::optional<Tensor> x, std::optional<Tensor> mask, Tensor params,
                                std::vector<int64_t> kernels, std::vector<int64_t> strides,
-                               bool mask_aware, bool has_residual, std::vector<Tensor> keep,
-                               double scale, int64_t length, std::vector<Tensor> saved) {
-  STD_TORCH_CHECK(grad_user.dim() == 2,
-                  "downscale_backward: grad_user must have shape (B, D), got ", shape_str(grad_user));
-  Dev::check_dtype(grad_user.scalar_type());
+                               int64_t heads, bool mask_aware, bool has_residual,
+                               std::optional<Tensor> dropout_seed, double dropout,
+                               int64_t length, std::vector<Tensor> saved) {
+  STD_TORCH_CHECK(saved.size() >= 3 && saved.back().dim() == 1 && saved[2].dim() == 3,
+                  "downscale_backward: saved must be the forward's third output");
+  const Tensor& ref = params;
+  Dev::check_dtype(ref.scalar_type());
   const Geometry g =
-      check_geometry(grad_user.size(0), length, grad_user.size(1), kernels, strides);
-  const Tensor& ref = grad_user;
-  grad_user = torch::stable::contiguous(grad_user);
+      check_geometry(saved.back().size(0), length, saved[2].size(2), kernels, strides);
+  check_packed(params, heads, g, ref);
+  params = torch::stable::contiguous(params);
+  if (grad_user.has_value()) {
+    check_tensor(*grad_user, "grad_user", {g.batch, g.d}, ref.scalar_type(), ref);
+    grad_user = torch::stable::contiguous(*grad_user);
+  }
   check_mask(mask, mask_aware, g, ref);
   if (mask.has_value()) mask = torch::stable::contiguous(*mask);
-  Params p{weight, Tensor(), alpha, beta, norm_weight, Tensor()};
-  check_params(p, g, ref, /*need_bias=*/false);
-  for (auto& w : p.weight) w = torch::stable::contiguous(w);
-  p.norm_weight = torch::stable::contiguous(p.norm_weight);
-  check_keep(keep, g, ref);
-  for (auto& k : keep) k = torch::stable::contiguous(k);
   const int64_t m = static_cast<int64_t>(g.levels.size());
   STD_TORCH_CHECK(grad_levels.empty() || static_cast<int64_t>(grad_levels.size()) == m,
                   "downscale_backward: ", grad_levels.size(), " level gradients for ", m,
@@ -458,15 +484,18 @@ BackwardOut downscale_backward(Tensor grad_user, std::vector<Tensor> grad_levels
     STD_TORCH_CHECK(t.is_contiguous() && same_device(t, ref),
                     "downscale_backward: saved tensors must be the forward's own outputs");
   if (saved[kWin].numel() == 0) {  // level 0 read x in place: the backward needs x
-    check_tensor(x, "x", {g.batch, g.length, g.d}, ref.scalar_type(), ref);
-    x = torch::stable::contiguous(x);
+    STD_TORCH_CHECK(x.has_value(), "downscale_backward: x is needed (level 0 read it in place)");
+    check_tensor(*x, "x", {g.batch, g.length, g.d}, ref.scalar_type(), ref);
+    x = torch::stable::contiguous(*x);
   }
   Dev dev(ref);
   return Dev::dispatch(ref.scalar_type(), [&](auto t, auto a) {
     using T = decltype(t);
     using A = decltype(a);
+    const Dropout<A> drop = check_dropout<A>(dropout_seed, dropout, ref);
+    const Params p = fold_levels<T, A>(dev, g, params, heads);
     return backward_levels<T, A>(dev, g, x, grad_user, grad_levels, mask, p, mask_aware,
-                                 has_residual, keep, scale, saved);
+                                 has_residual, drop, saved);
   });
 }
 

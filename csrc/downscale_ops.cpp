@@ -6,24 +6,23 @@
 #include <torch/csrc/stable/library.h>
 
 STABLE_TORCH_LIBRARY(convrec, m) {
-  // Forward over all levels. `weight[l]` is level l's grouped conv and Linear folded into one
-  // (kernel * D, D) matrix, `bias` (M, D) the folded bias. Returns the user vectors (B, D), the
-  // level outputs (all of them with return_levels, else the last) and the tensors the backward
-  // needs, opaque to callers.
+  // Forward over all levels. `params` holds every level's parameters packed (LevelLayout in
+  // downscale.h; convrec/ops/level_params.py). With `dropout_seed` ((2,) int64) the epilogues
+  // drop elements by a hash of the seed (Dropout in downscale.h). Returns the user vectors
+  // (B, D), the level outputs (all of them with return_levels, else the last) and the tensors
+  // the backward needs, opaque to callers.
   m.def(
-      "downscale(Tensor x, Tensor? residual, Tensor? mask, Tensor[] weight, Tensor bias, "
-      "Tensor alpha, Tensor beta, Tensor norm_weight, Tensor norm_bias, int[] kernels, "
-      "int[] strides, bool mask_aware, Tensor[] dropout_keep, float dropout_scale, float eps, "
-      "bool return_levels) -> (Tensor, Tensor[], Tensor[])");
-  // Gradients of x, the residual (empty without one), weight[l], bias, alpha, beta and the
-  // LayerNorm weight and bias. Empty entries of grad_levels (or an empty grad_user) mean zero.
-  // x is read only when the forward used it in place (saved[0] empty), else may be empty.
+      "downscale(Tensor x, Tensor? residual, Tensor? mask, Tensor params, int[] kernels, "
+      "int[] strides, int heads, bool mask_aware, Tensor? dropout_seed, float dropout, "
+      "float eps, bool return_levels) -> (Tensor, Tensor[], Tensor[])");
+  // Gradients of x, the residual (empty without one) and the packed parameters. A missing
+  // grad_user and empty entries of grad_levels mean zero. x is needed only when the forward
+  // read it in place (saved[0] empty).
   m.def(
-      "downscale_backward(Tensor grad_user, Tensor[] grad_levels, Tensor x, Tensor? mask, "
-      "Tensor[] weight, Tensor alpha, Tensor beta, Tensor norm_weight, int[] kernels, "
-      "int[] strides, bool mask_aware, bool has_residual, Tensor[] dropout_keep, "
-      "float dropout_scale, int length, Tensor[] saved) "
-      "-> (Tensor, Tensor, Tensor[], Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "downscale_backward(Tensor? grad_user, Tensor[] grad_levels, Tensor? x, Tensor? mask, "
+      "Tensor params, int[] kernels, int[] strides, int heads, bool mask_aware, "
+      "bool has_residual, Tensor? dropout_seed, float dropout, int length, Tensor[] saved) "
+      "-> (Tensor, Tensor, Tensor)");
   // GELU(y) and GELU'(y) with the kernels' arithmetic, for tests of the float32 polynomials.
   m.def("gelu_points(Tensor y) -> (Tensor, Tensor)");
 }

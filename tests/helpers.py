@@ -126,8 +126,8 @@ def paper_stack(encoder: ConvRecEncoder, x: torch.Tensor) -> torch.Tensor:
     head on channels-first slices, Linear, GELU, LayerNorm(y + a * pool(x) + b * pool(r))."""
     x_res = x
     length = x.shape[1]
-    for level in encoder.stack:
-        k, s, heads = level.kernel, level.stride, encoder.heads
+    for (k, s), p in zip(encoder.levels, encoder.level_params(), strict=True):
+        heads = encoder.heads
         pad = k - length if length < k else (0 if (length - k) % s == 0 else s - (length - k) % s)
         xt = F.pad(x.transpose(1, 2), (pad, 0))  # (B, D, L + pad)
         rt = F.pad(x_res.transpose(1, 2), (pad, 0))
@@ -136,12 +136,13 @@ def paper_stack(encoder: ConvRecEncoder, x: torch.Tensor) -> torch.Tensor:
         heads_out = []
         for h in range(heads):
             sl = slice(h * head_dim, (h + 1) * head_dim)
-            w, b = level.conv.weight[sl], level.conv.bias[sl]
+            w, b = p.conv_weight[sl], p.conv_bias[sl]
             heads_out.append(F.conv1d(xt[:, sl], w, b, stride=s))
-        y = level.linear(torch.cat(heads_out, dim=1).transpose(1, 2))
+        y = F.linear(torch.cat(heads_out, dim=1).transpose(1, 2), p.linear_weight, p.linear_bias)
         y = F.gelu(y)
         x_pool, x_res = pool(xt).transpose(1, 2), pool(rt).transpose(1, 2)
-        x = level.norm(y + level.alpha * x_pool + level.beta * x_res)
+        mixed = y + p.alpha * x_pool + p.beta * x_res
+        x = F.layer_norm(mixed, (x.shape[2],), p.norm_weight, p.norm_bias, encoder.norm_eps)
         length = x.shape[1]
     return x.mean(1)
 

@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from convrec.checkpoint_file import load_checkpoint
+from convrec.checkpoint_file import CheckpointError, load_checkpoint
 from convrec.cli import EXIT_INPUT, EXIT_OUTPUT, EXIT_USAGE, build_parser, main
 from convrec.serving import Recommender
 from convrec.serving.export import ExportError
@@ -240,6 +240,23 @@ def test_an_existing_run_is_not_overwritten(run, tmp_path, capsys) -> None:
         ["train", "--resume", "--out", str(tmp_path / "new")], capsys, EXIT_INPUT, "cannot resume"
     )
     assert not (tmp_path / "new").exists()
+
+
+def test_a_checkpoint_of_another_parameter_layout_does_not_resume(run, tmp_path) -> None:
+    """Optimizer state for more tensors than the model has (as before the level stack was
+    packed into one parameter): a plain error naming the file, nothing written."""
+    out = tmp_path / "old"
+    shutil.copytree(run, out)
+    last = out / "last.pt"
+    payload = torch.load(last, weights_only=True)
+    group = payload["optimizer"]["param_groups"][0]
+    group["params"] = [*group["params"], len(group["params"])]
+    torch.save(payload, last)
+    before = _snapshot(out)
+    config = TrainConfig(synthetic=TINY, epochs=2, d_model=8, max_len=10, backend="reference")
+    with pytest.raises(CheckpointError, match=r"cannot resume .*last\.pt: .*parameter layout"):
+        train(config, out, resume=True, progress=False, echo=_quiet)
+    assert _snapshot(out) == before
 
 
 def test_stale_temporaries_are_cleaned_and_files_honour_the_umask(tmp_path) -> None:

@@ -75,7 +75,7 @@ def test_auto_never_warns_where_no_fast_path_serves_the_device() -> None:
 def test_downscale_auto_equals_reference() -> None:
     encoder = ConvRecEncoder(8, levels=[(2, 2), (3, 3)]).eval()
     x = torch.randn(2, 7, 8)
-    params = [level.params() for level in encoder.stack]
+    params = encoder.level_params()
     args = (x, params, [2, 3], 1)
     auto = downscale(*args, backend="auto").user
     torch.testing.assert_close(auto, downscale(*args, backend="reference").user)

@@ -14,6 +14,7 @@ import torch
 from convrec import ConvRecEncoder
 from convrec.ops import LevelParams, downscale
 from convrec.ops.dispatch import extension_status
+from convrec.ops.level_params import pack_levels
 
 EXTENSION = extension_status()
 needs_cuda = pytest.mark.skipif(
@@ -258,8 +259,9 @@ def test_all_padding_rows_are_zero_when_mask_aware() -> None:
 
 
 def test_dropout_same_randomness_as_reference() -> None:
-    """Masks are drawn with the reference's RNG calls: one seed gives both backends the same
-    dropout, so training-mode values and gradients match."""
+    """The kernels hash the seed the call drew as the reference does (``StackDropout``): one
+    torch seed gives both backends the same dropout, so training-mode values and gradients
+    match."""
     mask = padding_mask(3, 50)
     kwargs = {"dropout": 0.3, "training": True, "mask_aware": True}
     compare("cpp", torch.float32, 3, 50, 8, LEVELS, 2, mask, **kwargs)
@@ -286,36 +288,26 @@ TILED = (((2, 2), (3, 3)), 8)  # kernel == stride, no padding: level 0 may read 
 def _op_args(
     dtype=torch.float64, keep: bool = True, device="cpu", case=OVERLAPPING, zero_masked=False
 ) -> tuple:
-    """Raw ``convrec::downscale`` arguments: folded weights, fixed dropout masks; with
+    """Raw ``convrec::downscale`` arguments: packed parameters, a fixed dropout seed; with
     ``zero_masked`` x is zero where the mask leaves it out."""
-    from convrec.ops.downscale_ext import fold_level
-    from convrec.schedule import level_geometry
-
     (levels, length), heads, batch, d = case, 2, 2, 4
-    params = make_params(d, levels, heads, dtype, device)
-    folded = [fold_level(*p[:4], heads) for p in params]
-    leaf = lambda t: t.detach().clone().requires_grad_()  # noqa: E731
+    packed = pack_levels(make_params(d, levels, heads, dtype, device), heads)
     mask = torch.rand(batch, length, device=device) > 0.3
     x = torch.randn(batch, length, d, dtype=dtype, device=device)
     x = (x * mask[..., None] if zero_masked else x).requires_grad_()
     residual = torch.randn(batch, length, d, dtype=dtype, device=device, requires_grad=True)
-    windows = [n for _, n in level_geometry(length, levels)]
-    masks = [torch.rand(batch, n, d, device=device) > 0.2 for n in windows] if keep else []
+    seed = torch.tensor([12345, 678], device=device) if keep else None
     return (
         x,
         residual,
         mask,
-        [leaf(w) for w, _ in folded],
-        leaf(torch.stack([b for _, b in folded])),
-        leaf(torch.stack([p.alpha for p in params])),
-        leaf(torch.stack([p.beta for p in params])),
-        leaf(torch.stack([p.norm_weight for p in params])),
-        leaf(torch.stack([p.norm_bias for p in params])),
+        packed.flat.detach().clone().requires_grad_(),
         [k for k, _ in levels],
         [s for _, s in levels],
+        heads,
         True,
-        masks,
-        1.25 if keep else 1.0,
+        seed,
+        0.2 if keep else 0.0,
         1e-5,
         True,
     )
@@ -341,16 +333,14 @@ def test_gradcheck_float64(mask_aware: bool) -> None:
 
 
 def gradcheck_op(args: tuple) -> bool:
-    """gradcheck of the raw op over its tensor inputs (the weight list flattened)."""
-    x, residual, mask, weights, *rest = args
-    count = len(weights)
+    """gradcheck of the raw op over x, the residual and the packed parameters."""
+    x, residual, mask, params, *rest = args
 
-    def fn(x, residual, *tensors):
-        weight, others = list(tensors[:count]), tensors[count:]
-        user, levels, _ = torch.ops.convrec.downscale(x, residual, mask, weight, *others, *rest[5:])
+    def fn(x, residual, params):
+        user, levels, _ = torch.ops.convrec.downscale(x, residual, mask, params, *rest)
         return user, *levels
 
-    return torch.autograd.gradcheck(fn, (x, residual, *weights, *rest[:5]))
+    return torch.autograd.gradcheck(fn, (x, residual, params))
 
 
 # the three level-0 paths: own window matrix; x in place; x in place but not zero where masked
@@ -364,7 +354,7 @@ LEVEL0_PATHS = {
 
 @pytest.mark.parametrize("path", list(LEVEL0_PATHS))
 def test_gradcheck_op_with_dropout_masks(path: str) -> None:
-    """The raw op with fixed keep masks (the dispatcher draws new ones per call)."""
+    """The raw op with a fixed dropout seed (the dispatcher draws a new one per call)."""
     assert gradcheck_op(_op_args(**LEVEL0_PATHS[path]))
 
 
@@ -383,23 +373,20 @@ def test_opcheck_backward(path: str) -> None:
     args = torch.utils._pytree.tree_map_only(torch.Tensor, torch.Tensor.detach, args)
     user, levels, saved = torch.ops.convrec.downscale(*args)
     grad_levels = [torch.randn_like(level) for level in levels]
-    x, mask, weight, alpha, beta, norm_weight = args[0], args[2], args[3], args[5], args[6], args[7]
-    kernels, strides, keep, scale = args[9], args[10], args[12], args[13]
+    x, _, mask, params, kernels, strides, heads, _, seed, p, _, _ = args
     backward_args = (
         torch.randn_like(user),
         grad_levels,
         x,
         mask,
-        weight,
-        alpha,
-        beta,
-        norm_weight,
+        params,
         kernels,
         strides,
+        heads,
         True,
         True,
-        keep,
-        scale,
+        seed,
+        p,
         x.shape[1],
         saved,
     )
@@ -456,7 +443,7 @@ def test_errors_name_the_problem() -> None:
     strides = [s for _, s in LEVELS]
     with pytest.raises(TypeError, match=r"supports torch\.float32, torch\.float64 on cpu"):
         downscale(x.half(), params, strides, 2, backend="cpp")
-    with pytest.raises(TypeError, match=r"level 0 conv_weight has dtype torch\.float64"):
+    with pytest.raises(TypeError, match=r"level parameters have dtype torch\.float64"):
         downscale(x, make_params(8, LEVELS, 2), strides, 2, backend="cpp")
     with pytest.raises(ValueError, match=r"level 1 linear_weight must have shape \(8, 8\)"):
         bad = [params[0], params[1]._replace(linear_weight=torch.randn(8, 4)), params[2]]
@@ -468,8 +455,12 @@ def test_errors_name_the_problem() -> None:
     with pytest.raises(ValueError, match="residual must match x"):
         downscale(x, params, strides, 2, residual=torch.randn(2, 9, 8), backend="cpp")
     args = list(_op_args(torch.float32))
-    args[3] = [args[3][0][:-1], args[3][1]]
-    with pytest.raises(RuntimeError, match=r"weight\[0\] must have shape \(12, 4\), got \(11, 4\)"):
+    args[3] = args[3][:-1]
+    with pytest.raises(RuntimeError, match=r"params must have shape \(108,\), got \(107,\)"):
+        torch.ops.convrec.downscale(*args)
+    args = list(_op_args(torch.float32))
+    args[8] = torch.tensor([1, 2, 3])
+    with pytest.raises(RuntimeError, match=r"dropout_seed must have shape \(2,\)"):
         torch.ops.convrec.downscale(*args)
 
 
@@ -500,8 +491,8 @@ def test_cuda_matches_reference(dtype: torch.dtype, mask_aware: bool) -> None:
 
 @needs_cuda
 def test_cuda_dropout_same_randomness_as_reference() -> None:
-    """Same seed, same CUDA generator calls: the masks match the reference's in-dtype dropout
-    (a CPU float64 oracle would draw from another generator, so compare in float32)."""
+    """Same seed, same CUDA generator call, same hash: the masks match the reference's
+    (a CPU float64 oracle would draw its seed from another generator, so compare in float32)."""
     params = make_params(32, LEVELS, 2, torch.float32, "cuda")
     x = torch.randn(3, 50, 32, device="cuda", requires_grad=True)
     mask = padding_mask(3, 50).cuda()

@@ -6,8 +6,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import nn
 
 from convrec import ConvRecEncoder
+from convrec.encoder import LEVEL_KEYS
 from convrec.schedule import level_geometry
 from tests.helpers import paper_stack, randomise
 
@@ -138,7 +140,32 @@ def test_state_dict_is_backend_independent() -> None:
     assert list(auto.state_dict()) == list(reference.state_dict())
     x = torch.randn(2, 11, 8)
     torch.testing.assert_close(auto.eval()(x), reference.eval()(x))
-    assert "stack.0.conv.weight" in auto.state_dict() and "stack.2.alpha" in auto.state_dict()
+    assert list(auto.state_dict()) == ["stack_weights"]
+
+
+def test_packed_stack_is_the_per_level_tensors() -> None:
+    """``stack_weights`` holds every level's tensors in the ``LEVEL_KEYS`` layout: a state_dict
+    of per-level tensors (what encoders wrote before packing) loads into the same model, the
+    views ``level_params`` gives write through, and initialisation draws as separate modules
+    did (same seed, same values)."""
+    encoder = ConvRecEncoder(8, ((2, 2), (3, 2)), heads=2)
+    per_level = {name: t.detach().clone() for name, t in encoder.level_state().items()}
+    assert len(per_level) == 2 * len(LEVEL_KEYS) and per_level["stack.1.alpha"].shape == ()
+    other = ConvRecEncoder(8, ((2, 2), (3, 2)), heads=2)
+    other.load_state_dict(per_level)
+    torch.testing.assert_close(other.stack_weights, encoder.stack_weights)
+    with torch.no_grad():
+        other.level_params()[1].beta.fill_(-3.0)
+    assert other.level_state()["stack.1.beta"] == -3.0
+    torch.manual_seed(4)
+    first = ConvRecEncoder(8, ((2, 2), (3, 2)), heads=2)
+    torch.manual_seed(4)
+    conv, linear = nn.Conv1d(8, 8, 2, stride=2, groups=2), nn.Linear(8, 8)
+    params = first.level_params()[0]
+    torch.testing.assert_close(params.conv_weight, conv.weight)
+    torch.testing.assert_close(params.linear_bias, linear.bias)
+    with pytest.raises(RuntimeError, match="size mismatch for stack_weights"):
+        ConvRecEncoder(8, ((3, 3), (3, 2)), heads=2).load_state_dict(per_level)
 
 
 def test_for_length_covers() -> None:

@@ -21,7 +21,7 @@ SCHEDULES = [[(3, 3)], [(2, 2), (3, 3)], [(2, 2), (2, 2), (2, 2)]]
 
 def _setup(levels, heads, dtype=torch.float64, length=13, batch=4):
     encoder = randomise(ConvRecEncoder(8, levels, heads=heads, dropout=0.0)).to(dtype).eval()
-    params = [level.params() for level in encoder.stack]
+    params = encoder.level_params()
     strides = [s for _, s in levels]
     x = torch.randn(batch, length, 8, dtype=dtype)
     mask = torch.ones(batch, length, dtype=torch.bool)

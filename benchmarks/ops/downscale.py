@@ -34,13 +34,13 @@ def make_inputs(shape: Shape, device: torch.device, dtype: torch.dtype) -> Input
     encoder = encoder.to(device=device, dtype=dtype)
     x = torch.randn(batch, length, d_model, device=device, dtype=dtype, requires_grad=True)
     mask = torch.ones(batch, length, dtype=torch.bool, device=device)
-    params = [level.params() for level in encoder.stack]
+    params = encoder.level_params()
     strides = [s for _, s in encoder.levels]
     return Inputs(
         args=(x, params, strides, encoder.heads, mask),
         kwargs={"dropout": DROPOUT, "training": True},
         grad_inputs=(x,),
-        parameters=tuple(p for level in encoder.stack for p in level.parameters()),
+        parameters=(encoder.stack_weights,),
         info={"levels": " ".join(f"{k}/{s}" for k, s in encoder.levels)},
     )
 

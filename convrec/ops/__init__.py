@@ -3,10 +3,12 @@ CPU fallback), the dispatch to its fast paths and, for the Triton ones, the ``to
 registration under ``torch.ops.convrec.*``."""
 
 from convrec.ops.conv_pool import ConvPoolOutput, conv_pool, conv_pool_reference
-from convrec.ops.downscale import DownscaleOutput, LevelParams, downscale, downscale_reference
+from convrec.ops.downscale import DownscaleOutput, downscale, downscale_reference
 from convrec.ops.embed_conv_pool import embed_conv_pool, embed_conv_pool_reference
 from convrec.ops.gather_embed import attribute_bags, gather_embed, gather_embed_reference
 from convrec.ops.item_tables import ItemTables
+from convrec.ops.level_params import LevelParams, PackedLevels, pack_levels
+from convrec.ops.stack_dropout import StackDropout
 from convrec.ops.stream_downscale import (
     StreamState,
     stream_downscale,
@@ -20,6 +22,8 @@ __all__ = [
     "DownscaleOutput",
     "ItemTables",
     "LevelParams",
+    "PackedLevels",
+    "StackDropout",
     "StreamState",
     "attribute_bags",
     "conv_pool",
@@ -30,6 +34,7 @@ __all__ = [
     "embed_conv_pool_reference",
     "gather_embed",
     "gather_embed_reference",
+    "pack_levels",
     "stream_downscale",
     "stream_downscale_reference",
     "stream_push",

@@ -25,19 +25,8 @@ from torch import Tensor
 from convrec.ops.conv_pool import ConvPoolOutput, conv_pool
 from convrec.ops.dispatch import check_backend, kernel_size_problem, resolve
 from convrec.ops.downscale_ext import downscale_extension
-
-
-class LevelParams(NamedTuple):
-    """The learnable tensors of one level, in the order the fast paths take them."""
-
-    conv_weight: Tensor  # (D, D // heads, k)
-    conv_bias: Tensor  # (D,)
-    linear_weight: Tensor  # (D, D)
-    linear_bias: Tensor  # (D,)
-    alpha: Tensor  # () weight of the pooled level input
-    beta: Tensor  # () weight of the pooled long residual
-    norm_weight: Tensor  # (D,)
-    norm_bias: Tensor  # (D,)
+from convrec.ops.level_params import LevelParams, PackedLevels, pack_levels
+from convrec.ops.stack_dropout import StackDropout
 
 
 class DownscaleOutput(NamedTuple):
@@ -68,17 +57,20 @@ def level_mix(
     residual: Tensor,
     p: LevelParams,
     level_mask: Tensor | None,
-    dropout: float,
-    training: bool,
+    dropout: StackDropout | None,
+    level: int,
     eps: float,
     paper_norm: bool = False,
 ) -> Tensor:
-    """The rest of a level after ``conv_pool``: Linear, GELU, dropout, residual mix, LayerNorm
-    (``paper_layer_norm`` with ``paper_norm``).
+    """The rest of level ``level`` after ``conv_pool``: Linear, GELU, dropout (``dropout``'s
+    masks for that level; None = none), residual mix, LayerNorm (``paper_layer_norm`` with
+    ``paper_norm``).
 
     Windows outside ``level_mask`` (mask-aware mode) are zeroed.
     """
-    y = F.dropout(F.gelu(F.linear(conv, p.linear_weight, p.linear_bias)), dropout, training)
+    y = F.gelu(F.linear(conv, p.linear_weight, p.linear_bias))
+    if dropout is not None:
+        y = dropout.apply(y, level)
     mixed = y + p.alpha * pooled + p.beta * residual
     if paper_norm:
         x = paper_layer_norm(mixed, p.norm_weight, p.norm_bias, eps)
@@ -99,7 +91,7 @@ def mean_over_positions(x: Tensor, level_mask: Tensor | None) -> Tensor:
 
 def downscale(
     x: Tensor,
-    params: Sequence[LevelParams],
+    params: Sequence[LevelParams] | PackedLevels,
     strides: Sequence[int],
     heads: int,
     mask: Tensor | None = None,
@@ -114,28 +106,46 @@ def downscale(
 ) -> DownscaleOutput:
     """Dispatch to the implementation ``backend`` selects (``convrec.ops.dispatch``).
 
+    ``params``: one ``LevelParams`` per level, or the whole stack packed (``PackedLevels``, what
+    ``ConvRecEncoder`` passes: the extension then reads it as one tensor and returns one
+    gradient). Training-mode dropout draws one seed per call (``StackDropout``), so every
+    backend drops the same elements for the same torch seed.
+
     "triton" runs each level's ``conv_pool`` as a Triton kernel and the rest in PyTorch.
     "cpp" / "cuda" run the whole stack in the ``convrec._C`` extension (``downscale_ext``);
     with no levels there is nothing to fuse and the reference computes the position mean.
     ``paper_norm`` (the paper code's LayerNorm, ``paper_layer_norm``) runs on the reference
     only: "auto" and "reference" take it there, any other backend raises ``ValueError``.
     """
-    if len(params) != len(strides):
-        raise ValueError(f"{len(params)} level parameter sets but {len(strides)} strides")
-    args = (x, params, strides, heads, mask, mask_aware, dropout, training, eps, return_levels)
+    packed = params if isinstance(params, PackedLevels) else None
+    kernels = packed.kernels if packed else [p.conv_weight.shape[-1] for p in params]
+    if len(kernels) != len(strides):
+        raise ValueError(f"{len(kernels)} level parameter sets but {len(strides)} strides")
     if paper_norm:
         check_paper_norm_backend(backend)
-        return downscale_reference(*args, residual=residual, paper_norm=True)
-    backend = downscale_backend(backend, x.device, [p.conv_weight.shape[-1] for p in params])
-    if backend == "reference":
-        return downscale_reference(*args, residual=residual)
-    if backend == "triton":
-        conv = functools.partial(conv_pool, backend="triton")
-        return downscale_reference(*args, residual=residual, conv_pool_fn=conv)
-    if not params:  # "cpp" / "cuda" with no level to fuse: only the position mean is left
-        return downscale_reference(*args, residual=residual)
-    user, levels = downscale_extension(*args, residual=residual)
-    return DownscaleOutput(user, levels)
+    else:
+        backend = downscale_backend(backend, x.device, kernels)
+    drop = StackDropout.draw(dropout, training, x.device)
+    if backend in ("cpp", "cuda") and kernels:
+        packed = packed or pack_levels(params, heads)
+        args = (x, packed, strides, mask, mask_aware, drop, eps, return_levels, residual)
+        return DownscaleOutput(*downscale_extension(*args))
+    levels = packed.unpack() if packed else list(params)
+    conv = functools.partial(conv_pool, backend="triton") if backend == "triton" else conv_pool
+    return downscale_reference(
+        x,
+        levels,
+        strides,
+        heads,
+        mask,
+        mask_aware,
+        drop,
+        eps,
+        return_levels,
+        residual,
+        conv,
+        paper_norm,
+    )
 
 
 def check_paper_norm_backend(backend: str) -> None:
@@ -161,8 +171,7 @@ def downscale_reference(
     heads: int,
     mask: Tensor | None = None,
     mask_aware: bool = False,
-    dropout: float = 0.0,
-    training: bool = False,
+    dropout: StackDropout | None = None,
     eps: float = 1e-5,
     return_levels: bool = False,
     residual: Tensor | None = None,
@@ -175,21 +184,22 @@ def downscale_reference(
     pools and the position mean average only over real positions and windows with no real position
     are zeroed at every level, so prepending padding changes nothing; otherwise (the paper's
     behaviour) padding counts as zeros in every average. Kernel sizes come from the conv weights.
-    ``residual`` (B, L, D) is the long residual entering the first level given (default: x),
-    which lets the stack continue after a first level computed elsewhere (the fused kernel);
-    with no levels the result is the position mean of ``x``. ``paper_norm`` normalises every
-    level with ``paper_layer_norm`` instead of ``F.layer_norm``.
+    ``dropout`` (None = none) gives each level's dropout masks. ``residual`` (B, L, D) is the long
+    residual entering the first level given (default: x), which lets the stack continue after a
+    first level computed elsewhere (the fused kernel); with no levels the result is the position
+    mean of ``x``. ``paper_norm`` normalises every level with ``paper_layer_norm`` instead of
+    ``F.layer_norm``.
     """
     if mask is not None:
         x = x * mask.unsqueeze(-1).to(x.dtype)
     level_mask = mask if mask_aware else None
     residual = x if residual is None else residual
     outputs = []
-    for p, stride in zip(params, strides, strict=True):
+    for level, (p, stride) in enumerate(zip(params, strides, strict=True)):
         conv, pooled, residual, level_mask = conv_pool_fn(
             x, residual, p.conv_weight, p.conv_bias, stride, heads, level_mask
         )
-        x = level_mix(conv, pooled, residual, p, level_mask, dropout, training, eps, paper_norm)
+        x = level_mix(conv, pooled, residual, p, level_mask, dropout, level, eps, paper_norm)
         if return_levels:
             outputs.append(x)
     return DownscaleOutput(mean_over_positions(x, level_mask), outputs)

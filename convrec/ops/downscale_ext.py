@@ -1,34 +1,33 @@
-"""The C++/CUDA ``downscale`` op of ``convrec._C``: its fake and autograd registrations and the
-call ``downscale(..., backend="cpp" | "cuda")`` makes.
+"""The C++/CUDA ``downscale`` op of ``convrec._C``: its fake, autograd and autocast
+registrations and the call ``downscale(..., backend="cpp" | "cuda")`` makes.
 
-The schemas live in C++ (``csrc/downscale_ops.cpp``); this module adds what Python owns:
+The schemas live in C++ (``csrc/downscale_ops.cpp``); this module adds what Python owns. The
+op takes the stack's parameters packed in one tensor (``convrec.ops.level_params``): it folds
+each level's grouped conv and Linear into one GEMM weight itself, draws dropout from a seed
+(``convrec.ops.stack_dropout``) inside its kernels and returns one gradient for the packed
+tensor, so a forward and backward on a packed stack are a handful of dispatched ops whatever
+the number of levels (``tests/test_dispatch_count.py`` counts them).
 
-- Folding. A level's grouped Conv1d and its Linear have nothing between them, so the op takes
-  one (k·D, D) matrix and one bias per level and runs a single GEMM per level. The folding is
-  done here with differentiable torch ops, so autograd carries the op's weight gradients back
-  to the conv and Linear parameters (and the same ``state_dict`` serves every backend). For
-  heads > 1 the folded matrix is block-structured and the GEMM does k·D² multiply-adds per
-  window instead of k·D²/H + D².
-- Dropout. Training-mode masks are drawn here, level by level, with ``F.dropout`` on ones of the
-  level's shape and dtype: the same draws, in the same order, as the reference's ``F.dropout``,
-  so one seed gives both backends the same masks. They reach the op as bool tensors.
-- Autograd. The forward op returns the tensors its backward needs (window matrices,
-  pre-activations, pools, LayerNorm statistics); ``setup_context`` saves them, so they show up
-  in ``saved_tensors_hooks`` like any autograd buffer. Where level 0's windows tile x exactly
-  (kernel == stride, no padding) the op reads x in place and x itself is saved instead of a
-  copy (``first_level_in_place``).
+Autograd: the forward op returns the tensors its backward needs (window matrices,
+pre-activations, pools, LayerNorm statistics); ``setup_context`` saves them, so they show up in
+``saved_tensors_hooks`` like any autograd buffer. Where level 0's windows tile x exactly
+(kernel == stride, no padding) the op reads x in place and x itself is saved instead of a copy
+(``first_level_in_place``). Under ``torch.autocast`` on CUDA the op runs in the autocast dtype
+(x, residual and the packed parameters cast to it, as autocast does for a matmul; the packed
+gradient flows back through the cast in the parameters' dtype); on CPU it runs in the inputs'
+dtype.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from convrec.ops.dispatch import extension_status
+from convrec.ops.level_params import PackedLevels, check_packed
+from convrec.ops.stack_dropout import StackDropout
 from convrec.schedule import level_geometry
 
 SUPPORTED_DTYPES = {
@@ -37,49 +36,10 @@ SUPPORTED_DTYPES = {
 }
 
 
-def fold_level(
-    conv_weight: Tensor, conv_bias: Tensor, linear_weight: Tensor, linear_bias: Tensor, heads: int
-) -> tuple[Tensor, Tensor]:
-    """(k·D, D) matrix and (D,) bias with ``window @ W + b == Linear(GroupedConv(window))``.
-
-    A window row is the k positions of the window, D channels each, oldest first. Computed in
-    float32 for half-precision weights, then rounded once.
-    """
-    d, head_dim, kernel = conv_weight.shape
-    dtype = conv_weight.dtype
-    compute = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-    w = conv_weight.to(compute)
-    if heads == 1:
-        conv = w.permute(2, 1, 0).reshape(kernel * d, d)  # [j, c_in, c_out]
-    else:
-        eye = torch.eye(heads, dtype=compute, device=w.device)
-        blocks = w.view(heads, head_dim, head_dim, kernel)  # [group, out, in, j]
-        conv = torch.einsum("hg,gqij->jhigq", eye, blocks).reshape(kernel * d, d)
-    linear = linear_weight.to(compute)
-    weight = conv @ linear.T
-    bias = F.linear(conv_bias.to(compute), linear, linear_bias.to(compute))
-    return weight.to(dtype), bias.to(dtype)
-
-
-def dropout_masks(
-    x: Tensor, windows: Sequence[int], p: float, training: bool
-) -> tuple[list[Tensor], float]:
-    """Per-level bool keep masks (B, L_l, D) and the 1 / (1 - p) scale; none outside training."""
-    if not training or p == 0.0:
-        return [], 1.0
-    batch, _, d = x.shape
-    masks = [
-        F.dropout(x.new_ones(batch, n, d), p, True) != 0  # same RNG use as the reference
-        for n in windows
-    ]
-    return masks, (0.0 if p >= 1.0 else 1.0 / (1.0 - p))
-
-
 def check_inputs(
     x: Tensor,
-    params: Sequence[Any],
+    packed: PackedLevels,
     strides: Sequence[int],
-    heads: int,
     mask: Tensor | None,
     residual: Tensor | None,
 ) -> None:
@@ -94,31 +54,16 @@ def check_inputs(
         )
     if x.dim() != 3 or x.shape[0] == 0 or x.shape[1] == 0:
         raise ValueError(f"x must be a non-empty (B, L, D) tensor, got {tuple(x.shape)}")
-    d = x.shape[2]
-    if heads < 1 or d % heads != 0:
-        raise ValueError(f"D={d} is not divisible by heads={heads}")
-    for level, (p, stride) in enumerate(zip(params, strides, strict=True)):
-        kernel = p.conv_weight.shape[-1] if p.conv_weight.dim() == 3 else -1
-        expected = {
-            "conv_weight": (d, d // heads, kernel),
-            "conv_bias": (d,),
-            "linear_weight": (d, d),
-            "linear_bias": (d,),
-            "alpha": (),
-            "beta": (),
-            "norm_weight": (d,),
-            "norm_bias": (d,),
-        }
-        for name, shape in expected.items():
-            t = getattr(p, name)
-            if tuple(t.shape) != shape or kernel < 1:
-                raise ValueError(
-                    f"level {level} {name} must have shape {shape}, got {tuple(t.shape)}"
-                )
-            if t.dtype != x.dtype:
-                raise TypeError(f"level {level} {name} has dtype {t.dtype} but x has {x.dtype}")
-            if t.device != x.device:
-                raise ValueError(f"level {level} {name} is on {t.device} but x is on {x.device}")
+    if x.shape[2] != packed.d or packed.heads < 1 or packed.d % packed.heads != 0:
+        raise ValueError(
+            f"x has width {x.shape[2]} but the levels D={packed.d}, heads={packed.heads}"
+        )
+    check_packed(packed)
+    if packed.flat.dtype != x.dtype:
+        raise TypeError(f"the level parameters have dtype {packed.flat.dtype} but x has {x.dtype}")
+    if packed.flat.device != x.device:
+        raise ValueError(f"the level parameters are on {packed.flat.device} but x is on {x.device}")
+    for level, (kernel, stride) in enumerate(zip(packed.kernels, strides, strict=True)):
         if not 1 <= stride <= kernel:
             raise ValueError(f"level {level}: need 1 <= stride <= kernel, got {stride}, {kernel}")
     if mask is not None and (mask.dtype != torch.bool or mask.shape != x.shape[:2]):
@@ -143,42 +88,34 @@ def first_level_in_place(
 
 def downscale_extension(
     x: Tensor,
-    params: Sequence[Any],
+    packed: PackedLevels,
     strides: Sequence[int],
-    heads: int,
     mask: Tensor | None,
     mask_aware: bool,
-    dropout: float,
-    training: bool,
+    dropout: StackDropout | None,
     eps: float,
     return_levels: bool,
     residual: Tensor | None,
 ) -> tuple[Tensor, list[Tensor]]:
     """User vectors (B, D) and, with ``return_levels``, every level's output (see
     ``convrec.ops.downscale.downscale_reference`` for the semantics), on the tensors' device."""
-    check_inputs(x, params, strides, heads, mask, residual)
-    kernels = [int(p.conv_weight.shape[-1]) for p in params]
-    folded = [
-        fold_level(p.conv_weight, p.conv_bias, p.linear_weight, p.linear_bias, heads)
-        for p in params
-    ]
-    windows = [n for _, n in level_geometry(x.shape[1], list(zip(kernels, strides, strict=True)))]
-    keep, scale = dropout_masks(x, windows, dropout, training)
+    if x.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
+        dtype = torch.get_autocast_dtype("cuda")  # as autocast runs a matmul: inputs cast
+        x = x.to(dtype)
+        residual = None if residual is None else residual.to(dtype)
+        packed = packed._replace(flat=packed.flat.to(dtype))
+    check_inputs(x, packed, strides, mask, residual)
     user, levels, _ = torch.ops.convrec.downscale(
         x,
         residual,
         mask,
-        [w for w, _ in folded],
-        torch.stack([b for _, b in folded]),
-        torch.stack([p.alpha for p in params]),
-        torch.stack([p.beta for p in params]),
-        torch.stack([p.norm_weight for p in params]),
-        torch.stack([p.norm_bias for p in params]),
-        kernels,
+        packed.flat,
+        list(packed.kernels),
         [int(s) for s in strides],
+        packed.heads,
         mask_aware and mask is not None,
-        keep,
-        scale,
+        None if dropout is None else dropout.seed,
+        0.0 if dropout is None else dropout.p,
         eps,
         return_levels,
     )
@@ -193,17 +130,13 @@ def _register() -> None:
         x,
         residual,
         mask,
-        weight,
-        bias,
-        alpha,
-        beta,
-        norm_weight,
-        norm_bias,
+        params,
         kernels,
         strides,
+        heads,
         mask_aware,
-        dropout_keep,
-        dropout_scale,
+        dropout_seed,
+        dropout,
         eps,
         return_levels,
     ):
@@ -235,112 +168,62 @@ def _register() -> None:
         grad_levels,
         x,
         mask,
-        weight,
-        alpha,
-        beta,
-        norm_weight,
+        params,
         kernels,
         strides,
+        heads,
         mask_aware,
         has_residual,
-        dropout_keep,
-        dropout_scale,
+        dropout_seed,
+        dropout,
         length,
         saved,
     ):
-        batch, d = grad_user.shape
-        m = len(weight)
-        new = grad_user.new_empty
+        batch, d = saved[-1].shape[0], saved[2].shape[-1]
+        new = params.new_empty
         return (
             new(batch, length, d),
             new(batch if has_residual else 0, length, d),
-            [w.new_empty(w.shape) for w in weight],
-            new(m, d),
-            new(m),
-            new(m),
-            new(m, d),
-            new(m, d),
+            new(params.shape),
         )
 
     def setup_context(ctx, inputs, output) -> None:
-        (
-            x,
-            residual,
-            mask,
-            weight,
-            _,
-            alpha,
-            beta,
-            norm_weight,
-            _,
-            kernels,
-            strides,
-            mask_aware,
-            keep,
-            scale,
-            _,
-            return_levels,
-        ) = inputs
-        ctx.config = (kernels, strides, mask_aware, residual is not None, scale, x.shape[1])
-        ctx.counts = (mask is not None, len(weight), len(keep), return_levels)
+        x, residual, mask, params, kernels, strides, heads, mask_aware, seed, p, _, levels = inputs
+        ctx.config = (kernels, strides, heads, mask_aware, residual is not None, p, x.shape[1])
+        ctx.return_levels = levels
         ctx.set_materialize_grads(False)  # no zero gradients for the saved outputs
         ctx.mark_non_differentiable(*output[2])
         ctx.needs_x = output[2][0].numel() == 0  # level 0 read x in place
-        extra = ([] if mask is None else [mask]) + ([x] if ctx.needs_x else [])
-        ctx.save_for_backward(*extra, *weight, alpha, beta, norm_weight, *keep, *output[2])
+        ctx.save_for_backward(x if ctx.needs_x else None, mask, params, seed, *output[2])
 
     def backward(ctx, grad_user, grad_levels, _grad_saved):
-        kernels, strides, mask_aware, has_residual, scale, length = ctx.config
-        has_mask, m, n_keep, return_levels = ctx.counts
-        saved = list(ctx.saved_tensors)
-        mask = saved.pop(0) if has_mask else None
-        x = saved.pop(0) if ctx.needs_x else None
-        weight, saved = saved[:m], saved[m:]
-        alpha, beta, norm_weight, *saved = saved
-        keep, saved = saved[:n_keep], saved[n_keep:]
-        if grad_user is None:
-            grad_user = norm_weight.new_zeros(saved[-1].shape[0], norm_weight.shape[1])
-        given = list(grad_levels) if return_levels else [None] * (m - 1) + list(grad_levels)
-        empty = norm_weight.new_empty(0)
-        levels = [] if all(g is None for g in given) else [empty if g is None else g for g in given]
-        gx, gres, gw, gb, ga, gbt, gnw, gnb = torch.ops.convrec.downscale_backward(
+        kernels, strides, heads, mask_aware, has_residual, p, length = ctx.config
+        x, mask, params, seed, *saved = ctx.saved_tensors
+        m = len(kernels)
+        given = list(grad_levels) if ctx.return_levels else [None] * (m - 1) + list(grad_levels)
+        if all(g is None for g in given):
+            levels = []
+        else:  # placeholders only when some level output has a gradient
+            empty = params.new_empty(0)
+            levels = [empty if g is None else g for g in given]
+        gx, gres, gparams = torch.ops.convrec.downscale_backward(
             grad_user,
             levels,
-            empty if x is None else x,
+            x,
             mask,
-            weight,
-            alpha,
-            beta,
-            norm_weight,
+            params,
             kernels,
             strides,
+            heads,
             mask_aware,
             has_residual,
-            keep,
-            scale,
+            seed,
+            p,
             length,
             saved,
         )
         gres = gres if has_residual else None
-        no_keep = [None] * n_keep
-        return (
-            gx,
-            gres,
-            None,
-            gw,
-            gb,
-            ga,
-            gbt,
-            gnw,
-            gnb,
-            None,
-            None,
-            None,
-            no_keep,
-            None,
-            None,
-            None,
-        )
+        return gx, gres, None, gparams, None, None, None, None, None, None, None, None
 
     torch.library.register_autograd("convrec::downscale", backward, setup_context=setup_context)
 

@@ -40,7 +40,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from convrec.ops.dispatch import resolve
-from convrec.ops.downscale import LevelParams, level_mix
+from convrec.ops.downscale import level_mix
+from convrec.ops.level_params import LevelParams
+from convrec.ops.stack_dropout import StackDropout
 
 
 def stream_downscale(
@@ -126,7 +128,7 @@ def stream_downscale_prefix(
         divisor = divisor[..., None].to(x.dtype)
         pooled = x_pad.view(-1, windows, stride, x.shape[-1]).sum(2) / divisor
         residual = res_pad.view(-1, windows, stride, x.shape[-1]).sum(2) / divisor
-        x = level_mix(conv.transpose(1, 2), pooled, residual, p, None, 0.0, False, eps)
+        x = level_mix(conv.transpose(1, 2), pooled, residual, p, None, None, 0, eps)
         arrived = -(-arrived // stride)
         exists = (torch.arange(windows, device=x.device)[None, :] < arrived[:, None])[..., None]
         x, residual = x * exists.to(x.dtype), residual * exists.to(x.dtype)
@@ -151,12 +153,13 @@ def stream_downscale_reference(
     window keeps the mask of its last version.
     """
     check_stream_levels(params, strides)
+    drop = StackDropout.draw(dropout, training, x.device)
     length = x.shape[1]
     version, lengths = left_align(x * mask[..., None].to(x.dtype), mask)
     res_version = version  # the long residual enters level 1 as the input itself
     time = torch.arange(length, device=x.device)
     span = 1  # input elements of this level cover ``span`` positions each
-    for p, stride in zip(params, strides, strict=True):
+    for level, (p, stride) in enumerate(zip(params, strides, strict=True)):
         element, final, final_res = _elements(version, res_version, span)
         conv_terms = offset_terms(p.conv_weight, final, 1, heads)
         closed_conv, closed_pool, closed_res = (
@@ -168,7 +171,7 @@ def stream_downscale_reference(
         divisor = divisor.to(x.dtype)
         res_version = (closed_res + res_version) / divisor
         pooled = (closed_pool + version) / divisor
-        version = level_mix(conv, pooled, res_version, p, None, dropout, training, eps)
+        version = level_mix(conv, pooled, res_version, p, None, drop, level, eps)
         span *= stride
     element, final, _ = _elements(version, res_version, span)
     closed = final.cumsum(1) - final  # every closed window of the last level, oldest first
@@ -273,7 +276,7 @@ def stream_push(
         divisor = (slot + 1 if mask_aware else torch.full_like(slot, stride))[:, None].to(x.dtype)
         res_version = (closed[:, 2] + res_version) / divisor
         pooled = (closed[:, 1] + version) / divisor
-        version = level_mix(conv, pooled, res_version, p, None, 0.0, False, eps)
+        version = level_mix(conv, pooled, res_version, p, None, None, 0, eps)
         outs.append(version)
         ress.append(res_version)
         span *= stride

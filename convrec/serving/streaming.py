@@ -33,7 +33,7 @@ class StreamingModule(nn.Module):
             raise ValueError("streaming serving does not support time-context models yet")
         if not 1 <= k <= model.num_items:
             raise ValueError(f"k must be in [1, {model.num_items}], got {k}")
-        self.k, self.levels = k, len(model.encoder.stack)
+        self.k, self.levels = k, len(model.encoder.levels)
         self.model = model.eval()
         with torch.no_grad():
             self.register_buffer("table", model.item_vectors().detach().clone())

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from convrec.checkpoint_file import load_checkpoint
+from convrec.checkpoint_file import CheckpointError, load_checkpoint
 from convrec.data.dataset import SequenceDataset
 from convrec.data.load import load_dataset
 from convrec.data.splits import SequenceIndex, sampled_negatives
@@ -309,7 +309,13 @@ def _train(
     state = {"epoch": 0, "best": -math.inf, "best_epoch": 0, "stale": 0, "log": [], "seconds": 0.0}
     if saved is not None:
         model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
+        try:
+            optimizer.load_state_dict(saved["optimizer"])
+        except ValueError:  # a parameter layout of another convrec version (e.g. per level)
+            raise CheckpointError(
+                f"cannot resume {last_path}: its optimizer state has another parameter layout "
+                "than this convrec builds; evaluate or serve it, or train a new run"
+            ) from None
         state = saved["state"]
         say(f"resuming {out} after epoch {state['epoch']}")
     trained = model

@@ -1,0 +1,60 @@
+"""A ``ConvRecEncoder`` step on the extension is a handful of dispatched ops whatever the
+number of levels (issue: a GPU step was 150-200 launches, one per small op). Counted with a
+``TorchDispatchMode``, which sees every op the Python side dispatches (not the ATen calls the
+extension makes inside its kernels)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from convrec import ConvRecEncoder
+from convrec.ops.dispatch import extension_status
+
+MAX_OPS = 10
+
+
+class CountOps(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def step_ops(encoder: ConvRecEncoder, length: int, masked: bool) -> list[str]:
+    """Ops dispatched by one forward and backward of ``encoder`` on a (4, length, 16) batch."""
+    x = torch.randn(4, length, 16, requires_grad=True)
+    mask = torch.arange(length) >= torch.tensor([[0], [3], [length // 2], [length - 1]])
+    grad = torch.randn(4, 16)
+    with CountOps() as counter:
+        encoder(x, mask if masked else None).backward(grad)
+    return counter.ops
+
+
+@pytest.mark.skipif(extension_status() is not None, reason="needs convrec._C")
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("mask_aware", [False, True])
+def test_cpp_step_is_a_handful_of_ops(training: bool, mask_aware: bool) -> None:
+    counts = set()
+    schedules = (((7, 7),), ((2, 2), (3, 2), (5, 5)), ((4, 4),) * 6)
+    for length, levels in zip((50, 50, 4096), schedules, strict=True):
+        encoder = ConvRecEncoder(16, levels, heads=2, mask_aware=mask_aware, backend="cpp")
+        encoder.train(training)
+        ops = step_ops(encoder, length, masked=True)
+        assert len(ops) <= MAX_OPS, ops
+        assert ops.count("convrec.downscale.default") == 1
+        assert ops.count("convrec.downscale_backward.default") == 1
+        counts.add(len(ops))
+    assert len(counts) == 1  # independent of the number of levels and of L
+
+
+@pytest.mark.skipif(extension_status() is not None, reason="needs convrec._C")
+def test_one_gradient_for_the_whole_stack() -> None:
+    encoder = ConvRecEncoder(16, ((2, 2), (3, 3), (4, 4)), backend="cpp")
+    step_ops(encoder, 24, masked=False)
+    assert [name for name, _ in encoder.named_parameters()] == ["stack_weights"]
+    assert encoder.stack_weights.grad is not None and encoder.stack_weights.grad.abs().sum() > 0
