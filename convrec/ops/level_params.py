@@ -61,16 +61,12 @@ class PackedLevels(NamedTuple):
     heads: int
 
     def unpack(self) -> list[LevelParams]:
-        """Per-level views of ``flat`` (differentiable: gradients reach ``flat``)."""
-        levels, start = [], 0
-        for kernel in self.kernels:
-            views = []
-            for shape in level_shapes(self.d, self.heads, kernel):
-                n = _numel(shape)
-                views.append(self.flat[start : start + n].view(shape))
-                start += n
-            levels.append(LevelParams(*views))
-        return levels
+        """Per-level views of ``flat`` (differentiable: gradients reach ``flat``; one split, so
+        the backward assembles the packed gradient in one cat, not one scatter per tensor)."""
+        shapes = [s for k in self.kernels for s in level_shapes(self.d, self.heads, k)]
+        pieces = self.flat.split([_numel(s) for s in shapes])
+        views = [piece.view(shape) for piece, shape in zip(pieces, shapes, strict=True)]
+        return [LevelParams(*views[i : i + 8]) for i in range(0, len(views), 8)]
 
     def tail(self, first: int) -> PackedLevels:
         """The stack from level ``first`` on (a view of ``flat``)."""
