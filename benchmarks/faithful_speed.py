@@ -212,8 +212,9 @@ def main() -> None:
         "dropout mask is per position), so both sides draw, multiply and project the same "
         "(B, L, 4D) tensors; with dropout 0 (or in evaluation) the faithful item MLP runs once "
         "per distinct id. Both sides share the per-position input block (GELU, the paper "
-        "LayerNorm and a Linear over D + 3 channels), the level stack (reference backend: the "
-        "fast backends lack the paper LayerNorm) and the dense gradient of the item table; the "
+        "LayerNorm and a Linear over D + 3 channels), the level stack (the faithful side on the "
+        "default backend, the C++ extension, which implements the paper LayerNorm) and the "
+        "dense gradient of the item table; the "
         "authors' side adds per position a dense multi-hot lookup and the (attributes -> 4D) "
         "and (5D -> 4D) products.",
         "",

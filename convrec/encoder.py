@@ -18,7 +18,7 @@ from convrec.checks import check_sequence
 from convrec.ops.dispatch import UsesBackend, kernel_size_problem, set_backend
 from convrec.ops.downscale import (
     PAPER_NORM_EPS,
-    check_paper_norm_backend,
+    PAPER_NORM_TRITON,
     downscale,
     downscale_backend,
     level_mix,
@@ -75,8 +75,8 @@ class ConvRecEncoder(UsesBackend, nn.Module):
     position in one pass and ``push`` updates users one event at a time. ``backend`` names the
     implementation of ``ops.downscale`` (``convrec.ops.dispatch``; change it with
     ``convrec.ops.dispatch.set_backend``). ``paper_norm=True`` normalises every level as the
-    paper code does (``ops.downscale.paper_layer_norm``, eps 1e-6); only the reference
-    implements it, so the encoder then runs on the reference and refuses the fast backends.
+    paper code does (``ops.downscale.paper_layer_norm``, eps 1e-6); the reference and the
+    extension implement it, Triton does not (the encoder refuses "triton").
 
     Every level's parameters live packed in one parameter, ``stack_weights``
     (``ops.level_params.PackedLevels``), so the extension reads them whole and a backward
@@ -121,9 +121,9 @@ class ConvRecEncoder(UsesBackend, nn.Module):
         set_backend(self, backend)
 
     def check_backend_choice(self, name: str) -> None:
-        if self.paper_norm:
-            check_paper_norm_backend(name)
         problem = kernel_size_problem(max(k for k, _ in self.levels))
+        if self.paper_norm:
+            problem = PAPER_NORM_TRITON
         if name == "triton" and problem is not None:
             raise ValueError(f"backend 'triton' cannot run levels {self.levels}: {problem}")
 
@@ -267,9 +267,8 @@ class ConvRecEncoder(UsesBackend, nn.Module):
 
     def backend_for(self, device: torch.device) -> str:
         """The implementation of ``ops.downscale`` this encoder runs on ``device``."""
-        if self.paper_norm:
-            return "reference"
-        return downscale_backend(self.backend, device, [k for k, _ in self.levels])
+        kernels = [k for k, _ in self.levels]
+        return downscale_backend(self.backend, device, kernels, self.paper_norm)
 
     def _pad_to_fixed_length(self, x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """Left-pad ``x`` (B, L, D), or ids (B, L), and the mask to ``fixed_length``."""

@@ -254,10 +254,29 @@ CONVREC_HD A pool_divisor(bool mask_aware, int64_t real, int64_t kernel) {
   return A(real > 0 ? real : 1);
 }
 
+// The normalisation of a level: LayerNorm (biased variance, eps inside the square root) or,
+// with `paper`, the paper code's (unbiased standard deviation, eps added to it; D >= 2), as
+// convrec.ops.downscale.paper_layer_norm. Both are w * xhat + b with xhat = (m - mean) * rstd.
 template <typename A>
-CONVREC_HD A inv_std(A sum_sq, int64_t d_model, A eps) {
-  return A(1) / sqrt_of(sum_sq / A(d_model) + eps);
-}
+struct Norm {
+  A eps;
+  bool paper;
+
+  CONVREC_HD A rstd(A sum_sq, int64_t d) const {
+    if (paper) return A(1) / (sqrt_of(sum_sq / A(d - 1)) + eps);
+    return A(1) / sqrt_of(sum_sq / A(d) + eps);
+  }
+
+  // The coefficient of xhat in the gradient of the centred input,
+  // dm = rstd * (g - mean(g) - xhat * coefficient), from sum(g * xhat). For the paper's form
+  // d std / d m brings (std + eps) / ((D - 1) std) = 1 / ((D - 1)(1 - eps * rstd)); a row with
+  // std = 0 has xhat = 0 and gets 0.
+  CONVREC_HD A xhat_coefficient(A sum_g_xhat, A rstd, int64_t d) const {
+    if (!paper) return sum_g_xhat / A(d);
+    const A shrink = A(1) - eps * rstd;
+    return shrink > A(0) ? sum_g_xhat / (A(d - 1) * shrink) : A(0);
+  }
+};
 
 // ------------------------------------------------------------------------ row passes ----
 
@@ -382,7 +401,7 @@ struct EpilogueRow {
   const T* beta;  // scalar
   const T* gamma;  // (D,) LayerNorm weight
   const T* shift;  // (D,) LayerNorm bias
-  A eps;
+  Norm<A> norm;
   const bool* row_mask;  // (rows,) or nullptr
   A* stats;
   T* next_win;  // next level's window matrix or nullptr
@@ -411,7 +430,7 @@ struct EpilogueRow {
     A sq = A(0);
     CONVREC_SIMD_SUM(sq)
     for (int64_t c = team.lane(); c < d; c += Team::size) sq += (m[c] - mean) * (m[c] - mean);
-    const A rstd = inv_std(team.sum(sq), d, eps);
+    const A rstd = norm.rstd(team.sum(sq), d);
     const A on = row_mask == nullptr || row_mask[n] ? A(1) : A(0);
     CONVREC_SIMD
     for (int64_t c = team.lane(); c < d; c += Team::size)
@@ -526,6 +545,7 @@ struct EpilogueGradRow {
   const T* beta;
   const T* gamma;
   const A* stats;
+  Norm<A> norm;
   const bool* row_mask;
   bool last;  // last level: the output gradient comes from the position mean
   const T* grad_user;  // (B, D) or nullptr (no gradient reached the user vector)
@@ -585,7 +605,7 @@ struct EpilogueGradRow {
     CONVREC_SIMD_SUM(s2)
     for (int64_t c = team.lane(); c < d; c += Team::size) s2 += g_out[c] * xhat[c];
     s1 = team.sum(s1) / A(d);
-    s2 = team.sum(s2) / A(d);
+    s2 = norm.xhat_coefficient(team.sum(s2), rstd, d);
     T* gy = grad_pre + n * d;
     T* gp = grad_pooled + n * d;
     T* gr = grad_res_pooled + n * d;

@@ -218,7 +218,7 @@ template <typename T, typename A, class Dev>
 ForwardOut forward_levels(Dev& dev, const Geometry& g, const Tensor& x,
                           const std::optional<Tensor>& residual,
                           const std::optional<Tensor>& mask, const Params& p, bool mask_aware,
-                          const Dropout<A>& drop, double eps, bool return_levels) {
+                          const Dropout<A>& drop, const Norm<A>& norm, bool return_levels) {
   const int64_t m = static_cast<int64_t>(g.levels.size()), d = g.d, batch = g.batch;
   const ScalarType acc = acc_type(x.scalar_type());
   std::vector<Tensor> levels, saved;
@@ -278,7 +278,7 @@ ForwardOut forward_levels(Dev& dev, const Geometry& g, const Tensor& x,
                                w + p.at[l].beta,
                                w + p.at[l].norm_w,
                                w + p.at[l].norm_b,
-                               static_cast<A>(eps),
+                               norm,
                                mask_aware ? ptr<bool>(row_mask) : nullptr,
                                ptr<A>(stats),
                                last ? nullptr : ptr<T>(next_win),
@@ -313,7 +313,7 @@ BackwardOut backward_levels(Dev& dev, const Geometry& g, const std::optional<Ten
                             const std::optional<Tensor>& grad_user,
                             const std::vector<Tensor>& grad_levels,
                             const std::optional<Tensor>& mask, const Params& p, bool mask_aware,
-                            bool has_residual, const Dropout<A>& drop,
+                            bool has_residual, const Dropout<A>& drop, const Norm<A>& norm,
                             const std::vector<Tensor>& saved) {
   const int64_t m = static_cast<int64_t>(g.levels.size()), d = g.d, batch = g.batch;
   const Tensor& ref = p.packed;
@@ -353,6 +353,7 @@ BackwardOut backward_levels(Dev& dev, const Geometry& g, const std::optional<Ten
                                    w + p.at[l].beta,
                                    w + p.at[l].norm_w,
                                    ptr<A>(s[kRowStats]),
+                                   norm,
                                    mask_aware ? ptr<bool>(s[kRowMask]) : nullptr,
                                    last,
                                    last ? ptr_or_null<T>(grad_user) : nullptr,
@@ -422,7 +423,7 @@ ForwardOut downscale_forward(Tensor x, std::optional<Tensor> residual, std::opti
                              Tensor params, std::vector<int64_t> kernels,
                              std::vector<int64_t> strides, int64_t heads, bool mask_aware,
                              std::optional<Tensor> dropout_seed, double dropout, double eps,
-                             bool return_levels) {
+                             bool paper_norm, bool return_levels) {
   STD_TORCH_CHECK(x.dim() == 3, "downscale: x must have shape (B, L, D), got ", shape_str(x));
   Dev::check_dtype(x.scalar_type());
   const Geometry g = check_geometry(x.size(0), x.size(1), x.size(2), kernels, strides);
@@ -435,13 +436,15 @@ ForwardOut downscale_forward(Tensor x, std::optional<Tensor> residual, std::opti
   if (mask.has_value()) mask = torch::stable::contiguous(*mask);
   check_packed(params, heads, g, x);
   params = torch::stable::contiguous(params);
+  STD_TORCH_CHECK(!paper_norm || g.d >= 2, "downscale: paper_norm needs D >= 2, got ", g.d);
   Dev dev(x);
   return Dev::dispatch(x.scalar_type(), [&](auto t, auto a) {
     using T = decltype(t);
     using A = decltype(a);
     const Dropout<A> drop = check_dropout<A>(dropout_seed, dropout, x);
     const Params p = fold_levels<T, A>(dev, g, params, heads);
-    return forward_levels<T, A>(dev, g, x, residual, mask, p, mask_aware, drop, eps,
+    const Norm<A> norm{static_cast<A>(eps), paper_norm};
+    return forward_levels<T, A>(dev, g, x, residual, mask, p, mask_aware, drop, norm,
                                 return_levels);
   });
 }
@@ -451,8 +454,8 @@ BackwardOut downscale_backward(std::optional<Tensor> grad_user, std::vector<Tens
                                std::optional<Tensor> x, std::optional<Tensor> mask, Tensor params,
                                std::vector<int64_t> kernels, std::vector<int64_t> strides,
                                int64_t heads, bool mask_aware, bool has_residual,
-                               std::optional<Tensor> dropout_seed, double dropout,
-                               int64_t length, std::vector<Tensor> saved) {
+                               std::optional<Tensor> dropout_seed, double dropout, double eps,
+                               bool paper_norm, int64_t length, std::vector<Tensor> saved) {
   STD_TORCH_CHECK(saved.size() >= 3 && saved.back().dim() == 1 && saved[2].dim() == 3,
                   "downscale_backward: saved must be the forward's third output");
   const Tensor& ref = params;
@@ -494,8 +497,9 @@ BackwardOut downscale_backward(std::optional<Tensor> grad_user, std::vector<Tens
     using A = decltype(a);
     const Dropout<A> drop = check_dropout<A>(dropout_seed, dropout, ref);
     const Params p = fold_levels<T, A>(dev, g, params, heads);
+    const Norm<A> norm{static_cast<A>(eps), paper_norm};
     return backward_levels<T, A>(dev, g, x, grad_user, grad_levels, mask, p, mask_aware,
-                                 has_residual, drop, saved);
+                                 has_residual, drop, norm, saved);
   });
 }
 

@@ -8,20 +8,22 @@
 STABLE_TORCH_LIBRARY(convrec, m) {
   // Forward over all levels. `params` holds every level's parameters packed (LevelLayout in
   // downscale.h; convrec/ops/level_params.py). With `dropout_seed` ((2,) int64) the epilogues
-  // drop elements by a hash of the seed (Dropout in downscale.h). Returns the user vectors
+  // drop elements by a hash of the seed (Dropout in downscale.h). `paper_norm` normalises with
+  // the paper code's LayerNorm (Norm in downscale.h). Returns the user vectors
   // (B, D), the level outputs (all of them with return_levels, else the last) and the tensors
   // the backward needs, opaque to callers.
   m.def(
       "downscale(Tensor x, Tensor? residual, Tensor? mask, Tensor params, int[] kernels, "
       "int[] strides, int heads, bool mask_aware, Tensor? dropout_seed, float dropout, "
-      "float eps, bool return_levels) -> (Tensor, Tensor[], Tensor[])");
+      "float eps, bool paper_norm, bool return_levels) -> (Tensor, Tensor[], Tensor[])");
   // Gradients of x, the residual (empty without one) and the packed parameters. A missing
   // grad_user and empty entries of grad_levels mean zero. x is needed only when the forward
   // read it in place (saved[0] empty).
   m.def(
       "downscale_backward(Tensor? grad_user, Tensor[] grad_levels, Tensor? x, Tensor? mask, "
       "Tensor params, int[] kernels, int[] strides, int heads, bool mask_aware, "
-      "bool has_residual, Tensor? dropout_seed, float dropout, int length, Tensor[] saved) "
+      "bool has_residual, Tensor? dropout_seed, float dropout, float eps, bool paper_norm, "
+      "int length, Tensor[] saved) "
       "-> (Tensor, Tensor, Tensor)");
   // GELU(y) and GELU'(y) with the kernels' arithmetic, for tests of the float32 polynomials.
   m.def("gelu_points(Tensor y) -> (Tensor, Tensor)");

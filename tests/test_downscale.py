@@ -286,7 +286,12 @@ TILED = (((2, 2), (3, 3)), 8)  # kernel == stride, no padding: level 0 may read 
 
 
 def _op_args(
-    dtype=torch.float64, keep: bool = True, device="cpu", case=OVERLAPPING, zero_masked=False
+    dtype=torch.float64,
+    keep: bool = True,
+    device="cpu",
+    case=OVERLAPPING,
+    zero_masked=False,
+    paper_norm=False,
 ) -> tuple:
     """Raw ``convrec::downscale`` arguments: packed parameters, a fixed dropout seed; with
     ``zero_masked`` x is zero where the mask leaves it out."""
@@ -308,7 +313,8 @@ def _op_args(
         True,
         seed,
         0.2 if keep else 0.0,
-        1e-5,
+        1e-6 if paper_norm else 1e-5,
+        paper_norm,
         True,
     )
 
@@ -343,12 +349,37 @@ def gradcheck_op(args: tuple) -> bool:
     return torch.autograd.gradcheck(fn, (x, residual, params))
 
 
+@pytest.mark.parametrize("mask_aware", [False, True])
+def test_paper_norm_matches_reference(mask_aware: bool) -> None:
+    """The paper code's LayerNorm (unbiased std, eps added to it) in the kernels: values and
+    gradients, with dropout, returned levels and a residual, under the tolerance rule; float64
+    gradcheck of the raw op."""
+    mask = padding_mask(3, 41)
+    kwargs = {"dropout": 0.2, "training": True, "return_levels": True, "eps": 1e-6}
+    compare(
+        "cpp",
+        torch.float32,
+        3,
+        41,
+        8,
+        LEVELS,
+        2,
+        mask,
+        with_residual=True,
+        mask_aware=mask_aware,
+        paper_norm=True,
+        **kwargs,
+    )
+    assert gradcheck_op(_op_args(paper_norm=True))
+
+
 # the three level-0 paths: own window matrix; x in place; x in place but not zero where masked
 # (the forward builds a temporary window matrix, the backward rebuilds it)
 LEVEL0_PATHS = {
     "overlapping": {"case": OVERLAPPING},
     "tiled-in-place": {"case": TILED, "zero_masked": True},
     "tiled-rebuilt": {"case": TILED},
+    "paper-norm": {"case": OVERLAPPING, "paper_norm": True},
 }
 
 
@@ -363,7 +394,9 @@ def test_opcheck(path: str) -> None:
     args = _op_args(torch.float32, **LEVEL0_PATHS[path])
     torch.library.opcheck(torch.ops.convrec.downscale.default, args)
     _, _, saved = torch.ops.convrec.downscale(*args)
-    assert (saved[0].numel() == 0) == (path != "overlapping")  # no copy of x saved in place
+    assert (saved[0].numel() == 0) == (
+        LEVEL0_PATHS[path]["case"] is TILED
+    )  # no copy of x saved in place
     torch.library.opcheck(torch.ops.convrec.downscale.default, _op_args(keep=False))
 
 
@@ -373,7 +406,7 @@ def test_opcheck_backward(path: str) -> None:
     args = torch.utils._pytree.tree_map_only(torch.Tensor, torch.Tensor.detach, args)
     user, levels, saved = torch.ops.convrec.downscale(*args)
     grad_levels = [torch.randn_like(level) for level in levels]
-    x, _, mask, params, kernels, strides, heads, _, seed, p, _, _ = args
+    x, _, mask, params, kernels, strides, heads, _, seed, p, eps, paper_norm, _ = args
     backward_args = (
         torch.randn_like(user),
         grad_levels,
@@ -387,6 +420,8 @@ def test_opcheck_backward(path: str) -> None:
         True,
         seed,
         p,
+        eps,
+        paper_norm,
         x.shape[1],
         saved,
     )

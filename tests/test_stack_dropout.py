@@ -73,7 +73,7 @@ def test_extension_drops_what_the_hash_says() -> None:
     seed = torch.tensor([99, 5])
     x = torch.randn(2, 6, 8, dtype=torch.float64)
     packed = pack_levels(encoder.level_params(), 1)
-    args = ([1], [1], 1, False, seed, 0.4, 1e-5, True)
+    args = ([1], [1], 1, False, seed, 0.4, 1e-5, False, True)
     _, levels, saved = torch.ops.convrec.downscale(x, None, None, packed.flat, *args)
     pre = saved[1].view(2, 6, 8)
     keep = keep_mask(seed, 0, 12, 8, 0.4).view(2, 6, 8)

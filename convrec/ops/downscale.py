@@ -9,7 +9,7 @@ fallback. Each level l computes, with r the long residual (r starts as the input
     r = AvgPool_k,s(pad(r))
 
 ``paper_norm=True`` replaces LayerNorm by the paper code's normalisation
-(``paper_layer_norm``); only the reference implements it.
+(``paper_layer_norm``); the reference and the extension implement it, Triton does not.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from convrec.ops.conv_pool import ConvPoolOutput, conv_pool
-from convrec.ops.dispatch import check_backend, kernel_size_problem, resolve
+from convrec.ops.dispatch import kernel_size_problem, resolve
 from convrec.ops.downscale_ext import downscale_extension
 from convrec.ops.level_params import LevelParams, PackedLevels, pack_levels
 from convrec.ops.stack_dropout import StackDropout
@@ -115,21 +115,18 @@ def downscale(
     "cpp" / "cuda" run the whole stack in the ``convrec._C`` extension (``downscale_ext``);
     with no levels there is nothing to fuse and the reference computes the position mean.
     ``paper_norm`` (the paper code's LayerNorm, ``paper_layer_norm``) runs on the reference
-    only: "auto" and "reference" take it there, any other backend raises ``ValueError``.
+    and the extension; Triton lacks it ("auto" skips it, "triton" raises ``RuntimeError``).
     """
     packed = params if isinstance(params, PackedLevels) else None
     kernels = packed.kernels if packed else [p.conv_weight.shape[-1] for p in params]
     if len(kernels) != len(strides):
         raise ValueError(f"{len(kernels)} level parameter sets but {len(strides)} strides")
-    if paper_norm:
-        check_paper_norm_backend(backend)
-    else:
-        backend = downscale_backend(backend, x.device, kernels)
+    backend = downscale_backend(backend, x.device, kernels, paper_norm)
     drop = StackDropout.draw(dropout, training, x.device)
     if backend in ("cpp", "cuda") and kernels:
         packed = packed or pack_levels(params, heads)
         args = (x, packed, strides, mask, mask_aware, drop, eps, return_levels, residual)
-        return DownscaleOutput(*downscale_extension(*args))
+        return DownscaleOutput(*downscale_extension(*args, paper_norm=paper_norm))
     levels = packed.unpack() if packed else list(params)
     conv = functools.partial(conv_pool, backend="triton") if backend == "triton" else conv_pool
     return downscale_reference(
@@ -148,20 +145,16 @@ def downscale(
     )
 
 
-def check_paper_norm_backend(backend: str) -> None:
-    """Raise unless ``backend`` can run ``downscale(paper_norm=True)`` ("auto" or "reference")."""
-    check_backend(backend)
-    if backend not in ("auto", "reference"):
-        raise ValueError(
-            f"backend {backend!r} does not implement the paper's LayerNorm (paper_norm=True): "
-            "use backend='reference' or 'auto'"
-        )
+PAPER_NORM_TRITON = "the Triton path lacks the paper's LayerNorm (paper_norm=True)"
 
 
-def downscale_backend(backend: str, device: torch.device, kernels: Sequence[int]) -> str:
+def downscale_backend(
+    backend: str, device: torch.device, kernels: Sequence[int], paper_norm: bool = False
+) -> str:
     """The implementation ``downscale`` runs for ``backend`` on ``device`` with these window
-    sizes (Triton cannot take windows wider than ``dispatch.MAX_KERNEL``)."""
-    return resolve("downscale", backend, device, kernel_size_problem(max([1, *kernels])))
+    sizes (Triton cannot take windows wider than ``dispatch.MAX_KERNEL``, nor ``paper_norm``)."""
+    problem = PAPER_NORM_TRITON if paper_norm else kernel_size_problem(max([1, *kernels]))
+    return resolve("downscale", backend, device, problem)
 
 
 def downscale_reference(

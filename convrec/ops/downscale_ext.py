@@ -96,6 +96,7 @@ def downscale_extension(
     eps: float,
     return_levels: bool,
     residual: Tensor | None,
+    paper_norm: bool = False,
 ) -> tuple[Tensor, list[Tensor]]:
     """User vectors (B, D) and, with ``return_levels``, every level's output (see
     ``convrec.ops.downscale.downscale_reference`` for the semantics), on the tensors' device."""
@@ -105,6 +106,8 @@ def downscale_extension(
         residual = None if residual is None else residual.to(dtype)
         packed = packed._replace(flat=packed.flat.to(dtype))
     check_inputs(x, packed, strides, mask, residual)
+    if paper_norm and x.shape[2] < 2:
+        raise ValueError("the paper's LayerNorm (paper_norm=True) needs D >= 2")
     user, levels, _ = torch.ops.convrec.downscale(
         x,
         residual,
@@ -117,6 +120,7 @@ def downscale_extension(
         None if dropout is None else dropout.seed,
         0.0 if dropout is None else dropout.p,
         eps,
+        paper_norm,
         return_levels,
     )
     return user, (list(levels) if return_levels else [])
@@ -138,6 +142,7 @@ def _register() -> None:
         dropout_seed,
         dropout,
         eps,
+        paper_norm,
         return_levels,
     ):
         batch, length, d = x.shape
@@ -176,6 +181,8 @@ def _register() -> None:
         has_residual,
         dropout_seed,
         dropout,
+        eps,
+        paper_norm,
         length,
         saved,
     ):
@@ -188,8 +195,10 @@ def _register() -> None:
         )
 
     def setup_context(ctx, inputs, output) -> None:
-        x, residual, mask, params, kernels, strides, heads, mask_aware, seed, p, _, levels = inputs
-        ctx.config = (kernels, strides, heads, mask_aware, residual is not None, p, x.shape[1])
+        x, residual, mask, params, kernels, strides, heads, mask_aware, seed, *rest = inputs
+        p, eps, paper, levels = rest
+        has_residual = residual is not None
+        ctx.config = (kernels, strides, heads, mask_aware, has_residual, p, eps, paper, x.shape[1])
         ctx.return_levels = levels
         ctx.set_materialize_grads(False)  # no zero gradients for the saved outputs
         ctx.mark_non_differentiable(*output[2])
@@ -197,7 +206,7 @@ def _register() -> None:
         ctx.save_for_backward(x if ctx.needs_x else None, mask, params, seed, *output[2])
 
     def backward(ctx, grad_user, grad_levels, _grad_saved):
-        kernels, strides, heads, mask_aware, has_residual, p, length = ctx.config
+        kernels, strides, heads, mask_aware, has_residual, p, eps, paper, length = ctx.config
         x, mask, params, seed, *saved = ctx.saved_tensors
         m = len(kernels)
         given = list(grad_levels) if ctx.return_levels else [None] * (m - 1) + list(grad_levels)
@@ -219,11 +228,13 @@ def _register() -> None:
             has_residual,
             seed,
             p,
+            eps,
+            paper,
             length,
             saved,
         )
         gres = gres if has_residual else None
-        return gx, gres, None, gparams, None, None, None, None, None, None, None, None
+        return gx, gres, None, gparams, *[None] * 9
 
     torch.library.register_autograd("convrec::downscale", backward, setup_context=setup_context)
 
