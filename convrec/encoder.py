@@ -236,7 +236,7 @@ class ConvRecEncoder(UsesBackend, nn.Module):
             item_ids, mask = self._pad_to_fixed_length(item_ids, mask)
         packed, strides, eps = self.packed(), self._strides(), self.norm_eps
         params = packed.unpack()
-        drop = StackDropout.draw(self.dropout, self.training, item_ids.device)
+        drop = StackDropout.draw(self.dropout, self.training, item_ids.device, backend)
         first = embed_conv_pool(
             item_ids,
             tables,

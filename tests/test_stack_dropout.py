@@ -10,6 +10,7 @@ import torch
 from convrec.ops.dispatch import extension_status
 from convrec.ops.level_params import pack_levels
 from convrec.ops.stack_dropout import StackDropout, keep_mask, keep_threshold
+from tests.helpers import DEVICE, requires_triton
 
 
 def lowbias32(x: int) -> int:
@@ -56,6 +57,19 @@ def test_draw_only_in_training() -> None:
     y = torch.ones(3, 5, 8)
     keep = keep_mask(drop.seed, 1, 15, 8, 0.25).view(3, 5, 8)
     torch.testing.assert_close(drop.apply(y, 1), keep * (4 / 3))
+
+
+@requires_triton
+@pytest.mark.parametrize(("rows", "d"), [(1, 1), (37, 16), (300, 70)])
+def test_triton_factors_are_the_hash(rows: int, d: int) -> None:
+    """One Triton launch per level gives the torch hash's decisions (several tiles each way,
+    ragged edges), and the triton path of the stack applies them."""
+    seed = torch.tensor([0xFFFFFFFF, 4242], device=DEVICE)
+    drop = StackDropout(0.3, seed, "triton")
+    y = torch.ones(rows, d, device=DEVICE)
+    expected = keep_mask(seed, 2, rows, d, 0.3).to(torch.float32) / 0.7
+    torch.testing.assert_close(drop.apply(y, 2), expected)
+    torch.testing.assert_close(drop._replace(backend="reference").apply(y, 2), expected)
 
 
 @pytest.mark.skipif(extension_status() is not None, reason="needs convrec._C")

@@ -40,6 +40,7 @@ IMPLEMENTATIONS: dict[str, tuple[str, ...]] = {
     "embed_conv_pool": ("triton",),
     "downscale": ("cuda", "cpp", "triton"),
     "stream_downscale": (),
+    "stack_dropout": ("triton",),
 }
 
 # The device type "auto" uses each fast path for.

@@ -122,7 +122,7 @@ def downscale(
     if len(kernels) != len(strides):
         raise ValueError(f"{len(kernels)} level parameter sets but {len(strides)} strides")
     backend = downscale_backend(backend, x.device, kernels, paper_norm)
-    drop = StackDropout.draw(dropout, training, x.device)
+    drop = StackDropout.draw(dropout, training, x.device, backend)
     if backend in ("cpp", "cuda") and kernels:
         packed = packed or pack_levels(params, heads)
         args = (x, packed, strides, mask, mask_aware, drop, eps, return_levels, residual)

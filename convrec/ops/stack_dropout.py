@@ -24,6 +24,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from convrec.ops.dispatch import resolve, triton_kernels
+
 _MASK32 = 0xFFFFFFFF
 _MUL1, _MUL2 = 0x21F0AAAD, 0x735A2D97
 _LEVEL_SALT, _ROW_SALT, _CHANNEL_STEP = 0x9E3779B9, 0x85EBCA6B, 0x7FEB352D
@@ -57,17 +59,21 @@ def keep_mask(seed: Tensor, level: int, rows: int, d: int, p: float) -> Tensor:
 
 
 class StackDropout(NamedTuple):
-    """Dropout with probability ``p`` for every level of one call, keyed by ``seed``."""
+    """Dropout with probability ``p`` for every level of one call, keyed by ``seed``;
+    ``backend`` "triton" computes the factors in one Triton launch per level."""
 
     p: float
     seed: Tensor  # (2,) int64, each value in [0, 2^32)
+    backend: str = "reference"
 
     @staticmethod
-    def draw(p: float, training: bool, device: torch.device) -> StackDropout | None:
+    def draw(
+        p: float, training: bool, device: torch.device, backend: str = "reference"
+    ) -> StackDropout | None:
         """A fresh seed in training with p > 0; None (no dropout) otherwise."""
         if not training or p == 0.0:
             return None
-        return StackDropout(p, torch.randint(0, 1 << 32, (2,), device=device))
+        return StackDropout(p, torch.randint(0, 1 << 32, (2,), device=device), backend)
 
     def scale(self) -> float:
         """The factor kept elements are multiplied by, 1 / (1 - p)."""
@@ -76,5 +82,23 @@ class StackDropout(NamedTuple):
     def apply(self, y: Tensor, level: int) -> Tensor:
         """``y`` (..., D) with level ``level``'s dropped elements zeroed, the rest scaled."""
         d = y.shape[-1]
-        keep = keep_mask(self.seed, level, y.numel() // max(d, 1), d, self.p)
-        return y * (keep.view(y.shape).to(y.dtype) * self.scale())
+        rows = y.numel() // max(d, 1)
+        if resolve("stack_dropout", self.backend, y.device) == "triton":
+            threshold = keep_threshold(self.p)
+            factors = _keep_factors_op(self.seed, level, rows, d, threshold, self.scale(), y.dtype)
+        else:
+            factors = keep_mask(self.seed, level, rows, d, self.p).to(y.dtype) * self.scale()
+        return y * factors.view(y.shape)
+
+
+@torch.library.custom_op("convrec::stack_dropout_factors", mutates_args=())
+def _keep_factors_op(
+    seed: Tensor, level: int, rows: int, d: int, threshold: int, scale: float, dtype: torch.dtype
+) -> Tensor:
+    kernels = triton_kernels("stack_dropout")
+    return kernels.keep_factors(seed, level, rows, d, threshold, scale, dtype)
+
+
+@_keep_factors_op.register_fake
+def _(seed, level, rows, d, threshold, scale, dtype):
+    return seed.new_empty(rows, d, dtype=dtype)
