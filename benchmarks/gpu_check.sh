@@ -54,7 +54,8 @@ step build 120 env CONVREC_CUDA=1 MAX_JOBS=16 "$python" -m pip install -v --no-b
   --no-deps --no-index -e .
 cp convrec/_build_status.json "$work/" 2>/dev/null
 step gpu_tests 90 "$python" -m pytest -q -x -p no:cacheprovider tests/test_downscale.py \
-  tests/test_dispatch.py tests/test_embed_conv_pool.py --junitxml="$work/gpu_tests.xml"
+  tests/test_dispatch.py tests/test_embed_conv_pool.py tests/test_dispatch_count.py \
+  tests/test_stack_dropout.py --junitxml="$work/gpu_tests.xml"
 step encoder_step 140 "$python" -m benchmarks.encoder_step --device cuda --budget-s 105 \
   --out "$work/encoder_step"
 step epoch_convrec 35 epoch convrec --model convrec --train-sampling all-prefixes

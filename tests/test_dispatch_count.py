@@ -25,26 +25,40 @@ class CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def step_ops(encoder: ConvRecEncoder, length: int, masked: bool) -> list[str]:
+def step_ops(encoder: ConvRecEncoder, length: int, masked: bool, device: str = "cpu") -> list[str]:
     """Ops dispatched by one forward and backward of ``encoder`` on a (4, length, 16) batch."""
-    x = torch.randn(4, length, 16, requires_grad=True)
-    mask = torch.arange(length) >= torch.tensor([[0], [3], [length // 2], [length - 1]])
-    grad = torch.randn(4, 16)
+    x = torch.randn(4, length, 16, device=device, requires_grad=True)
+    starts = torch.tensor([[0], [3], [length // 2], [length - 1]])
+    mask = (torch.arange(length) >= starts).to(device)
+    grad = torch.randn(4, 16, device=device)
     with CountOps() as counter:
         encoder(x, mask if masked else None).backward(grad)
     return counter.ops
 
 
-@pytest.mark.skipif(extension_status() is not None, reason="needs convrec._C")
+BACKENDS = [
+    pytest.param("cpp", marks=pytest.mark.skipif(extension_status() is not None, reason="no _C")),
+    pytest.param(
+        "cuda",
+        marks=pytest.mark.skipif(
+            extension_status("cuda") is not None or not torch.cuda.is_available(),
+            reason="needs CUDA and the CUDA part of convrec._C",
+        ),
+    ),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("training", [False, True])
 @pytest.mark.parametrize("mask_aware", [False, True])
-def test_cpp_step_is_a_handful_of_ops(training: bool, mask_aware: bool) -> None:
+def test_extension_step_is_a_handful_of_ops(backend: str, training: bool, mask_aware: bool) -> None:
+    device = "cuda" if backend == "cuda" else "cpu"
     counts = set()
     schedules = (((7, 7),), ((2, 2), (3, 2), (5, 5)), ((4, 4),) * 6)
     for length, levels in zip((50, 50, 4096), schedules, strict=True):
-        encoder = ConvRecEncoder(16, levels, heads=2, mask_aware=mask_aware, backend="cpp")
-        encoder.train(training)
-        ops = step_ops(encoder, length, masked=True)
+        encoder = ConvRecEncoder(16, levels, heads=2, mask_aware=mask_aware, backend=backend)
+        encoder.to(device).train(training)
+        ops = step_ops(encoder, length, masked=True, device=device)
         assert len(ops) <= MAX_OPS, ops
         assert ops.count("convrec.downscale.default") == 1
         assert ops.count("convrec.downscale_backward.default") == 1
