@@ -59,8 +59,8 @@ def initial_stack(d_model: int, levels: Sequence[tuple[int, int]], heads: int) -
     for kernel, stride in levels:
         conv = nn.Conv1d(d_model, d_model, kernel, stride=stride, groups=heads)
         linear = nn.Linear(d_model, d_model)
-        halves, ones = torch.full((2,), 0.5), torch.ones(d_model)
-        parts += [conv.weight, conv.bias, linear.weight, linear.bias, halves, ones, ones * 0]
+        halves, ones, zeros = torch.full((2,), 0.5), torch.ones(d_model), torch.zeros(d_model)
+        parts += [conv.weight, conv.bias, linear.weight, linear.bias, halves, ones, zeros]
     return torch.cat([t.detach().reshape(-1) for t in parts])
 
 

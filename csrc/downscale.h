@@ -721,7 +721,8 @@ struct FoldBiasCol {
 
   CONVREC_HD void operator()(int64_t c) const {
     A sum = static_cast<A>(lin_b[c]);
-    for (int64_t i = 0; i < d; ++i) sum += static_cast<A>(lin_w[c * d + i]) * static_cast<A>(conv_b[i]);
+    for (int64_t i = 0; i < d; ++i)
+      sum += static_cast<A>(lin_w[c * d + i]) * static_cast<A>(conv_b[i]);
     out[c] = static_cast<T>(sum);
   }
 };
@@ -751,7 +752,8 @@ struct UnfoldLevelGrads {
       for (int64_t j = 0; j < kernel; ++j)
         conv_row[c * kernel + j] = static_cast<T>(grad_c[(j * d + first + c) * d + o]);
     A conv_bias = A(0);
-    for (int64_t i = 0; i < d; ++i) conv_bias += static_cast<A>(params[at.lin_w + i * d + o]) * db[i];
+    for (int64_t i = 0; i < d; ++i)
+      conv_bias += static_cast<A>(params[at.lin_w + i * d + o]) * db[i];
     grad[at.conv_b + o] = static_cast<T>(conv_bias);
     for (int64_t c = 0; c < d; ++c)
       grad[at.lin_w + o * d + c] =

@@ -183,8 +183,9 @@ Params fold_levels(const Dev& dev, const Geometry& g, const Tensor& packed, int6
     const T* w = ptr<T>(packed);
     Tensor conv = torch::stable::new_empty(packed, {k * d, d}, acc);
     dev.columns(k * d, ConvMatrixRow<T, A>{d, d / heads, k, w + at.conv_w, ptr<A>(conv)});
-    Tensor linear = torch::stable::view(torch::stable::narrow(flat, 0, at.lin_w, d * d), {d, d});
-    Tensor folded = torch::stable::matmul(conv, torch::stable::transpose(torch::stable::to(linear, acc), 0, 1));
+    Tensor linear = torch::stable::to(
+        torch::stable::view(torch::stable::narrow(flat, 0, at.lin_w, d * d), {d, d}), acc);
+    Tensor folded = torch::stable::matmul(conv, torch::stable::transpose(linear, 0, 1));
     dev.columns(d, FoldBiasCol<T, A>{d, w + at.conv_b, w + at.lin_w, w + at.lin_b,
                                      ptr<T>(p.bias) + l * d});
     p.at.push_back(at);
