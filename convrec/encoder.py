@@ -32,6 +32,7 @@ from convrec.ops.stream_downscale import (
     StreamState,
     check_stream_levels,
     stream_downscale,
+    stream_downscale_prefix,
     stream_push,
     stream_state,
 )
@@ -150,6 +151,11 @@ class ConvRecEncoder(UsesBackend, nn.Module):
         if self.streaming:
             if return_levels:
                 raise ValueError("a streaming encoder returns no level outputs")
+            if not self.training:  # one vector per history: the stack once, not every prefix
+                ones = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+                args = (self.level_params(), self._strides(), self.heads, self.mask_aware)
+                mask = ones if mask is None else mask
+                return stream_downscale_prefix(x, mask, *args, self.norm_eps)
             return self.forward_positions(x, mask)[:, -1]
         if self.fixed_length is not None:
             x, mask = self._pad_to_fixed_length(x, mask)

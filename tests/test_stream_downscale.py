@@ -144,6 +144,14 @@ def test_streaming_encoder_push_equals_forward() -> None:
         user, state = encoder.push(state, x[:, t])
         torch.testing.assert_close(user, every[:, t], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(encoder(x), every[:, -1])
+    # eval forward runs the anchored stack once per history (not every prefix): same vectors,
+    # float64, left padding, mask-aware
+    aware = randomise(ConvRecEncoder(8, [(2, 2), (3, 3)], streaming=True, mask_aware=True))
+    aware = aware.double().eval()
+    x = torch.randn(3, 9, 8, dtype=torch.float64)
+    mask = torch.arange(9) >= torch.tensor([[0], [4], [8]])
+    expected = aware.forward_positions(x, mask)[:, -1]
+    torch.testing.assert_close(aware(x, mask), expected, rtol=1e-12, atol=1e-12)
 
 
 def test_streaming_refuses_what_it_cannot_follow() -> None:
