@@ -52,6 +52,12 @@ LEVEL_KEYS = (
 keys of encoders before the stack was packed, which ``load_state_dict`` still accepts."""
 
 
+def level_key_names(prefix: str, levels: int) -> list[str]:
+    """``{prefix}stack.{l}.{key}`` for every level l and ``key`` in ``LEVEL_KEYS``, in the
+    packed order."""
+    return [f"{prefix}stack.{level}.{key}" for level in range(levels) for key in LEVEL_KEYS]
+
+
 def initial_stack(d_model: int, levels: Sequence[tuple[int, int]], heads: int) -> Tensor:
     """Packed initial parameters (``PackedLevels`` layout): per level the default initialisation
     of a grouped ``nn.Conv1d`` and an ``nn.Linear`` (drawn in that order, level by level),
@@ -152,9 +158,9 @@ class ConvRecEncoder(UsesBackend, nn.Module):
             if return_levels:
                 raise ValueError("a streaming encoder returns no level outputs")
             if not self.training:  # one vector per history: the stack once, not every prefix
-                ones = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+                if mask is None:
+                    mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
                 args = (self.level_params(), self._strides(), self.heads, self.mask_aware)
-                mask = ones if mask is None else mask
                 return stream_downscale_prefix(x, mask, *args, self.norm_eps)
             return self.forward_positions(x, mask)[:, -1]
         if self.fixed_length is not None:
@@ -210,11 +216,8 @@ class ConvRecEncoder(UsesBackend, nn.Module):
     def level_state(self, prefix: str = "") -> dict[str, Tensor]:
         """The per-level views by name, ``{prefix}stack.{l}.{key}`` for ``key`` in
         ``LEVEL_KEYS``: the tensors a ``state_dict`` held before the stack was packed."""
-        return {
-            f"{prefix}stack.{level}.{key}": tensor
-            for level, params in enumerate(self.level_params())
-            for key, tensor in zip(LEVEL_KEYS, params, strict=True)
-        }
+        tensors = [t for params in self.level_params() for t in params]
+        return dict(zip(level_key_names(prefix, len(self.levels)), tensors, strict=True))
 
     def _strides(self) -> list[int]:
         return [s for _, s in self.levels]
@@ -304,9 +307,7 @@ def _pack_level_keys(module: nn.Module, state: dict, prefix: str, *_) -> None:
     """``load_state_dict`` pre-hook: per-level ``stack.{l}.*`` tensors (``LEVEL_KEYS``; what
     encoders wrote before the stack was packed, and what ``convrec.compat`` maps to) become one
     ``stack_weights``. Left alone unless every level's every key is there."""
-    names = [
-        f"{prefix}stack.{level}.{key}" for level in range(len(module.levels)) for key in LEVEL_KEYS
-    ]
+    names = level_key_names(prefix, len(module.levels))
     if f"{prefix}stack_weights" in state or not all(name in state for name in names):
         return
     state[f"{prefix}stack_weights"] = torch.cat([state.pop(name).reshape(-1) for name in names])

@@ -212,32 +212,19 @@ struct Dropout {
 };
 
 // Runs body(c, dropout factor) over the team's channels of row n and sums what it returns.
-// With dropout the factors are first expanded into `factor` (D values of scratch), so the main
-// loop reads floats only and vectorises.
+// With dropout the factors live in `factor` (D values of scratch), so the main loop reads
+// floats only and vectorises; `expand` hashes them there first, a later pass over the same row
+// passes false and reuses them.
 template <class Team, typename A, class Body>
 CONVREC_HD A channel_sum(const Team& team, int64_t d, const Dropout<A>& drop, int64_t n,
-                         A* factor, Body body) {
+                         A* factor, bool expand, Body body) {
   A sum = A(0);
   if (drop.on()) {
-    const uint32_t key = drop.row_key(n);
-    CONVREC_SIMD
-    for (int64_t c = team.lane(); c < d; c += Team::size) factor[c] = drop.factor(key, c);
-    CONVREC_SIMD_SUM(sum)
-    for (int64_t c = team.lane(); c < d; c += Team::size) sum += body(c, factor[c]);
-  } else {
-    CONVREC_SIMD_SUM(sum)
-    for (int64_t c = team.lane(); c < d; c += Team::size) sum += body(c, A(1));
-  }
-  return sum;
-}
-
-// channel_sum again over the factors an earlier channel_sum of the same row expanded into
-// `factor` (the backward's second pass over a row hashes nothing).
-template <class Team, typename A, class Body>
-CONVREC_HD A channel_sum_again(const Team& team, int64_t d, bool dropout, const A* factor,
-                               Body body) {
-  A sum = A(0);
-  if (dropout) {
+    if (expand) {
+      const uint32_t key = drop.row_key(n);
+      CONVREC_SIMD
+      for (int64_t c = team.lane(); c < d; c += Team::size) factor[c] = drop.factor(key, c);
+    }
     CONVREC_SIMD_SUM(sum)
     for (int64_t c = team.lane(); c < d; c += Team::size) sum += body(c, factor[c]);
   } else {
@@ -417,7 +404,7 @@ struct EpilogueRow {
     const T* pr = res_pooled + n * d;
     const T* bias_row = bias;
     // lambdas capture by value: pointers copied into them stay loop-invariant for the vectoriser
-    const A sum = channel_sum(team, d, drop, n, scratch + d, [=](int64_t c, A factor) {
+    const A sum = channel_sum(team, d, drop, n, scratch + d, true, [=](int64_t c, A factor) {
       // backward recomputes from the stored (rounded) pre-activation
       const T y_t = static_cast<T>(static_cast<A>(y_row[c]) + static_cast<A>(bias_row[c]));
       y_row[c] = y_t;
@@ -589,7 +576,7 @@ struct EpilogueGradRow {
     const T* weight = gamma;
     // recompute the normalised mix; LayerNorm backward needs sum(dxhat) and sum(dxhat * xhat)
     A* factor = scratch + 4 * d;
-    A s1 = channel_sum(team, d, drop, n, factor, [=](int64_t c, A keep) {
+    A s1 = channel_sum(team, d, drop, n, factor, true, [=](int64_t c, A keep) {
       const A y = static_cast<A>(y_row[c]);
       cdf[c] = gelu_cdf(y);
       const A m = residual_mix(y * cdf[c] * keep, a, static_cast<A>(px[c]), bt,
@@ -611,7 +598,7 @@ struct EpilogueGradRow {
     T* gr = grad_res_pooled + n * d;
     A* pb = part.bias;
     // dm: gradient of the mix; its dot products with the pools are the alpha / beta gradients
-    const A sa = channel_sum_again(team, d, drop.on(), factor, [=](int64_t c, A keep) {
+    const A sa = channel_sum(team, d, drop, n, factor, false, [=](int64_t c, A keep) {
       const A dm = rstd * (g_out[c] - s1 - xhat[c] * s2);
       const A y = static_cast<A>(y_row[c]);
       const A dy = dm * keep * gelu_grad(y, cdf[c]);
