@@ -7,7 +7,9 @@ side by side in one process: the table the GPU issue is judged by.
 Series: ``ConvRecEncoder.for_length(L, D)`` on each backend ("reference", "triton", "cuda" or
 "cpp"), the same under ``torch.compile`` ("compiled-<backend>", CUDA graphs on CUDA, as
 ``convrec train --compile`` runs it), and SASRec's 2-block ``TransformerEncoder`` with
-``scaled_dot_product_attention`` ("sasrec-sdpa": FlashAttention on a GPU). Inputs (B, L, D)
+``scaled_dot_product_attention`` ("sasrec-sdpa": FlashAttention on a GPU), and the streaming
+encoder's all-positions pass on a backend ("streaming-<backend>": ``forward_positions``, the
+user vector after every position, what ``all-positions`` training runs). Inputs (B, L, D)
 and weights in the dtype, dropout 0.1, loss = mean of the squared outputs. Times are medians of
 CUDA-event (or wall-clock) timings after warm-up; peak memory is the allocator's peak (GPU only).
 The memory floor is the time to move 3·B·L·D elements at the measured copy rate (a
@@ -37,6 +39,7 @@ from convrec.ops.dispatch import unavailable
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 GPU_LENGTHS = (50, 200, 512, 2048, 8192, 32768, 131072)
 GPU_SERIES = ("reference", "triton", "cuda", "compiled-cuda", "compiled-triton", "sasrec-sdpa")
+GPU_SERIES += ("streaming-cuda",)
 COPY_BYTES_PER_S = 4.3e12  # device-to-device copy measured on the H200 (2026-11-30)
 COLUMNS = ("series", "L", "dtype", "B", "D", "ms", "low_ms", "high_ms", "peak_mib", "floor")
 COLUMNS += ("status", "detail")
@@ -49,18 +52,23 @@ def make_step(series: str, length: int, args: argparse.Namespace) -> Callable[[]
     if series == "sasrec-sdpa":
         model: torch.nn.Module = TransformerEncoder(args.d_model, length, 2, 2, 0.1, "sdpa")
     else:
-        backend = series.removeprefix("compiled-")
+        streaming = series.startswith("streaming-")
+        backend = series.removeprefix("compiled-").removeprefix("streaming-")
         reason = unavailable(backend, device)
         if reason is not None:
             raise LookupError(reason)
-        model = ConvRecEncoder.for_length(length, args.d_model, backend=backend, dropout=0.1)
+        model = ConvRecEncoder.for_length(
+            length, args.d_model, backend=backend, dropout=0.1, streaming=streaming
+        )
     model = model.to(device=device, dtype=dtype).train()
     x = torch.randn(args.batch, length, args.d_model, device=device, dtype=dtype)
     x.requires_grad_()
     mask = torch.ones(args.batch, length, dtype=torch.bool, device=device)
 
+    encode = model.forward_positions if series.startswith("streaming-") else model
+
     def step(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return model(x, mask).float().square().mean()
+        return encode(x, mask).float().square().mean()
 
     if series.startswith("compiled-"):
         mode = "reduce-overhead" if device.type == "cuda" else None

@@ -189,7 +189,7 @@ class ConvRecEncoder(UsesBackend, nn.Module):
         check_sequence(x, self.d_model, mask, self.check_inputs)
         if mask is None:
             mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
-        args = (x, mask, self.level_params(), self._strides(), self.heads, self.mask_aware)
+        args = (x, mask, self.packed(), self._strides(), self.heads, self.mask_aware)
         return stream_downscale(*args, self.dropout, self.training, self.norm_eps, self.backend)
 
     def initial_state(self, batch: int, like: Tensor) -> StreamState:

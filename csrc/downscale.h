@@ -477,7 +477,8 @@ struct PositionMeanRow {
 
 // Backward: what a level's windows send back to one position of its input. `grad_win` is the
 // gradient of the window matrix (GEMM output), `grad_pooled` / `grad_res_pooled` those of the
-// two pools; accumulates the gradient of the input and of the long residual at position p.
+// two pools; accumulates the gradient of the input and of the long residual at input position
+// `position` of batch row b (before padding).
 template <typename T, typename A>
 struct WindowGrads {
   Level lv;
@@ -487,7 +488,9 @@ struct WindowGrads {
   const A* stats;  // divisors
 
   template <class Team>
-  CONVREC_HD void gather(const Team& team, int64_t b, int64_t p, int64_t d, A* dx, A* dr) const {
+  CONVREC_HD void gather(const Team& team, int64_t b, int64_t position, int64_t d, A* dx,
+                         A* dr) const {
+    const int64_t p = position + lv.pad;
     const int64_t hi = last_window(p, lv.stride, lv.windows);
     for (int64_t w = first_window(p, lv.kernel, lv.stride); w <= hi; ++w) {
       const int64_t row = b * lv.windows + w;
@@ -517,8 +520,11 @@ struct Partials {
 // Backward epilogue of a level: gathers the gradient of the row's output (from the next level,
 // or the position mean at the last level, plus a returned-level gradient), then LayerNorm, mix,
 // dropout and GELU backward. Writes the pre-activation gradient (the GEMM's input gradient) and
-// the gradients of both pools; adds the parameter gradients to `part`.
-template <typename T, typename A>
+// the gradients of both pools; adds the parameter gradients to `part`. `Next` gathers the
+// gradients of the row's output and long residual from what reads them: the next level's
+// windows (WindowGrads) or, in the anchored stack, the positions of the next level
+// (StreamGrads in stream_downscale.h).
+template <typename T, typename A, class Next = WindowGrads<T, A>>
 struct EpilogueGradRow {
   using acc = A;
   // D-vectors of scratch: output and residual gradients, xhat, Phi(y), dropout factors
@@ -537,7 +543,7 @@ struct EpilogueGradRow {
   bool last;  // last level: the output gradient comes from the position mean
   const T* grad_user;  // (B, D) or nullptr (no gradient reached the user vector)
   const A* denom;  // (B,): position-mean divisors
-  WindowGrads<T, A> next;  // the next level's gradients, when not last
+  Next next;  // the next level's gradients, when not last
   const T* grad_plain;  // (rows, D) gradient of a returned level output, or nullptr
   T* grad_pre;
   T* grad_pooled;
@@ -553,7 +559,7 @@ struct EpilogueGradRow {
     CONVREC_SIMD
     for (int64_t c = team.lane(); c < d; c += Team::size) g_out[c] = g_res[c] = A(0);
     if (!last) {
-      next.gather(team, b, n % windows + next.lv.pad, d, g_out, g_res);
+      next.gather(team, b, n % windows, d, g_out, g_res);
     } else if (grad_user != nullptr) {
       const A div = denom[b];
       CONVREC_SIMD
@@ -637,7 +643,7 @@ struct InputGradRow {
     A* dr = scratch + d;
     CONVREC_SIMD
     for (int64_t c = team.lane(); c < d; c += Team::size) dx[c] = dr[c] = A(0);
-    first.gather(team, b, p + first.lv.pad, d, dx, dr);
+    first.gather(team, b, p, d, dx, dr);
     const A keep = mask == nullptr || mask[n] ? A(1) : A(0);
     const A with_res = residual_is_x ? A(1) : A(0);
     T* gx = grad_x + n * d;

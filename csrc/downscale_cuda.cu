@@ -14,6 +14,7 @@
 #include <type_traits>
 
 #include "downscale_driver.h"
+#include "stream_downscale_driver.h"
 
 namespace convrec {
 namespace {
@@ -164,6 +165,8 @@ STABLE_TORCH_LIBRARY_IMPL(convrec, CUDA, m) {
   m.impl("downscale", TORCH_BOX(&downscale_forward<CudaDevice>));
   m.impl("downscale_backward", TORCH_BOX(&downscale_backward<CudaDevice>));
   m.impl("gelu_points", TORCH_BOX(&gelu_points<CudaDevice>));
+  m.impl("stream_downscale", TORCH_BOX(&stream_downscale_forward<CudaDevice>));
+  m.impl("stream_downscale_backward", TORCH_BOX(&stream_downscale_backward<CudaDevice>));
 }
 
 }  // namespace convrec

@@ -61,17 +61,18 @@ inline bool same_device(const Tensor& a, const Tensor& b) {
   return a.is_cuda() == b.is_cuda() && a.get_device_index() == b.get_device_index();
 }
 
-// `t` has exactly `sizes`, dtype `dtype` and lives on `ref`'s device.
+// `t` has exactly `sizes`, dtype `dtype` and lives on `ref`'s device; `op` names the op.
 inline void check_tensor(const Tensor& t, const std::string& name,
-                         const std::vector<int64_t>& sizes, ScalarType dtype, const Tensor& ref) {
+                         const std::vector<int64_t>& sizes, ScalarType dtype, const Tensor& ref,
+                         const char* op = "downscale") {
   bool same = t.dim() == static_cast<int64_t>(sizes.size());
   for (size_t i = 0; same && i < sizes.size(); ++i) same = t.size(i) == sizes[i];
-  STD_TORCH_CHECK(same, "downscale: ", name, " must have shape ", shape_str(sizes), ", got ",
+  STD_TORCH_CHECK(same, op, ": ", name, " must have shape ", shape_str(sizes), ", got ",
                   shape_str(t));
-  STD_TORCH_CHECK(t.scalar_type() == dtype, "downscale: ", name, " must have dtype ",
+  STD_TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must have dtype ",
                   torch::headeronly::toString(dtype), ", got ",
                   torch::headeronly::toString(t.scalar_type()));
-  STD_TORCH_CHECK(same_device(t, ref), "downscale: ", name, " is on another device than x");
+  STD_TORCH_CHECK(same_device(t, ref), op, ": ", name, " is on another device than x");
 }
 
 // Validated sizes of one call: batch, length, width and each level's geometry.
@@ -117,12 +118,13 @@ struct Params {
   Tensor bias;
 };
 
-inline void check_packed(const Tensor& packed, int64_t heads, const Geometry& g, const Tensor& x) {
-  STD_TORCH_CHECK(heads >= 1 && g.d % heads == 0, "downscale: D=", g.d,
+inline void check_packed(const Tensor& packed, int64_t heads, const Geometry& g, const Tensor& x,
+                         const char* op = "downscale") {
+  STD_TORCH_CHECK(heads >= 1 && g.d % heads == 0, op, ": D=", g.d,
                   " is not divisible by heads=", heads);
   int64_t size = 0;
   for (const Level& v : g.levels) size = LevelLayout::at(size, g.d, heads, v.kernel).end;
-  check_tensor(packed, "params", {size}, x.scalar_type(), x);
+  check_tensor(packed, "params", {size}, x.scalar_type(), x, op);
 }
 
 inline void check_mask(const std::optional<Tensor>& mask, bool mask_aware, const Geometry& g,
@@ -143,11 +145,12 @@ T* ptr_or_null(const std::optional<Tensor>& t) {
 
 // Checks the dropout seed and returns the kernels' view of dropout at level 0.
 template <typename A>
-Dropout<A> check_dropout(const std::optional<Tensor>& seed, double p, const Tensor& x) {
+Dropout<A> check_dropout(const std::optional<Tensor>& seed, double p, const Tensor& x,
+                         const char* op = "downscale") {
   Dropout<A> drop;
   if (!seed.has_value()) return drop;
-  check_tensor(*seed, "dropout_seed", {2}, ScalarType::Long, x);
-  STD_TORCH_CHECK(p > 0.0 && p < 1.0, "downscale: dropout must be in (0, 1) with a seed, got ", p);
+  check_tensor(*seed, "dropout_seed", {2}, ScalarType::Long, x, op);
+  STD_TORCH_CHECK(p > 0.0 && p < 1.0, op, ": dropout must be in (0, 1) with a seed, got ", p);
   drop.seed = ptr<int64_t>(*seed);
   drop.threshold = static_cast<uint32_t>(p * 16777216.0);  // floor(p * 2^24)
   drop.scale = static_cast<A>(1.0 / (1.0 - p));
@@ -309,6 +312,40 @@ ForwardOut forward_levels(Dev& dev, const Geometry& g, const Tensor& x,
 
 // --------------------------------------------------------------------------- backward ----
 
+// Runs a level's backward epilogue (an EpilogueGradRow) over `rows` rows and returns its
+// parameter sums ((3 * D + 2,): LayerNorm weight and bias, folded bias, alpha, beta). Each team
+// adds into its own slot of a table that ATen then sums in a fixed order: deterministic.
+template <typename A, class Dev, class Row>
+Tensor epilogue_grads(const Dev& dev, const Tensor& ref, int64_t rows, int64_t d,
+                      const Row& epilogue) {
+  const int64_t slots =
+      dev.slots(rows, Row::scratch_rows * d * static_cast<int64_t>(sizeof(A)));
+  Tensor table = torch::stable::new_zeros(ref, {slots, 3 * d + 2}, acc_type(ref.scalar_type()));
+  dev.grad_rows(rows, d, epilogue, ptr<A>(table), slots);
+  const std::vector<int64_t> slot_dim{0};
+  return torch::stable::sum(table, torch::headeronly::IntHeaderOnlyArrayRef(slot_dim));
+}
+
+// Level l's slice of the packed gradient from the gradient of its folded GEMM weight
+// (`grad_w`, (kernel * D, D) in the accumulation dtype) and the row passes' parameter sums
+// (`sums`, (3 * D + 2,): LayerNorm weight and bias, folded bias, alpha, beta): dW is unfolded
+// into the conv and Linear gradients (UnfoldLevelGrads).
+template <typename T, typename A, class Dev>
+void unfold_level_grads(const Dev& dev, const Params& p, int64_t l, int64_t kernel,
+                        const Tensor& grad_w, const Tensor& sums, const Tensor& grad_params) {
+  const int64_t d = grad_w.size(1);
+  const ScalarType acc = acc_type(p.packed.scalar_type());
+  const LevelLayout& at = p.at[l];
+  Tensor flat = p.packed;  // narrow takes a mutable handle
+  const Tensor linear = torch::stable::to(
+      torch::stable::view(torch::stable::narrow(flat, 0, at.lin_w, d * d), {d, d}), acc);
+  const Tensor grad_c = torch::stable::matmul(grad_w, linear);
+  const Tensor grad_lin =
+      torch::stable::matmul(torch::stable::transpose(grad_w, 0, 1), p.conv_matrix[l]);
+  dev.columns(d, UnfoldLevelGrads<T, A>{d, d / p.heads, kernel, at, ptr<A>(sums), ptr<A>(grad_c),
+                                        ptr<A>(grad_lin), ptr<T>(p.packed), ptr<T>(grad_params)});
+}
+
 template <typename T, typename A, class Dev>
 BackwardOut backward_levels(Dev& dev, const Geometry& g, const std::optional<Tensor>& x,
                             const std::optional<Tensor>& grad_user,
@@ -323,7 +360,6 @@ BackwardOut backward_levels(Dev& dev, const Geometry& g, const std::optional<Ten
   Tensor grad_res =
       torch::stable::new_empty(ref, {has_residual ? batch : 0, g.length, d});
   Tensor grad_params = torch::stable::new_empty(p.packed, {p.packed.size(0)});
-  Tensor flat = p.packed;  // narrow takes a mutable handle
   const T* w = ptr<T>(p.packed);
   const Tensor& denom = saved[kSavedPerLevel * m];
 
@@ -336,9 +372,6 @@ BackwardOut backward_levels(Dev& dev, const Geometry& g, const std::optional<Ten
     Tensor grad_pre = torch::stable::new_empty(ref, {rows, d});
     Tensor grad_pooled = torch::stable::new_empty(ref, {rows, d});
     Tensor grad_res_pooled = torch::stable::new_empty(ref, {rows, d});
-    constexpr int64_t scratch_rows = EpilogueGradRow<T, A>::scratch_rows;
-    const int64_t slots = dev.slots(rows, scratch_rows * d * static_cast<int64_t>(sizeof(A)));
-    Tensor table = torch::stable::new_zeros(ref, {slots, 3 * d + 2}, acc);
     const bool last = l == m - 1;
     const Tensor* grad_plain =
         grad_levels.empty() || grad_levels[l].numel() == 0 ? nullptr : &grad_levels[l];
@@ -364,10 +397,7 @@ BackwardOut backward_levels(Dev& dev, const Geometry& g, const std::optional<Ten
                                    ptr<T>(grad_pre),
                                    ptr<T>(grad_pooled),
                                    ptr<T>(grad_res_pooled)};
-    dev.grad_rows(rows, d, epilogue, ptr<A>(table), slots);
-    // deterministic: fixed slots, summed by ATen in a fixed order
-    const std::vector<int64_t> slot_dim{0};
-    Tensor sums = torch::stable::sum(table, torch::headeronly::IntHeaderOnlyArrayRef(slot_dim));
+    const Tensor sums = epilogue_grads<A>(dev, ref, rows, d, epilogue);
     const Tensor weight_t = torch::stable::transpose(p.weight[l], 0, 1);
     Tensor win2d;
     if (l == 0 && s[kWin].numel() == 0) {  // the forward read x in place
@@ -386,18 +416,9 @@ BackwardOut backward_levels(Dev& dev, const Geometry& g, const std::optional<Ten
       win2d = view2d(s[kWin], rows, v.kernel * d);
       after_win = torch::stable::matmul(grad_pre, weight_t);
     }
-    // unfold dW into the conv and Linear gradients (in the accumulation dtype)
     const Tensor grad_w = torch::stable::to(
         torch::stable::matmul(torch::stable::transpose(win2d, 0, 1), grad_pre), acc);
-    const LevelLayout& at = p.at[l];
-    const Tensor linear = torch::stable::to(
-        torch::stable::view(torch::stable::narrow(flat, 0, at.lin_w, d * d), {d, d}), acc);
-    const Tensor grad_c = torch::stable::matmul(grad_w, linear);
-    const Tensor grad_lin =
-        torch::stable::matmul(torch::stable::transpose(grad_w, 0, 1), p.conv_matrix[l]);
-    dev.columns(d,
-                UnfoldLevelGrads<T, A>{d, d / p.heads, v.kernel, at, ptr<A>(sums), ptr<A>(grad_c),
-                                       ptr<A>(grad_lin), w, ptr<T>(grad_params)});
+    unfold_level_grads<T, A>(dev, p, l, v.kernel, grad_w, sums, grad_params);
     after_pooled = grad_pooled;
     after_res = grad_res_pooled;
     after = WindowGrads<T, A>{v, ptr<T>(after_win), ptr<T>(after_pooled), ptr<T>(after_res),

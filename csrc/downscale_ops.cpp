@@ -25,6 +25,16 @@ STABLE_TORCH_LIBRARY(convrec, m) {
       "bool has_residual, Tensor? dropout_seed, float dropout, float eps, bool paper_norm, "
       "int length, Tensor[] saved) "
       "-> (Tensor, Tensor, Tensor)");
+  // The anchored stack (csrc/stream_downscale_driver.h): left-aligned histories x (B, L, D)
+  // -> the user vector after every position (B, L, D), and the tensors the backward needs.
+  // Kernel = stride at every level; `params` packed as for downscale.
+  m.def(
+      "stream_downscale(Tensor x, Tensor params, int[] strides, int heads, bool mask_aware, "
+      "Tensor? dropout_seed, float dropout, float eps) -> (Tensor, Tensor[])");
+  // Gradients of x and of the packed parameters.
+  m.def(
+      "stream_downscale_backward(Tensor grad, Tensor params, int[] strides, int heads, "
+      "Tensor? dropout_seed, float dropout, float eps, Tensor[] saved) -> (Tensor, Tensor)");
   // GELU(y) and GELU'(y) with the kernels' arithmetic, for tests of the float32 polynomials.
   m.def("gelu_points(Tensor y) -> (Tensor, Tensor)");
 }

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from convrec import ConvRec, ConvRecEncoder
+from convrec.ops.dispatch import extension_status
 from convrec.ops.stream_downscale import (
+    stream_downscale,
     stream_downscale_prefix,
     stream_downscale_reference,
     stream_push,
@@ -255,3 +257,98 @@ def test_a_streaming_checkpoint_serves_original_ids(tmp_path) -> None:
         server.observe([("cid", item_ids[1])])
     with pytest.raises(ValueError, match="unknown item ids"):
         server.observe([("ann", "no-such-item")])
+
+
+# ---- the convrec._C op (backend "cpp"; "cuda" runs the same code) ----
+
+EXTENSION = extension_status()
+needs_extension = pytest.mark.skipif(EXTENSION is not None, reason=str(EXTENSION))
+
+
+def _both_backends(levels, heads, mask_aware, dtype=torch.float64, length=13, **kwargs):
+    """Values, x gradient and packed-parameter gradient of ``stream_downscale`` on the
+    reference and the extension, same inputs, same torch seed (the same dropout masks)."""
+    torch.manual_seed(0)
+    encoder = randomise(ConvRecEncoder(8, levels, heads=heads, dropout=0.0)).to(dtype)
+    _, strides, x, mask = _setup(levels, heads, dtype, length)
+    grad = torch.randn(x.shape, dtype=dtype)
+    results = []
+    for backend in ("reference", "cpp"):
+        torch.manual_seed(1)
+        leaf = x.clone().requires_grad_()
+        encoder.stack_weights.grad = None
+        args = (leaf, mask, encoder.packed(), strides, heads, mask_aware)
+        out = stream_downscale(*args, backend=backend, **kwargs)
+        (out * grad).sum().backward()
+        results.append((out.detach(), leaf.grad, encoder.stack_weights.grad.clone()))
+    return results
+
+
+@needs_extension
+@pytest.mark.parametrize("levels", [*SCHEDULES, [(4, 4), (2, 2)], [(1, 1), (5, 5)]])
+@pytest.mark.parametrize("heads", [1, 2])
+@pytest.mark.parametrize("mask_aware", [False, True])
+@pytest.mark.parametrize("length", [13, 40])
+def test_extension_equals_reference(levels, heads, mask_aware, length) -> None:
+    """float64: every position's vector and both gradients, padding included, with windows
+    cut by the history's end (13) and histories many times the stack's span (40)."""
+    reference, fast = _both_backends(levels, heads, mask_aware, length=length)
+    for want, got in zip(reference, fast, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-11)
+
+
+@needs_extension
+@pytest.mark.parametrize("mask_aware", [False, True])
+def test_extension_drops_what_the_reference_drops(mask_aware) -> None:
+    kwargs = {"dropout": 0.4, "training": True}
+    reference, fast = _both_backends([(2, 2), (3, 3)], 2, mask_aware, **kwargs)
+    eval_out = _both_backends([(2, 2), (3, 3)], 2, mask_aware)[1][0]
+    assert not torch.allclose(fast[0], eval_out)  # dropout happened
+    for want, got in zip(reference, fast, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-11)
+
+
+@needs_extension
+def test_extension_float32_follows_float64() -> None:
+    """float32 errors against the float64 reference within twice the float32 reference's."""
+    exact = _both_backends([(2, 2), (3, 3)], 2, True, length=40)[0]
+    single_ref, single_fast = _both_backends([(2, 2), (3, 3)], 2, True, torch.float32, 40)
+    for want, ref, got in zip(exact, single_ref, single_fast, strict=True):
+        bound = 2 * (ref.double() - want).abs().max() + 4e-6 * (1 + want.abs().max())
+        assert (got.double() - want).abs().max() <= bound
+
+
+@needs_extension
+def test_extension_opcheck() -> None:
+    encoder = randomise(ConvRecEncoder(8, [(2, 2), (3, 3)], heads=2, dropout=0.0)).double()
+    x = torch.randn(3, 11, 8, dtype=torch.float64)
+    seed = torch.tensor([7, 9])
+    for dropout_args in ((None, 0.0), (seed, 0.3)):
+        args = (x, encoder.stack_weights.detach(), [2, 3], 2, True, *dropout_args, 1e-5)
+        torch.library.opcheck(torch.ops.convrec.stream_downscale.default, args)
+
+
+@needs_extension
+def test_extension_errors_name_the_op() -> None:
+    x = torch.randn(2, 5, 8)
+    with pytest.raises(RuntimeError, match=r"stream_downscale: params must have shape \("):
+        torch.ops.convrec.stream_downscale(x, torch.zeros(3), [2], 1, False, None, 0.0, 1e-5)
+
+
+@needs_extension
+def test_streaming_encoder_dispatches_the_same_ops_whatever_the_levels() -> None:
+    """A streaming forward + backward on "cpp" is one op each way plus the alignment: the
+    same op count for one level and for four."""
+    from tests.test_dispatch_count import CountOps
+
+    counts = []
+    for levels in ([(2, 2)], [(2, 2), (3, 3), (2, 2), (2, 2)]):
+        encoder = ConvRecEncoder(8, levels, dropout=0.1, streaming=True, backend="cpp").train()
+        x = torch.randn(3, 20, 8, requires_grad=True)
+        mask = torch.arange(20) >= torch.tensor([[0], [5], [19]])
+        with CountOps() as counted:
+            encoder.forward_positions(x, mask).sum().backward()
+        assert counted.ops.count("convrec.stream_downscale.default") == 1
+        assert counted.ops.count("convrec.stream_downscale_backward.default") == 1
+        counts.append(len(counted.ops))
+    assert counts[0] == counts[1] <= 45

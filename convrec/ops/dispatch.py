@@ -39,7 +39,7 @@ IMPLEMENTATIONS: dict[str, tuple[str, ...]] = {
     "conv_pool": ("triton",),
     "embed_conv_pool": ("triton",),
     "downscale": ("cuda", "cpp", "triton"),
-    "stream_downscale": (),
+    "stream_downscale": ("cuda", "cpp"),
     "stack_dropout": ("triton",),
 }
 

@@ -25,7 +25,8 @@ Three forms, each the oracle of the next:
   element of level l - 1 is one version of a window that later closes; a closed element's
   value is its version at its window's last time step. A level's open window is its closed
   elements' per-offset conv terms and pool sums (an exclusive prefix sum inside each window)
-  plus the open element's term, so every level costs O(L) per row;
+  plus the open element's term, so every level costs O(L) per row. ``stream_downscale``
+  dispatches it and its fused twin in ``convrec._C`` ("cpp" / "cuda", ``stream_downscale_ext``);
 - ``stream_push``: one event for a batch of users, from a ``StreamState`` of per-level running
   sums: when an element closes its sums move up one level (a carry, as in a counter).
 """
@@ -41,14 +42,15 @@ from torch import Tensor
 
 from convrec.ops.dispatch import resolve
 from convrec.ops.downscale import level_mix
-from convrec.ops.level_params import LevelParams
+from convrec.ops.level_params import LevelParams, PackedLevels, pack_levels
 from convrec.ops.stack_dropout import StackDropout
+from convrec.ops.stream_downscale_ext import stream_downscale_extension
 
 
 def stream_downscale(
     x: Tensor,
     mask: Tensor,
-    params: Sequence[LevelParams],
+    params: Sequence[LevelParams] | PackedLevels,
     strides: Sequence[int],
     heads: int,
     mask_aware: bool = False,
@@ -57,17 +59,57 @@ def stream_downscale(
     eps: float = 1e-5,
     backend: str = "reference",
 ) -> Tensor:
-    """Dispatch (``convrec.ops.dispatch``; the reference is the only implementation so far) of
-    ``stream_downscale_reference``: (B, L, D), the user vector after every position."""
-    resolve("stream_downscale", backend, x.device)
+    """(B, L, D): slot t of a left-padded history ``x`` (B, L, D), ``mask`` (B, L), holds the
+    user vector of the history up to and including t (``stream_downscale_prefix`` of that
+    prefix), zeros at padding; one pass. Real items must be contiguous up to the newest slot.
+
+    ``params``: one ``LevelParams`` per level or the stack packed (``PackedLevels``). The
+    implementation follows ``backend`` (``convrec.ops.dispatch``): the reference
+    (``stream_positions_reference``) or the ``convrec._C`` op ("cpp" / "cuda",
+    ``stream_downscale_ext``). Training-mode dropout draws one seed per call
+    (``StackDropout``): every version of an open window gets its own mask, a closed window
+    keeps its last version's, and both implementations drop the same elements.
+    """
+    check_stream_levels(params, strides)
+    backend = resolve("stream_downscale", backend, x.device)
+    drop = StackDropout.draw(dropout, training, x.device)
+    aligned, lengths = left_align(x * mask[..., None].to(x.dtype), mask)
+    if backend in ("cpp", "cuda") and strides:
+        packed = params if isinstance(params, PackedLevels) else pack_levels(params, heads)
+        positions = stream_downscale_extension(aligned, packed, strides, mask_aware, drop, eps)
+    else:
+        levels = params.unpack() if isinstance(params, PackedLevels) else params
+        positions = stream_positions_reference(
+            aligned, levels, strides, heads, mask_aware, drop, eps
+        )
+    return right_align(positions, lengths)
+
+
+def stream_downscale_reference(
+    x: Tensor,
+    mask: Tensor,
+    params: Sequence[LevelParams] | PackedLevels,
+    strides: Sequence[int],
+    heads: int,
+    mask_aware: bool = False,
+    dropout: float = 0.0,
+    training: bool = False,
+    eps: float = 1e-5,
+) -> Tensor:
+    """``stream_downscale`` on the PyTorch reference: the oracle of the fast paths."""
     args = (x, mask, params, strides, heads, mask_aware, dropout, training, eps)
-    return stream_downscale_reference(*args)
+    return stream_downscale(*args, backend="reference")
 
 
-def check_stream_levels(params: Sequence[LevelParams], strides: Sequence[int]) -> None:
+def check_stream_levels(
+    params: Sequence[LevelParams] | PackedLevels, strides: Sequence[int]
+) -> None:
     """Raise ``ValueError`` unless every level's kernel equals its stride."""
-    for level, (p, stride) in enumerate(zip(params, strides, strict=True)):
-        kernel = p.conv_weight.shape[-1]
+    if isinstance(params, PackedLevels):
+        kernels = list(params.kernels)
+    else:
+        kernels = [p.conv_weight.shape[-1] for p in params]
+    for level, (kernel, stride) in enumerate(zip(kernels, strides, strict=True)):
         if kernel != stride:
             raise ValueError(
                 f"streaming needs kernel == stride at every level; level {level} has kernel "
@@ -135,29 +177,20 @@ def stream_downscale_prefix(
     return x.sum(1) / arrived.clamp(min=1)[:, None].to(x.dtype)
 
 
-def stream_downscale_reference(
-    x: Tensor,
-    mask: Tensor,
+def stream_positions_reference(
+    aligned: Tensor,
     params: Sequence[LevelParams],
     strides: Sequence[int],
     heads: int,
-    mask_aware: bool = False,
-    dropout: float = 0.0,
-    training: bool = False,
-    eps: float = 1e-5,
+    mask_aware: bool,
+    dropout: StackDropout | None,
+    eps: float,
 ) -> Tensor:
-    """(B, L, D): slot t of a left-padded history holds the user vector of the history up to
-    and including t (``stream_downscale_prefix`` of that prefix), zeros at padding; one pass.
-
-    In training every version of an open window draws its own dropout mask, and a closed
-    window keeps the mask of its last version.
-    """
-    check_stream_levels(params, strides)
-    drop = StackDropout.draw(dropout, training, x.device)
-    length = x.shape[1]
-    version, lengths = left_align(x * mask[..., None].to(x.dtype), mask)
+    """The anchored stack on left-aligned histories (``left_align``) -> (B, L, D), slot t the
+    user vector after event t; slots past a history's end hold values nothing before them
+    depends on (every step is causal). ``dropout`` gives each level's masks (None = none)."""
+    version = aligned
     res_version = version  # the long residual enters level 1 as the input itself
-    time = torch.arange(length, device=x.device)
     span = 1  # input elements of this level cover ``span`` positions each
     for level, (p, stride) in enumerate(zip(params, strides, strict=True)):
         element, final, final_res = _elements(version, res_version, span)
@@ -168,15 +201,14 @@ def stream_downscale_reference(
         slot = element % stride  # the open element's offset inside its window
         conv = p.conv_bias + closed_conv + offset_terms(p.conv_weight, version, span, heads)
         divisor = (slot + 1 if mask_aware else torch.full_like(slot, stride))[:, None]
-        divisor = divisor.to(x.dtype)
+        divisor = divisor.to(aligned.dtype)
         res_version = (closed_res + res_version) / divisor
         pooled = (closed_pool + version) / divisor
-        version = level_mix(conv, pooled, res_version, p, None, drop, level, eps)
+        version = level_mix(conv, pooled, res_version, p, None, dropout, level, eps)
         span *= stride
     element, final, _ = _elements(version, res_version, span)
     closed = final.cumsum(1) - final  # every closed window of the last level, oldest first
-    user = (closed[:, element] + version) / (element + 1)[:, None].to(x.dtype)
-    return _right_align(user, lengths) * (time[None, :] >= length - lengths[:, None])[..., None]
+    return (closed[:, element] + version) / (element + 1)[:, None].to(aligned.dtype)
 
 
 def _elements(version: Tensor, res_version: Tensor, span: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -199,11 +231,14 @@ def _exclusive_window_sum(terms: Tensor, stride: int) -> Tensor:
     return (blocks.cumsum(2) - blocks).view(terms.shape[0], -1, terms.shape[-1])[:, :count]
 
 
-def _right_align(values: Tensor, lengths: Tensor) -> Tensor:
-    """The inverse of ``left_align``: left-aligned (B, L, D) back to left-padded slots."""
+def right_align(values: Tensor, lengths: Tensor) -> Tensor:
+    """The inverse of ``left_align``: left-aligned (B, L, D) back to left-padded slots, zeros
+    at padding."""
     length = values.shape[1]
-    index = torch.arange(length, device=values.device) - (length - lengths)[:, None]
-    return values.gather(1, index.clamp(min=0)[..., None].expand(-1, -1, values.shape[-1]))
+    start = (length - lengths)[:, None]
+    index = torch.arange(length, device=values.device) - start
+    gathered = values.gather(1, index.clamp(min=0)[..., None].expand(-1, -1, values.shape[-1]))
+    return gathered * (index >= 0)[..., None].to(values.dtype)
 
 
 class StreamState(NamedTuple):

@@ -1,0 +1,336 @@
+// Row passes of the anchored level stack, the twin of convrec/ops/stream_downscale.py
+// (stream_positions_reference): the user vector after every position of left-aligned
+// histories in one pass. Like downscale.h it includes no torch header and compiles for both
+// devices.
+//
+// Every level keeps all L positions: slot t of a level holds the version of its open element
+// after event t. Level l's input elements cover `span` positions each; element e sits at offset
+// e % stride of window e / stride (kernel = stride: windows tile the elements). A position's
+// conv-and-Linear pre-activation is the sum of one term per element of its window that has
+// arrived: the closed ones (the version at their last position) and its own open one. A term
+// is one D x D product with the folded weight of its offset, so the terms of every position
+// are one batched GEMM over the positions laid out by offset (SlotPackRow); the row passes
+// then add up at most `stride` terms and pool sums per position, and the usual epilogue
+// (EpilogueRow) finishes the level.
+#pragma once
+
+#include "downscale.h"
+
+namespace convrec {
+
+// One level of the anchored stack, and the slot-packed layout of its GEMM: the positions at
+// offset o of every window form matrix o of a (stride, packed_rows, D) tensor, row
+// ((o * batch + b) * blocks + window) * span + (t % span); rows past the history are zero.
+struct StreamLevel {
+  int64_t batch, length;
+  int64_t span;  // positions per input element
+  int64_t stride;  // elements per window (= kernel)
+  int64_t blocks;  // windows per batch row: ceil(length / (span * stride))
+
+  CONVREC_HD int64_t packed_rows() const { return batch * blocks * span; }
+  CONVREC_HD int64_t elements() const { return (length + span - 1) / span; }
+  CONVREC_HD int64_t end(int64_t element) const { return (element + 1) * span - 1; }
+  CONVREC_HD int64_t packed(int64_t b, int64_t t) const {
+    const int64_t e = t / span;
+    return (((e % stride) * batch + b) * blocks + e / stride) * span + t % span;
+  }
+};
+
+// Forward: the level input (B, L, D) in the slot-packed layout, zeros past the history.
+template <typename T, typename A>
+struct SlotPackRow {
+  using acc = A;
+  static constexpr int64_t scratch_rows = 0;
+  StreamLevel lv;
+  int64_t d;
+  const T* seq;  // (B, L, D)
+  T* packed;  // (stride, packed_rows, D)
+
+  template <class Team>
+  CONVREC_HD void operator()(const Team& team, int64_t n, A* /*scratch*/) const {
+    const int64_t rows = lv.packed_rows(), offset = n / rows, rest = n % rows;
+    const int64_t b = rest / (lv.blocks * lv.span), window = rest / lv.span % lv.blocks;
+    const int64_t t = (window * lv.stride + offset) * lv.span + rest % lv.span;
+    fill_slot(team, packed + n * d, t < lv.length ? seq + (b * lv.length + t) * d : nullptr, d);
+  }
+};
+
+// Forward, position n = (b, t) of a level: the GEMM terms and the input / residual of the
+// closed elements of t's window plus t's own -> the pre-activation without its bias, both
+// pools and the pool divisor (elements arrived when mask-aware, else the stride).
+template <typename T, typename A>
+struct StreamWindowRow {
+  using acc = A;
+  static constexpr int64_t scratch_rows = 3;  // D-vectors of scratch: term, input, residual sums
+  StreamLevel lv;
+  int64_t d;
+  bool mask_aware;
+  const T* terms;  // (stride, packed_rows, D): GEMM of the slot-packed input
+  const T* seq;  // (B, L, D) level input
+  const T* res;  // (B, L, D) long residual, or nullptr: the input itself (level 0)
+  T* pre;  // (B * L, D)
+  T* pooled;  // (B * L, D)
+  T* res_pooled;  // (B * L, D), unused without `res` (then it is `pooled`)
+  A* stats;  // writes the divisor
+
+  template <class Team>
+  CONVREC_HD void operator()(const Team& team, int64_t n, A* scratch) const {
+    const int64_t b = n / lv.length, t = n % lv.length, e = t / lv.span, offset = e % lv.stride;
+    A* sy = scratch;
+    A* sx = scratch + d;
+    A* sr = scratch + 2 * d;
+    const T* own_term = terms + lv.packed(b, t) * d;
+    const T* own_x = seq + n * d;
+    const T* own_r = res != nullptr ? res + n * d : own_x;
+    CONVREC_SIMD
+    for (int64_t c = team.lane(); c < d; c += Team::size) {
+      sy[c] = static_cast<A>(own_term[c]);
+      sx[c] = static_cast<A>(own_x[c]);
+      sr[c] = static_cast<A>(own_r[c]);
+    }
+    for (int64_t j = e - offset; j < e; ++j) {  // the closed elements of t's window
+      const int64_t p = lv.end(j);
+      const T* term = terms + lv.packed(b, p) * d;
+      const T* x = seq + (b * lv.length + p) * d;
+      const T* r = res != nullptr ? res + (b * lv.length + p) * d : x;
+      CONVREC_SIMD
+      for (int64_t c = team.lane(); c < d; c += Team::size) {
+        sy[c] += static_cast<A>(term[c]);
+        sx[c] += static_cast<A>(x[c]);
+        sr[c] += static_cast<A>(r[c]);
+      }
+    }
+    const A div = pool_divisor<A>(mask_aware, offset + 1, lv.stride);
+    CONVREC_SIMD
+    for (int64_t c = team.lane(); c < d; c += Team::size) {
+      pre[n * d + c] = static_cast<T>(sy[c]);
+      pooled[n * d + c] = static_cast<T>(sx[c] / div);
+      if (res != nullptr) res_pooled[n * d + c] = static_cast<T>(sr[c] / div);
+    }
+    if (team.lane() == 0) stats[n * kStats + kStatDiv] = div;
+  }
+};
+
+// Forward, batch row b after the last level: the user vector at t is the mean of the last
+// level's closed windows (each its version at its last position) and the open one. Windows
+// cover `span` positions. Sequential in t: a running sum.
+template <typename T, typename A>
+struct StreamUserRow {
+  using acc = A;
+  static constexpr int64_t scratch_rows = 1;  // D-vectors of scratch: the closed windows' sum
+  int64_t length, span, d;
+  const T* last;  // (B, L, D) last level output
+  T* user;  // (B, L, D)
+
+  template <class Team>
+  CONVREC_HD void operator()(const Team& team, int64_t b, A* scratch) const {
+    A* closed = scratch;
+    CONVREC_SIMD
+    for (int64_t c = team.lane(); c < d; c += Team::size) closed[c] = A(0);
+    for (int64_t t = 0; t < length; ++t) {
+      const T* row = last + (b * length + t) * d;
+      if (t > 0 && t % span == 0) {
+        const T* prev = row - d;
+        CONVREC_SIMD
+        for (int64_t c = team.lane(); c < d; c += Team::size) closed[c] += static_cast<A>(prev[c]);
+      }
+      const A count = A(t / span + 1);
+      T* out = user + (b * length + t) * d;
+      CONVREC_SIMD
+      for (int64_t c = team.lane(); c < d; c += Team::size)
+        out[c] = static_cast<T>((closed[c] + static_cast<A>(row[c])) / count);
+    }
+  }
+};
+
+// Backward of StreamUserRow for batch row b: the last window position of window j also
+// receives the gradients of every later position, each divided by its window count.
+template <typename T, typename A>
+struct StreamUserGradRow {
+  using acc = A;
+  static constexpr int64_t scratch_rows = 2;  // D-vectors of scratch: later windows, this one
+  int64_t length, span, d;
+  const T* grad_user;  // (B, L, D)
+  T* grad_last;  // (B, L, D)
+
+  template <class Team>
+  CONVREC_HD void operator()(const Team& team, int64_t b, A* scratch) const {
+    A* later = scratch;
+    A* current = scratch + d;
+    CONVREC_SIMD
+    for (int64_t c = team.lane(); c < d; c += Team::size) later[c] = current[c] = A(0);
+    for (int64_t t = length - 1; t >= 0; --t) {
+      const bool window_end = (t + 1) % span == 0;
+      if (window_end) {
+        CONVREC_SIMD
+        for (int64_t c = team.lane(); c < d; c += Team::size) {
+          later[c] += current[c];
+          current[c] = A(0);
+        }
+      }
+      const A count = A(t / span + 1), with_later = window_end ? A(1) : A(0);
+      const T* g = grad_user + (b * length + t) * d;
+      T* out = grad_last + (b * length + t) * d;
+      CONVREC_SIMD
+      for (int64_t c = team.lane(); c < d; c += Team::size) {
+        const A own = static_cast<A>(g[c]) / count;
+        current[c] += own;
+        out[c] = static_cast<T>(own + with_later * later[c]);
+      }
+    }
+  }
+};
+
+// Backward: the gradients reaching one position of a level's output from what read it, for
+// EpilogueGradRow (the twin of WindowGrads): directly (the next level's pools, or the user
+// vectors), through the next level's GEMM terms (slot-packed, `lv` is that level) and as the
+// next level's long residual.
+template <typename T, typename A>
+struct StreamGrads {
+  StreamLevel lv;
+  const T* direct;  // (B, L, D)
+  const T* terms;  // (stride, packed_rows, D) or nullptr
+  const T* res;  // (B, L, D) or nullptr
+
+  template <class Team>
+  CONVREC_HD void gather(const Team& team, int64_t b, int64_t t, int64_t d, A* dx, A* dr) const {
+    const int64_t n = b * lv.length + t;
+    const T* g = direct + n * d;
+    CONVREC_SIMD
+    for (int64_t c = team.lane(); c < d; c += Team::size) dx[c] += static_cast<A>(g[c]);
+    if (terms != nullptr) {
+      const T* gt = terms + lv.packed(b, t) * d;
+      CONVREC_SIMD
+      for (int64_t c = team.lane(); c < d; c += Team::size) dx[c] += static_cast<A>(gt[c]);
+    }
+    if (res != nullptr) {
+      const T* gr = res + n * d;
+      CONVREC_SIMD
+      for (int64_t c = team.lane(); c < d; c += Team::size) dr[c] += static_cast<A>(gr[c]);
+    }
+  }
+};
+
+// Backward, element (b, e) of a level's input: the sums over its positions of the gradients
+// of the pre-activation and of both pools (divided by their divisor): what the element's last
+// position receives from each later position of its window.
+template <typename T, typename A>
+struct StreamElementSumRow {
+  using acc = A;
+  static constexpr int64_t scratch_rows = 0;
+  StreamLevel lv;
+  int64_t d;
+  const T* grad_pre;  // (B * L, D)
+  const T* grad_pooled;
+  const T* grad_res_pooled;
+  const A* stats;
+  A* sums;  // (B * elements, 3, D)
+
+  template <class Team>
+  CONVREC_HD void operator()(const Team& team, int64_t n, A* /*scratch*/) const {
+    const int64_t count = lv.elements(), b = n / count, e = n % count;
+    const int64_t first = e * lv.span, stop = first + lv.span < lv.length ? first + lv.span
+                                                                         : lv.length;
+    A* sy = sums + n * 3 * d;
+    A* sx = sy + d;
+    A* sr = sy + 2 * d;
+    CONVREC_SIMD
+    for (int64_t c = team.lane(); c < d; c += Team::size) sy[c] = sx[c] = sr[c] = A(0);
+    for (int64_t t = first; t < stop; ++t) {
+      const int64_t row = b * lv.length + t;
+      const A div = stats[row * kStats + kStatDiv];
+      const T* gy = grad_pre + row * d;
+      const T* gx = grad_pooled + row * d;
+      const T* gr = grad_res_pooled + row * d;
+      CONVREC_SIMD
+      for (int64_t c = team.lane(); c < d; c += Team::size) {
+        sy[c] += static_cast<A>(gy[c]);
+        sx[c] += static_cast<A>(gx[c]) / div;
+        sr[c] += static_cast<A>(gr[c]) / div;
+      }
+    }
+  }
+};
+
+// Backward of StreamWindowRow at position n = (b, t): its own gradients plus, at an element's
+// last position, the element sums of the later elements of its window. Writes the gradient of
+// t's GEMM term (slot-packed, for the GEMMs), of t's input through the pools and of t's long
+// residual.
+template <typename T, typename A>
+struct StreamWindowGradRow {
+  using acc = A;
+  static constexpr int64_t scratch_rows = 3;  // D-vectors of scratch: term, input, residual
+  StreamLevel lv;
+  int64_t d;
+  const T* grad_pre;  // (B * L, D)
+  const T* grad_pooled;
+  const T* grad_res_pooled;
+  const A* stats;
+  const A* sums;  // StreamElementSumRow's
+  T* grad_terms;  // (stride, packed_rows, D), zero past the history
+  T* grad_input;  // (B, L, D): through the pools
+  T* grad_res;  // (B, L, D)
+
+  template <class Team>
+  CONVREC_HD void operator()(const Team& team, int64_t n, A* scratch) const {
+    const int64_t b = n / lv.length, t = n % lv.length, e = t / lv.span;
+    const int64_t count = lv.elements();
+    const int64_t window_end = e - e % lv.stride + lv.stride;
+    const int64_t stop = window_end < count ? window_end : count;
+    const A div = stats[n * kStats + kStatDiv];
+    A* gy = scratch;
+    A* gx = scratch + d;
+    A* gr = scratch + 2 * d;
+    const T* own_y = grad_pre + n * d;
+    const T* own_x = grad_pooled + n * d;
+    const T* own_r = grad_res_pooled + n * d;
+    CONVREC_SIMD
+    for (int64_t c = team.lane(); c < d; c += Team::size) {
+      gy[c] = static_cast<A>(own_y[c]);
+      gx[c] = static_cast<A>(own_x[c]) / div;
+      gr[c] = static_cast<A>(own_r[c]) / div;
+    }
+    if (t == lv.end(e)) {  // the element closes here: later positions of the window read it
+      for (int64_t j = e + 1; j < stop; ++j) {
+        const A* s = sums + (b * count + j) * 3 * d;
+        CONVREC_SIMD
+        for (int64_t c = team.lane(); c < d; c += Team::size) {
+          gy[c] += s[c];
+          gx[c] += s[d + c];
+          gr[c] += s[2 * d + c];
+        }
+      }
+    }
+    T* out_y = grad_terms + lv.packed(b, t) * d;
+    CONVREC_SIMD
+    for (int64_t c = team.lane(); c < d; c += Team::size) {
+      out_y[c] = static_cast<T>(gy[c]);
+      grad_input[n * d + c] = static_cast<T>(gx[c]);
+      grad_res[n * d + c] = static_cast<T>(gr[c]);
+    }
+  }
+};
+
+// Backward, position n of level 0's input: x is both the input and the long residual.
+template <typename T, typename A>
+struct StreamInputGradRow {
+  using acc = A;
+  static constexpr int64_t scratch_rows = 2;  // D-vectors of scratch: input, residual
+  int64_t length, d;
+  StreamGrads<T, A> first;
+  T* grad_x;  // (B, L, D)
+
+  template <class Team>
+  CONVREC_HD void operator()(const Team& team, int64_t n, A* scratch) const {
+    A* dx = scratch;
+    A* dr = scratch + d;
+    CONVREC_SIMD
+    for (int64_t c = team.lane(); c < d; c += Team::size) dx[c] = dr[c] = A(0);
+    first.gather(team, n / length, n % length, d, dx, dr);
+    CONVREC_SIMD
+    for (int64_t c = team.lane(); c < d; c += Team::size)
+      grad_x[n * d + c] = static_cast<T>(dx[c] + dr[c]);
+  }
+};
+
+}  // namespace convrec
