@@ -14,6 +14,16 @@ from convrec.item_encoder import FaithfulItemEncoder, ItemEncoder, LegacyFaithfu
 from convrec.ops.dispatch import set_backend
 
 
+def score_all_items(users: Tensor, vectors: Tensor) -> Tensor:
+    """``users`` (P, D) against every item ``vectors`` (N + 1, D) -> (P, N + 1), column 0
+    (padding) -inf. The -inf enters as the GEMM's bias row, so the score matrix, the largest
+    tensor of a full-softmax step, is written once: no masked copy of it forward, none of its
+    gradient backward."""
+    padding = torch.zeros(vectors.shape[0], dtype=users.dtype, device=users.device)
+    padding[0] = float("-inf")
+    return torch.addmm(padding, users, vectors.T)
+
+
 class SequentialRecommender(nn.Module):
     """Base class: subclasses set ``self.item_encoder`` and ``self.encoder`` and implement
     ``_encode``."""
@@ -104,8 +114,7 @@ class SequentialRecommender(nn.Module):
         item_ids = self._checked_ids(item_ids, timestamps)
         mask = item_ids != 0
         users = self._encode_positions(item_ids, mask, timestamps)[mask]
-        scores = users @ self.item_vectors().T
-        return scores.index_fill(1, torch.tensor([0], device=scores.device), float("-inf"))
+        return score_all_items(users, self.item_vectors())
 
     def score(
         self,
@@ -128,9 +137,7 @@ class SequentialRecommender(nn.Module):
         if not self.leaks_target_date and target_timestamps is not None:
             raise ValueError("target_timestamps are read only by leak_target_date=True models")
         if candidates is None:
-            user = self.encode(item_ids, timestamps)
-            scores = user @ self.item_vectors().T
-            return scores.index_fill(1, torch.tensor([0], device=scores.device), float("-inf"))
+            return score_all_items(self.encode(item_ids, timestamps), self.item_vectors())
         if candidates.dim() != 2 or candidates.shape[0] != item_ids.shape[0]:
             raise ValueError(
                 f"candidates must have shape (B, C) with B={item_ids.shape[0]}, "
