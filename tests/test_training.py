@@ -129,6 +129,27 @@ def test_sasrec_trains_on_every_position(tmp_path: pathlib.Path) -> None:
     assert second < first  # the loss over every position goes down
 
 
+def test_streaming_batches_lose_only_shared_padding() -> None:
+    """A streaming model trains on batches cut to their longest history: the loss of the cut
+    batch equals the full one (float64, no dropout), and no real slot is cut."""
+    from convrec import ConvRec
+    from convrec.training.losses import all_positions_loss
+    from convrec.training.trainer import _without_shared_padding
+    from tests.helpers import randomise
+
+    ids = torch.zeros(3, 12, dtype=torch.long)
+    ids[0, 9:], ids[1, 7:], ids[2, 11:] = torch.tensor([4, 9, 2]), torch.arange(1, 6), 7
+    targets = torch.where(ids != 0, torch.randint(1, 20, ids.shape), 0)
+    cut_ids, no_times, cut_targets = _without_shared_padding(ids.numpy(), None, targets.numpy())
+    assert cut_ids.shape == (3, 5) and no_times is None
+    assert (cut_ids != 0).sum() == (ids != 0).sum()
+    model = ConvRec(20, d_model=8, levels=[(2, 2), (3, 3)], streaming=True, dropout=0.0)
+    model = randomise(model).double().eval()
+    full = all_positions_loss(model, ids, targets, None)
+    cut = all_positions_loss(model, torch.from_numpy(cut_ids), torch.from_numpy(cut_targets), None)
+    torch.testing.assert_close(cut, full, rtol=1e-12, atol=0)
+
+
 def test_config_validation() -> None:
     with pytest.raises(ValueError, match="unknown configuration keys: colour"):
         TrainConfig.from_dict({"colour": "red"})

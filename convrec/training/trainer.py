@@ -113,6 +113,10 @@ def train_one_epoch(
         batch_size = -(-batch_size // group.world)
     model.train()
     num_items = getattr(model, "module", model).num_items
+    # anchored at the first event, a streaming model gives every slot the same vector whatever
+    # padding precedes it, so slots no history of the batch fills need no work (its compiled
+    # step keeps max_len: a new length would compile again)
+    trim_padding = config.streaming and not config.compile
     total, seen = 0.0, 0
     bar = tqdm(
         total=len(users), desc=f"epoch {epoch}", unit="seq", disable=not progress, leave=False
@@ -121,11 +125,15 @@ def train_one_epoch(
     for first in range(0, len(users), batch_size):
         u, c = users[first : first + batch_size], cuts[first : first + batch_size]
         ids, times = index.histories(u, c, config.max_len)
+        if config.train_sampling == "all-positions":
+            targets = index.window_targets(u, c, config.max_len)
+            if trim_padding:
+                ids, times, targets = _without_shared_padding(ids, times, targets)
         ids_t = torch.from_numpy(ids).to(group.device)
         times_t = torch.from_numpy(times).to(group.device) if config.use_time else None
         if config.train_sampling == "all-positions":
-            targets = torch.from_numpy(index.window_targets(u, c, config.max_len))
-            loss = all_positions_loss(model, ids_t, targets.to(group.device), times_t)
+            targets = torch.from_numpy(targets).to(group.device)
+            loss = all_positions_loss(model, ids_t, targets, times_t)
         else:
             targets = torch.from_numpy(index.targets(u, c)).to(group.device)
             if config.loss == "full":
@@ -162,6 +170,14 @@ def train_one_epoch(
             break
     bar.close()
     return group.sum(total) / group.sum(seen), int(group.sum(seen))
+
+
+def _without_shared_padding(
+    ids: np.ndarray, times: np.ndarray | None, targets: np.ndarray
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """Left-padded (B, L) batch arrays without the leading slots every row pads."""
+    cut = ids.shape[1] - max(int((ids != 0).sum(1).max()), 1)
+    return ids[:, cut:], None if times is None else times[:, cut:], targets[:, cut:]
 
 
 def _payload(model, spec, config, data, epoch) -> dict:
