@@ -209,10 +209,12 @@ def main() -> None:
     lines += [
         "",
         "With dropout > 0 in training, every position needs its own 4D fused vector (its "
-        "dropout mask is per position), so both sides draw, multiply and project the same "
-        "(B, L, 4D) tensors; with dropout 0 (or in evaluation) the faithful item MLP runs once "
-        "per distinct id. Both sides share the per-position input block (GELU, the paper "
-        "LayerNorm and a Linear over D + 3 channels), the level stack (the faithful side on the "
+        "dropout mask is per position), so both sides drop and project the same (B, L, 4D) "
+        "tensors (the faithful side with the hashed dropout of convrec._C, one pass each way; "
+        "the authors' with nn.Dropout); with dropout 0 (or in evaluation) the faithful item "
+        "MLP runs once per distinct id. Both sides share the per-position input block (GELU, "
+        "the paper LayerNorm and a Linear over D + 3 channels), the level stack (the faithful "
+        "side on the "
         "default backend, the C++ extension, which implements the paper LayerNorm) and the "
         "dense gradient of the item table; the "
         "authors' side adds per position a dense multi-hot lookup and the (attributes -> 4D) "

@@ -20,6 +20,7 @@ from convrec.ops.dispatch import UsesBackend
 from convrec.ops.downscale import PAPER_NORM_EPS, paper_layer_norm
 from convrec.ops.gather_embed import attribute_bags, bags_of_rows, gather_embed
 from convrec.ops.item_tables import ItemTables, check_csr, csr_from_lists
+from convrec.ops.stack_dropout import hashed_dropout
 from convrec.time_context import (
     CONTEXT_DIM,
     DATE_DIFF_DIM,
@@ -149,7 +150,7 @@ class ItemEncoder(UsesBackend, _ItemInputs):
         return x.reshape(*item_ids.shape, self.d_model)
 
 
-class FaithfulItemEncoder(_ItemInputs):
+class FaithfulItemEncoder(UsesBackend, _ItemInputs):
     """The paper code's input block (``ConvRec(faithful=True)``): same weights, same vectors.
 
     Item vector of id v with date context c (6 features, ``paper_date_features``): ``item =
@@ -201,7 +202,12 @@ class FaithfulItemEncoder(_ItemInputs):
         self.item_proj = nn.Linear(d_model + wide, d_model)
         self.norm = nn.LayerNorm(d_model + DATE_DIFF_DIM, eps=PAPER_NORM_EPS)
         self.in_proj = nn.Linear(d_model + DATE_DIFF_DIM, d_model)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = dropout
+        self.backend = "auto"
+
+    def _dropout(self, x: Tensor) -> Tensor:
+        """Dropout by ``hashed_dropout``: the paper's per-position masks, one extension pass."""
+        return hashed_dropout(x, self.dropout, self.training, self.backend)
 
     def _fused_rows(self, rows: Tensor, out: Tensor) -> Tensor:
         """``out @ (W_a f_v + b_a)`` for distinct ids ``rows`` (R,): the attribute projection is
@@ -231,7 +237,7 @@ class FaithfulItemEncoder(_ItemInputs):
         ac_const = F.linear(self.context_encoder.bias, w_ctx, self.fusion.bias)
         ac_ctx = w_ctx @ self.context_encoder.weight  # (4D, 6)
         item_rows = F.linear(self.item_embedding(rows), w_item, self.item_proj.bias)
-        if self.training and self.dropout.p > 0:
+        if self.training and self.dropout > 0:
             return item_rows, self._fused_rows(rows, w_attr) + ac_const, ac_ctx
         rows_out = item_rows + self._fused_rows(rows, w_ac @ w_attr) + F.linear(ac_const, w_ac)
         return rows_out, None, w_ac @ ac_ctx
@@ -244,7 +250,7 @@ class FaithfulItemEncoder(_ItemInputs):
         rows_out, fused, context_weight = terms
         if fused is None:
             return _add_context(rows_out[where], context, context_weight)
-        ac = self.dropout(_add_context(fused[where], context, context_weight))
+        ac = self._dropout(_add_context(fused[where], context, context_weight))
         return rows_out[where] + F.linear(ac, self.item_proj.weight[:, self.d_model :])
 
     def _item_vectors(self, item_ids: Tensor, context: Tensor | None) -> Tensor:
@@ -254,7 +260,7 @@ class FaithfulItemEncoder(_ItemInputs):
     def _input_block(self, v: Tensor, dt: Tensor, history: bool) -> Tensor:
         v = F.gelu(torch.cat([v, dt.to(v.dtype)], dim=-1))
         if history:
-            v = self.dropout(v)
+            v = self._dropout(v)
         v = paper_layer_norm(v, self.norm.weight, self.norm.bias, self.norm.eps)
         return F.gelu(self.in_proj(v))
 

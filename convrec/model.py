@@ -6,7 +6,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from convrec.encoder import ConvRecEncoder
@@ -18,6 +17,7 @@ from convrec.item_encoder import (
     LegacyFaithfulItemEncoder,
 )
 from convrec.ops.dispatch import UsesBackend, warn_once
+from convrec.ops.stack_dropout import hashed_dropout
 from convrec.ops.stream_downscale import StreamState
 from convrec.readouts import NEWEST, READOUTS, readout_names, upgrade_state_dict
 from convrec.recommender import SequentialRecommender
@@ -154,14 +154,14 @@ class ConvRec(UsesBackend, SequentialRecommender):
         x, vectors = self.item_encoder.history_and_candidates(
             item_ids, item_ids != 0, timestamps, candidates, target_timestamps
         )
-        x = F.dropout(x, self.input_dropout, self.training)
+        x = hashed_dropout(x, self.input_dropout, self.training, self.backend)
         return self.user_from_vectors(x, item_ids), vectors
 
     def _encode(self, item_ids: Tensor, mask: Tensor, timestamps: Tensor | None) -> Tensor:
         self._check_length(item_ids)
         if not self._fused(item_ids.device):
             x = self.item_encoder(item_ids, mask, timestamps)
-            x = F.dropout(x, self.input_dropout, self.training)
+            x = hashed_dropout(x, self.input_dropout, self.training, self.backend)
             return self.user_from_vectors(x, item_ids)
         user = self.encoder.forward_ids(item_ids, self.item_encoder.tables(), mask)
         if not self.readouts:
@@ -194,7 +194,7 @@ class ConvRec(UsesBackend, SequentialRecommender):
                 "with streaming=True, or train with train_sampling='all-prefixes' or 'random-cut'"
             )
         x = self.item_encoder(item_ids, mask, timestamps)
-        x = F.dropout(x, self.input_dropout, self.training)
+        x = hashed_dropout(x, self.input_dropout, self.training, self.backend)
         users = self.encoder.forward_positions(x, mask)
         if not self.readouts:
             return users

@@ -234,6 +234,29 @@ CONVREC_HD A channel_sum(const Team& team, int64_t d, const Dropout<A>& drop, in
   return sum;
 }
 
+// Row n of a (rows, D) tensor with dropout applied: the stack_dropout op (Dropout's decisions
+// for `drop.level`, the same as convrec.ops.stack_dropout.keep_mask). Its own backward too:
+// dropout multiplies by the same factors both ways.
+template <typename T, typename A>
+struct DropoutRow {
+  using acc = A;
+  static constexpr int64_t scratch_rows = 0;
+  int64_t d;
+  Dropout<A> drop;
+  const T* x;
+  T* out;
+
+  template <class Team>
+  CONVREC_HD void operator()(const Team& team, int64_t n, A* /*scratch*/) const {
+    const uint32_t key = drop.row_key(n);
+    const T* in = x + n * d;
+    T* o = out + n * d;
+    CONVREC_SIMD
+    for (int64_t c = team.lane(); c < d; c += Team::size)
+      o[c] = static_cast<T>(static_cast<A>(in[c]) * drop.factor(key, c));
+  }
+};
+
 // Pool divisor: the window size, or (mask-aware) the real positions in it, at least 1.
 template <typename A>
 CONVREC_HD A pool_divisor(bool mask_aware, int64_t real, int64_t kernel) {

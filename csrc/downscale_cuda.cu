@@ -165,6 +165,7 @@ STABLE_TORCH_LIBRARY_IMPL(convrec, CUDA, m) {
   m.impl("downscale", TORCH_BOX(&downscale_forward<CudaDevice>));
   m.impl("downscale_backward", TORCH_BOX(&downscale_backward<CudaDevice>));
   m.impl("gelu_points", TORCH_BOX(&gelu_points<CudaDevice>));
+  m.impl("stack_dropout", TORCH_BOX(&stack_dropout<CudaDevice>));
   m.impl("stream_downscale", TORCH_BOX(&stream_downscale_forward<CudaDevice>));
   m.impl("stream_downscale_backward", TORCH_BOX(&stream_downscale_backward<CudaDevice>));
 }

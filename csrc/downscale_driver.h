@@ -525,6 +525,28 @@ BackwardOut downscale_backward(std::optional<Tensor> grad_user, std::vector<Tens
   });
 }
 
+// x (..., D) with level `level`'s dropout under `seed` ((2,) int64), rows = the leading
+// dimensions flattened: the stack_dropout op, forward and backward alike.
+template <class Dev>
+Tensor stack_dropout(Tensor x, Tensor seed, int64_t level, double p) {
+  Dev::check_dtype(x.scalar_type());
+  STD_TORCH_CHECK(x.dim() >= 1, "stack_dropout: x must have at least one dimension");
+  x = torch::stable::contiguous(x);
+  Tensor out = torch::stable::empty_like(x);
+  const int64_t d = x.size(x.dim() - 1), rows = d == 0 ? 0 : x.numel() / d;
+  if (rows == 0) return out;
+  Dev dev(x);
+  Dev::dispatch(x.scalar_type(), [&](auto t, auto a) {
+    using T = decltype(t);
+    using A = decltype(a);
+    Dropout<A> drop = check_dropout<A>(seed, p, x, "stack_dropout");
+    drop.level = level;
+    dev.rows(rows, d, DropoutRow<T, A>{d, drop, ptr<T>(x), ptr<T>(out)});
+    return 0;
+  });
+  return out;
+}
+
 // GELU and its derivative elementwise, as the row passes compute them (tests pin the float32
 // erf/exp polynomials of downscale.h against float64).
 template <class Dev>

@@ -35,6 +35,9 @@ STABLE_TORCH_LIBRARY(convrec, m) {
   m.def(
       "stream_downscale_backward(Tensor grad, Tensor params, int[] strides, int heads, "
       "Tensor? dropout_seed, float dropout, float eps, Tensor[] saved) -> (Tensor, Tensor)");
+  // Dropout of x (..., D) by the hash of (seed, level, row, channel) (Dropout in downscale.h):
+  // kept elements scaled by 1 / (1 - p). Linear and self-adjoint: its backward is itself.
+  m.def("stack_dropout(Tensor x, Tensor seed, int level, float p) -> Tensor");
   // GELU(y) and GELU'(y) with the kernels' arithmetic, for tests of the float32 polynomials.
   m.def("gelu_points(Tensor y) -> (Tensor, Tensor)");
 }

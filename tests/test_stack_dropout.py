@@ -94,3 +94,52 @@ def test_extension_drops_what_the_hash_says() -> None:
     y = torch.nn.functional.gelu(pre) * keep / 0.6
     expected = torch.nn.functional.layer_norm(y, (8,), p.norm_weight, p.norm_bias, 1e-5)
     torch.testing.assert_close(levels[0], expected)
+
+
+needs_extension = pytest.mark.skipif(extension_status() is not None, reason="needs convrec._C")
+
+
+@needs_extension
+@pytest.mark.parametrize("shape", [(1, 1), (37, 16), (3, 5, 67)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_extension_op_applies_the_hash(shape, dtype) -> None:
+    """``torch.ops.convrec.stack_dropout`` multiplies by the hash's factors forward, and its
+    gradient is the incoming gradient times the same factors."""
+    seed = torch.tensor([0xFFFFFFFF, 4242])
+    x = torch.randn(shape, dtype=dtype, requires_grad=True)
+    d = shape[-1]
+    keep = keep_mask(seed, 5, x.numel() // d, d, 0.3).view(shape).to(dtype) / 0.7
+    out = StackDropout(0.3, seed, "cpp").apply(x, 5)
+    torch.testing.assert_close(out, x * keep, rtol=0, atol=0)
+    grad = torch.randn(shape, dtype=dtype)
+    out.backward(grad)
+    torch.testing.assert_close(x.grad, grad * keep, rtol=0, atol=0)
+    reference = StackDropout(0.3, seed, "reference").apply(x.detach(), 5)
+    torch.testing.assert_close(out.detach(), reference)
+
+
+@needs_extension
+def test_extension_op_opcheck() -> None:
+    x = torch.randn(4, 3, 8, dtype=torch.float64)
+    torch.library.opcheck(
+        torch.ops.convrec.stack_dropout.default, (x, torch.tensor([3, 4]), 1, 0.2)
+    )
+
+
+@needs_extension
+def test_hashed_dropout_is_dropout_on_every_backend() -> None:
+    """``hashed_dropout``: identity in eval or with p = 0; in training the same elements on
+    the reference and the extension for the same torch seed, at the rate p."""
+    from convrec.ops.stack_dropout import hashed_dropout
+
+    x = torch.ones(200, 64)
+    assert hashed_dropout(x, 0.3, False, "cpp") is x
+    assert hashed_dropout(x, 0.0, True, "cpp") is x
+    torch.manual_seed(1)
+    fast = hashed_dropout(x, 0.3, True, "cpp")
+    torch.manual_seed(1)
+    reference = hashed_dropout(x, 0.3, True, "reference")
+    torch.testing.assert_close(fast, reference, rtol=0, atol=0)
+    assert abs((fast == 0).double().mean().item() - 0.3) < 0.02
+    with pytest.raises(RuntimeError, match=r"stack_dropout: dropout must be in \(0, 1\)"):
+        torch.ops.convrec.stack_dropout(x, torch.tensor([1, 2]), 0, 1.0)

@@ -40,11 +40,17 @@ IMPLEMENTATIONS: dict[str, tuple[str, ...]] = {
     "embed_conv_pool": ("triton",),
     "downscale": ("cuda", "cpp", "triton"),
     "stream_downscale": ("cuda", "cpp"),
-    "stack_dropout": ("triton",),
+    "stack_dropout": ("cuda", "cpp", "triton"),
 }
 
 # The device type "auto" uses each fast path for.
 AUTO_DEVICE = {"cuda": "cuda", "cpp": "cpu", "triton": "cuda"}
+
+# The dtypes the convrec._C ops take, per device type (half types accumulate in float32).
+EXTENSION_DTYPES = {
+    "cpu": (torch.float32, torch.float64),
+    "cuda": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
+}
 
 MAX_KERNEL = 16  # widest window the Triton conv kernels unroll; wider ones run elsewhere
 

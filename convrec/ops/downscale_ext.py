@@ -25,15 +25,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from convrec.ops.dispatch import extension_status
+from convrec.ops.dispatch import EXTENSION_DTYPES, extension_status
 from convrec.ops.level_params import PackedLevels, check_packed
 from convrec.ops.stack_dropout import StackDropout
 from convrec.schedule import level_geometry
-
-SUPPORTED_DTYPES = {
-    "cpu": (torch.float32, torch.float64),
-    "cuda": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
-}
 
 
 def check_inputs(
@@ -45,7 +40,7 @@ def check_inputs(
 ) -> None:
     """Raise TypeError / ValueError naming the tensor before the op sees it (the dispatch has
     already matched the backend to the device)."""
-    allowed = SUPPORTED_DTYPES.get(x.device.type, ())
+    allowed = EXTENSION_DTYPES.get(x.device.type, ())
     if x.dtype not in allowed:
         names = ", ".join(str(t) for t in allowed) or "no dtype"
         raise TypeError(

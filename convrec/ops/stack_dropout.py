@@ -24,7 +24,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from convrec.ops.dispatch import resolve, triton_kernels
+from convrec.ops.dispatch import EXTENSION_DTYPES, extension_status, resolve, triton_kernels
 
 _MASK32 = 0xFFFFFFFF
 _MUL1, _MUL2 = 0x21F0AAAD, 0x735A2D97
@@ -80,15 +80,30 @@ class StackDropout(NamedTuple):
         return 0.0 if self.p >= 1.0 else 1.0 / (1.0 - self.p)
 
     def apply(self, y: Tensor, level: int) -> Tensor:
-        """``y`` (..., D) with level ``level``'s dropped elements zeroed, the rest scaled."""
+        """``y`` (..., D) with level ``level``'s dropped elements zeroed, the rest scaled.
+
+        "cpp" / "cuda": one ``convrec._C`` pass each way (``torch.ops.convrec.stack_dropout``,
+        which hashes as it multiplies and stores no mask); "triton": the factors from one
+        Triton launch, then a multiply; the reference: ``keep_mask`` with torch integer ops."""
         d = y.shape[-1]
         rows = y.numel() // max(d, 1)
-        if resolve("stack_dropout", self.backend, y.device) == "triton":
+        backend = resolve("stack_dropout", self.backend, y.device)
+        if backend in ("cpp", "cuda") and y.dtype in EXTENSION_DTYPES[y.device.type]:
+            return torch.ops.convrec.stack_dropout(y, self.seed, level, self.p)
+        if backend == "triton":
             threshold = keep_threshold(self.p)
             factors = _keep_factors_op(self.seed, level, rows, d, threshold, self.scale(), y.dtype)
         else:
             factors = keep_mask(self.seed, level, rows, d, self.p).to(y.dtype) * self.scale()
         return y * factors.view(y.shape)
+
+
+def hashed_dropout(x: Tensor, p: float, training: bool, backend: str = "reference") -> Tensor:
+    """``F.dropout(x, p, training)`` with ``StackDropout``'s masks from a fresh seed. On the
+    extension it is one pass each way that stores no mask, where ``F.dropout`` on the CPU draws
+    a Bernoulli variable per element (about 14 ns each) and keeps the mask."""
+    drop = StackDropout.draw(p, training, x.device, backend)
+    return x if drop is None else drop.apply(x, 0)
 
 
 @torch.library.custom_op("convrec::stack_dropout_factors", mutates_args=())
@@ -102,3 +117,27 @@ def _keep_factors_op(
 @_keep_factors_op.register_fake
 def _(seed, level, rows, d, threshold, scale, dtype):
     return seed.new_empty(rows, d, dtype=dtype)
+
+
+def _register_extension_op() -> None:
+    """Fake and autograd implementations of ``convrec::stack_dropout`` (C++ schema)."""
+
+    @torch.library.register_fake("convrec::stack_dropout")
+    def _(x, seed, level, p):
+        return torch.empty_like(x)
+
+    def setup_context(ctx, inputs, output) -> None:
+        _, seed, level, p = inputs
+        ctx.level, ctx.p = level, p
+        ctx.save_for_backward(seed)
+
+    def backward(ctx, grad):
+        (seed,) = ctx.saved_tensors
+        grad_x = torch.ops.convrec.stack_dropout(grad.contiguous(), seed, ctx.level, ctx.p)
+        return grad_x, None, None, None
+
+    torch.library.register_autograd("convrec::stack_dropout", backward, setup_context=setup_context)
+
+
+if extension_status() is None:
+    _register_extension_op()
