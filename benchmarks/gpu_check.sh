@@ -2,9 +2,10 @@
 # The one prepared script for a lent CUDA machine (the device tool's H200 image holds torch,
 # triton, pytest, hypothesis and matplotlib; no network). In at most 8 minutes it builds
 # convrec._C with its CUDA kernel in place, runs the GPU tests, measures the encoder step table
-# (benchmarks/encoder_step.py) and one Beauty training epoch of ConvRec (eager and --compile)
-# and of SASRec, and packs every log and result into ONE tarball (the machine hands back only a
-# few files):
+# (benchmarks/encoder_step.py), the per-event cost of streaming ConvRec against a recompute and a
+# SASRec KV cache (benchmarks/streaming_cost.py) and one Beauty training epoch of ConvRec (eager
+# and --compile), of streaming ConvRec and of SASRec, and packs every log and result into ONE
+# tarball (the machine hands back only a few files):
 #
 #     bash benchmarks/gpu_check.sh [DATA] [TARBALL]
 #
@@ -21,7 +22,7 @@ work=$(mktemp -d)
 python=${PYTHON:-python3}
 status="$work/status.md"
 printf '# gpu_check.sh steps\n\n| step | exit code | seconds |\n|---|---|---|\n' > "$status"
-steps=" ${STEPS:-environment build gpu_tests encoder_step epoch_convrec epoch_convrec_compiled epoch_sasrec} "
+steps=" ${STEPS:-environment build gpu_tests encoder_step streaming_cost epoch_convrec epoch_convrec_compiled epoch_streaming epoch_sasrec} "
 export OMP_NUM_THREADS=8 PYTHONUNBUFFERED=1
 
 step() {  # step NAME LIMIT_SECONDS COMMAND...
@@ -46,21 +47,24 @@ epoch() {  # epoch NAME FLAGS...: one Beauty epoch on the GPU, its summary kept
     --no-progress --out "$work/$name" "$@" && cp "$work/$name/summary.json" "$work/$name.json"
 }
 
-# limits add up to 460 s: the whole run fits an 8-minute budget with the tarball
+# limits add up to 475 s: the whole run fits an 8-minute budget with the tarball
 step environment 10 bash -c "nvidia-smi; $python -c 'import torch, triton, sys; \
 print(sys.version); print(torch.__version__, torch.version.cuda, triton.__version__); \
 print(torch.cuda.get_device_name())'"
 step build 120 env CONVREC_CUDA=1 MAX_JOBS=16 "$python" -m pip install -v --no-build-isolation \
   --no-deps --no-index -e .
 cp convrec/_build_status.json "$work/" 2>/dev/null
-step gpu_tests 90 "$python" -m pytest -q -x -p no:cacheprovider tests/test_downscale.py \
+step gpu_tests 85 "$python" -m pytest -q -x -p no:cacheprovider tests/test_downscale.py \
   tests/test_dispatch.py tests/test_embed_conv_pool.py tests/test_dispatch_count.py \
-  tests/test_stack_dropout.py --junitxml="$work/gpu_tests.xml"
-step encoder_step 140 "$python" -m benchmarks.encoder_step --device cuda --budget-s 105 \
+  tests/test_stack_dropout.py tests/test_stream_downscale.py --junitxml="$work/gpu_tests.xml"
+step encoder_step 110 "$python" -m benchmarks.encoder_step --device cuda --budget-s 80 \
   --out "$work/encoder_step"
+step streaming_cost 25 "$python" -m benchmarks.streaming_cost --device cuda --repeats 5 \
+  --out "$work/streaming_cost"
 step epoch_convrec 35 epoch convrec --model convrec --train-sampling all-prefixes
-step epoch_convrec_compiled 45 epoch convrec_compiled --model convrec \
+step epoch_convrec_compiled 40 epoch convrec_compiled --model convrec \
   --train-sampling all-prefixes --compile
+step epoch_streaming 25 epoch streaming --model convrec --streaming --train-sampling all-positions
 step epoch_sasrec 25 epoch sasrec --model sasrec --train-sampling all-positions
 cat "$status"
 mkdir -p "$(dirname "$tarball")"

@@ -9,6 +9,7 @@
   attention over the cached keys and values, the feed-forward block.
 
     python -m benchmarks.streaming_cost --out benchmarks/results/streaming_cpu
+    python -m benchmarks.streaming_cost --device cuda --out DIR      # in benchmarks/gpu_check.sh
 
 For each history length L (levels from ``schedule_for_length(L)``, D = 64, a batch of B users
 updated together, eval mode, no autograd) it reports the median milliseconds per batch update
@@ -43,13 +44,17 @@ SERIES = ("streaming push", "compiled push", "full recompute", "SASRec KV cache"
 COLUMNS = ("series", "L", "B", "D", "levels", "ms", "low_ms", "high_ms", "state_bytes")
 
 
-def time_ms(run: Callable[[], object], repeats: int) -> list[float]:
-    """Wall-clock milliseconds of ``repeats`` calls after two warm-up calls."""
+def time_ms(run: Callable[[], object], repeats: int, device: torch.device) -> list[float]:
+    """Wall-clock milliseconds of ``repeats`` calls after two warm-up calls (on CUDA each call
+    waits for its kernels)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     run(), run()
     times = []
     for _ in range(repeats):
+        sync()
         start = time.perf_counter()
         run()
+        sync()
         times.append((time.perf_counter() - start) * 1e3)
     return times
 
@@ -117,7 +122,7 @@ def sweep(args: argparse.Namespace) -> list[dict]:
         for series in args.series:
             run, state_bytes = MAKERS[series](length, args)
             with torch.no_grad():
-                times = time_ms(run, args.repeats)
+                times = time_ms(run, args.repeats, torch.device(args.device))
             levels = len(schedule_for_length(length, 8))
             rows.append(
                 dict(series=series, L=length, B=args.batch, D=args.d_model, levels=levels,
@@ -128,13 +133,13 @@ def sweep(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def write(rows: list[dict], out: pathlib.Path, command: str) -> None:
+def write(rows: list[dict], out: pathlib.Path, command: str, device: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     with (out / "streaming_cost.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
-    info = ", ".join(f"{k} {v}" for k, v in machine_info("cpu").items() if v)
+    info = ", ".join(f"{k} {v}" for k, v in machine_info(device).items() if v)
     lines = [
         "# Cost of one new event per user",
         "",
@@ -198,13 +203,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--state-dtype", default="bf16", choices=["bf16", "fp32"])
     parser.add_argument("--series", nargs="+", default=list(SERIES), choices=list(SERIES))
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     args.state_bytes = 2 if args.state_dtype == "bf16" else 4
     torch.manual_seed(0)
-    rows = sweep(args)
+    with torch.device(args.device):  # every model and tensor the series build
+        rows = sweep(args)
     command = "python -m benchmarks.streaming_cost " + " ".join(argv or sys.argv[1:])
-    write(rows, pathlib.Path(args.out), command)
+    write(rows, pathlib.Path(args.out), command, args.device)
 
 
 if __name__ == "__main__":

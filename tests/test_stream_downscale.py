@@ -352,3 +352,50 @@ def test_streaming_encoder_dispatches_the_same_ops_whatever_the_levels() -> None
         assert counted.ops.count("convrec.stream_downscale_backward.default") == 1
         counts.append(len(counted.ops))
     assert counts[0] == counts[1] <= 45
+
+
+needs_cuda = pytest.mark.skipif(
+    EXTENSION is not None or not torch.cuda.is_available(), reason="needs CUDA and convrec._C"
+)
+
+
+@needs_cuda
+@pytest.mark.parametrize("mask_aware", [False, True])
+def test_cuda_equals_reference(mask_aware) -> None:
+    """float64 on the GPU against the float64 reference on the CPU: values, x and parameter
+    gradients; then training with dropout, where the CUDA op and the reference on CUDA
+    tensors draw the same seed."""
+    levels, heads = [(2, 2), (3, 3), (4, 4)], 2
+    encoder = randomise(ConvRecEncoder(8, levels, heads=heads, dropout=0.0)).double()
+    _, strides, x, mask = _setup(levels, heads, length=57)
+    grad = torch.randn(x.shape, dtype=x.dtype)
+    results = []
+    for device, backend in (("cpu", "reference"), ("cuda", "cuda")):
+        leaf = x.to(device).requires_grad_()
+        packed = encoder.to(device).packed()
+        encoder.stack_weights.grad = None
+        out = stream_downscale(leaf, mask.to(device), packed, strides, heads, mask_aware,
+                               backend=backend)  # fmt: skip
+        (out * grad.to(device)).sum().backward()
+        results.append([t.cpu() for t in (out.detach(), leaf.grad, encoder.stack_weights.grad)])
+    for want, got in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+    trained = []
+    for backend in ("reference", "cuda"):
+        torch.manual_seed(4)
+        args = (x.cuda(), mask.cuda(), encoder.packed(), strides, heads, mask_aware, 0.3, True)
+        trained.append(stream_downscale(*args, backend=backend))
+    torch.testing.assert_close(trained[1], trained[0], rtol=0, atol=1e-10)
+
+
+@needs_cuda
+def test_cuda_autocast_runs_in_bf16() -> None:
+    encoder = ConvRecEncoder(64, [(2, 2), (5, 5)], streaming=True, backend="cuda").cuda()
+    x = torch.randn(4, 30, 64, device="cuda", requires_grad=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = encoder.forward_positions(x)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert encoder.stack_weights.grad.dtype == torch.float32
+    exact = encoder.double().forward_positions(x.detach().double())
+    assert (out.double() - exact).abs().max() < 0.1 * (1 + exact.abs().max())
