@@ -160,6 +160,15 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
         help="one target per user, every prefix, or every slot of a causal model (sasrec, "
         "or convrec --streaming)",
     )
+    p.add_argument(
+        "--window-step",
+        type=int,
+        default=s,
+        help="all-positions: windows of --max-len step back by this many targets and train "
+        "only their last ones, the earlier slots serving as context (default --max-len: "
+        "disjoint windows; a smaller step gives every target at least max-len - step earlier "
+        "items)",
+    )
     p.add_argument("--epochs", type=int, default=s, help=f"maximum epochs (default {d.epochs})")
     p.add_argument("--batch-size", type=int, default=s, help=f"default {d.batch_size}")
     p.add_argument("--lr", type=float, default=s, help=f"AdamW learning rate (default {d.lr})")

@@ -98,22 +98,36 @@ class SequentialRecommender(nn.Module):
         timestamps: Tensor | None = None,
         every_position: bool = False,
         target_timestamps: Tensor | None = None,
+        slots: Tensor | None = None,
     ) -> Tensor:
-        """``score``, or ``score_positions`` with ``every_position``: calling the module lets
-        wrappers such as DDP see the forward."""
+        """``score``, or ``score_positions`` (of ``slots``) with ``every_position``: calling
+        the module lets wrappers such as DDP see the forward."""
         if every_position:
             if candidates is not None:
                 raise ValueError("every_position scores all items: candidates must be None")
-            return self.score_positions(item_ids, timestamps)
+            return self.score_positions(item_ids, timestamps, slots)
+        if slots is not None:
+            raise ValueError("slots selects positions to score: pass every_position=True")
         return self.score(item_ids, candidates, timestamps, target_timestamps)
 
-    def score_positions(self, item_ids: Tensor, timestamps: Tensor | None = None) -> Tensor:
+    def score_positions(
+        self, item_ids: Tensor, timestamps: Tensor | None = None, slots: Tensor | None = None
+    ) -> Tensor:
         """(P, N + 1) all-item scores of every real (non-padding) slot, in row-major order, each
         from the history up to that slot: one forward trains every next-item target (causal
-        models only; column 0 is -inf)."""
+        models only; column 0 is -inf). ``slots`` (B, L) bool scores only those real slots
+        (the others are context)."""
         item_ids = self._checked_ids(item_ids, timestamps)
-        mask = item_ids != 0
-        users = self._encode_positions(item_ids, mask, timestamps)[mask]
+        real = item_ids != 0
+        scored = real
+        if slots is not None:
+            if slots.shape != item_ids.shape or slots.dtype != torch.bool:
+                raise ValueError(
+                    f"slots must be a bool tensor of shape {tuple(item_ids.shape)}, got "
+                    f"{slots.dtype} {tuple(slots.shape)}"
+                )
+            scored = real & slots
+        users = self._encode_positions(item_ids, real, timestamps)[scored]
         return score_all_items(users, self.item_vectors())
 
     def score(

@@ -177,6 +177,11 @@ def test_a_flag_beats_a_bad_file_value_and_names_itself(tmp_path, capsys) -> Non
         (["--seed", "-1"], ["--seed must be in [0, 2**63)"]),
         (["--readout", "attention", "--model", "sasrec"], ["readouts are a ConvRec setting"]),
         (["--threads", "0"], ["--threads must be >= 1"]),
+        (["--window-step", "5"], ["--window-step must come with train_sampling='all-positions'"]),
+        (
+            ["--model", "sasrec", "--train-sampling", "all-positions", "--window-step", "60"],
+            ["--window-step must be in [1, max_len=50], got 60"],
+        ),
     ],
     ids=lambda v: " ".join(v) if isinstance(v, list) and v[0].startswith("--") else None,
 )

@@ -48,25 +48,32 @@ def test_training_samples_never_touch_valid_or_test(data) -> None:
         index.train_samples("everything", rng)
 
 
-@pytest.mark.parametrize("max_len", [1, 2, 3, 7])
-def test_all_positions_windows_cover_every_training_target_once(max_len: int) -> None:
+@pytest.mark.parametrize(
+    ("max_len", "step"), [(1, None), (2, None), (3, None), (7, None), (7, 3), (7, 1), (8, 7)]
+)
+def test_all_positions_windows_cover_every_training_target_once(max_len, step) -> None:
+    """Disjoint windows, or windows stepping back by ``step`` that train their last ``step``
+    slots: every training target once per epoch, and before each target at least
+    max_len - step + 1 of its earlier items (all of them when it has fewer)."""
     lengths = (4, 5, 9, 12, 30)
     events = [Event(str(u), str(i), None, i) for u, n in enumerate(lengths) for i in range(n)]
     data = build_dataset("toy", events, {}, "toy")
     index = SequenceIndex.from_dataset(data)
-    users, cuts = index.train_samples("all-positions", np.random.default_rng(0), max_len)
+    users, cuts = index.train_samples("all-positions", np.random.default_rng(0), max_len, step)
     inputs, _ = index.histories(users, cuts, max_len)
-    targets = index.window_targets(users, cuts, max_len)
+    targets = index.window_targets(users, cuts, max_len, step)
     covered = []
     for user, row_in, row_out in zip(users, inputs, targets, strict=True):
         start = index.starts[user]
-        for slot in np.flatnonzero(row_in):
+        for slot in np.flatnonzero(row_out):
             position = int(
                 np.flatnonzero(index.items[start : start + index.lengths[user]] == row_out[slot])[0]
             )
-            assert row_out[slot] != 0 and position >= 1
+            assert row_in[slot] != 0 and position >= 1
             # the target directly follows its input slot in the user's sequence
             assert index.items[start + position - 1] == row_in[slot]
+            seen = int((row_in[: slot + 1] != 0).sum())
+            assert seen >= min(position, max_len - (step or max_len) + 1)
             covered.append((int(user), position))
     expected = [(u, p) for u, n in enumerate(lengths) for p in range(1, n - 2)]
     assert sorted(covered) == expected  # every training target once, never valid/test

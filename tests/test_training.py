@@ -150,6 +150,32 @@ def test_streaming_batches_lose_only_shared_padding() -> None:
     torch.testing.assert_close(cut, full, rtol=1e-12, atol=0)
 
 
+def test_all_positions_loss_scores_only_trained_slots(tmp_path: pathlib.Path) -> None:
+    """Slots whose target is 0 are context: the loss equals the cross-entropy of the scores of
+    every real slot restricted to the trained ones (float64), and a run with overlapping
+    windows (window_step) trains."""
+    from convrec import ConvRec
+    from convrec.training.losses import all_positions_loss
+    from tests.helpers import randomise
+
+    model = ConvRec(20, d_model=8, levels=[(2, 2), (3, 3)], streaming=True, dropout=0.0)
+    model = randomise(model).double().eval()
+    ids = torch.randint(1, 21, (3, 9))
+    ids[1, :4] = 0
+    targets = torch.where(ids != 0, torch.randint(1, 21, ids.shape), 0)
+    targets[:, :5] = 0  # context only
+    loss = all_positions_loss(model, ids, targets, None)
+    every = model.score_positions(ids)
+    expected = torch.nn.functional.cross_entropy(
+        every[(targets != 0)[ids != 0]], targets[targets != 0]
+    )
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=0)
+    windows = dict(streaming=True, train_sampling="all-positions", window_step=4, max_len=8)
+    config = _config(epochs=1, levels=[[2, 2], [2, 2], [2, 2]], **windows)
+    summary = train(config, tmp_path, progress=False, echo=_quiet)
+    assert summary["epochs_trained"] == 1
+
+
 def test_config_validation() -> None:
     with pytest.raises(ValueError, match="unknown configuration keys: colour"):
         TrainConfig.from_dict({"colour": "red"})
@@ -170,6 +196,10 @@ def test_config_validation() -> None:
         TrainConfig(readouts=["skip"]).check()
     with pytest.raises(ValueError, match=r"input_dropout must be in \[0, 1\), got 1.5"):
         TrainConfig(input_dropout=1.5).check()
+    with pytest.raises(ValueError, match="window_step must come with train_sampling='all-pos"):
+        TrainConfig(window_step=10).check()
+    with pytest.raises(ValueError, match=r"window_step must be in \[1, max_len=50\], got 60"):
+        TrainConfig(model="sasrec", train_sampling="all-positions", window_step=60).check()
 
 
 @pytest.mark.slow

@@ -68,14 +68,19 @@ class SequenceIndex:
         return self.lengths - (2 if split == "valid" else 1)
 
     def train_samples(
-        self, mode: str, rng: np.random.Generator, max_len: int = 50
+        self,
+        mode: str,
+        rng: np.random.Generator,
+        max_len: int = 50,
+        window_step: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """(users, cuts) of one epoch, shuffled.
 
         "random-cut": one random target per user; "all-prefixes": every training target once;
         "all-positions" (causal models): windows of ``max_len`` targets ending at each user's
-        last training target and stepping back by ``max_len``, so every training target is
-        predicted once per epoch from one forward pass per window (see ``window_targets``).
+        last training target and stepping back by ``window_step`` (default ``max_len``), each
+        training its last ``window_step`` targets (``window_targets``), so every training
+        target is predicted once per epoch, one forward pass per window.
         """
         if mode not in TRAIN_SAMPLING:
             raise ValueError(f"train sampling must be one of {TRAIN_SAMPLING}, got {mode!r}")
@@ -84,7 +89,7 @@ class SequenceIndex:
         if mode == "random-cut":
             cuts = rng.integers(1, last[users] + 1)
         else:
-            step = 1 if mode == "all-prefixes" else max_len
+            step = 1 if mode == "all-prefixes" else (window_step or max_len)
             counts = -(-last[users] // step)
             repeated = np.repeat(users, counts)
             first = np.cumsum(counts) - counts
@@ -94,12 +99,23 @@ class SequenceIndex:
         order = rng.permutation(len(users))
         return users[order], cuts[order]
 
-    def window_targets(self, users: np.ndarray, cuts: np.ndarray, max_len: int) -> np.ndarray:
+    def window_targets(
+        self, users: np.ndarray, cuts: np.ndarray, max_len: int, window_step: int | None = None
+    ) -> np.ndarray:
         """(S, max_len) targets of the inputs ``histories(users, cuts, max_len)``: the item
-        after each input slot, 0 where the slot is padding. Slot -1 targets position ``cut``."""
+        after each input slot, 0 where the slot is padding or not trained. Slot -1 targets
+        position ``cut``; with ``window_step`` only the last ``window_step`` slots train (the
+        earlier targets belong to the window ending ``window_step`` positions earlier, or, in a
+        user's first window, are trained here too: no earlier window holds them)."""
         inputs, _ = self.histories(users, cuts, max_len)
         targets, _ = self.histories(users, cuts + 1, max_len)
-        return np.where(inputs != 0, targets, 0)
+        targets = np.where(inputs != 0, targets, 0)
+        if window_step is not None and window_step < max_len:
+            # slot j targets position cut - (max_len - 1 - j); earlier windows own those at or
+            # below cut - window_step
+            position = cuts[:, None] - (max_len - 1 - np.arange(max_len))[None, :]
+            targets = np.where(position > cuts[:, None] - window_step, targets, 0)
+        return targets
 
 
 def sampled_negatives(data: SequenceDataset, count: int = 99, seed: int = 12345) -> np.ndarray:

@@ -64,6 +64,7 @@ class TrainConfig:
     loss: str = "full"  # full | sampled
     negatives: int = 100
     train_sampling: str = "random-cut"  # random-cut | all-prefixes | all-positions (causal)
+    window_step: int | None = None  # all-positions: windows step back by this (None: max_len)
     epochs: int = 200
     batch_size: int = 256
     lr: float = 1e-3
@@ -165,6 +166,18 @@ class TrainConfig:
                 "(model='sasrec', or convrec with streaming, and loss='full'), got "
                 f"model={self.model!r}, streaming={self.streaming}, loss={self.loss!r}",
             )
+        if self.window_step is not None:
+            if self.train_sampling != "all-positions":
+                raise ConfigError(
+                    "window_step",
+                    "window_step must come with train_sampling='all-positions' (it sets how "
+                    f"the windows overlap), got train_sampling={self.train_sampling!r}",
+                )
+            if not 1 <= self.window_step <= self.max_len:
+                raise ConfigError(
+                    "window_step",
+                    f"window_step must be in [1, max_len={self.max_len}], got {self.window_step}",
+                )
         if self.streaming and self.model != "convrec":
             raise ConfigError(
                 "streaming", f"streaming is a ConvRec setting; {self.model} has no use for it"

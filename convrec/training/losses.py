@@ -45,7 +45,9 @@ def sampled_softmax_loss(
 def all_positions_loss(
     model: nn.Module, item_ids: Tensor, targets: Tensor, timestamps: Tensor | None
 ) -> Tensor:
-    """Full-softmax cross-entropy of the next item at every real slot of (B, L) windows, from
-    one forward of a causal model (``targets`` (B, L) from ``SequenceIndex.window_targets``)."""
-    scores = model(item_ids, None, timestamps, every_position=True)
-    return F.cross_entropy(scores, targets[item_ids != 0])
+    """Full-softmax cross-entropy of the next item at every trained slot of (B, L) windows,
+    from one forward of a causal model (``targets`` (B, L) from
+    ``SequenceIndex.window_targets``: 0 at padding and at slots that are context only)."""
+    slots = targets != 0
+    scores = model(item_ids, None, timestamps, every_position=True, slots=slots)
+    return F.cross_entropy(scores, targets[slots])

@@ -100,7 +100,9 @@ def train_one_epoch(
     rng = np.random.default_rng(_epoch_seed(config, epoch, 0))
     torch.manual_seed(_epoch_seed(config, epoch, 1 + 3 * group.rank))  # dropout
     negatives = torch.Generator().manual_seed(_epoch_seed(config, epoch, 2 + 3 * group.rank))
-    users, cuts = index.train_samples(config.train_sampling, rng, config.max_len)
+    users, cuts = index.train_samples(
+        config.train_sampling, rng, config.max_len, config.window_step
+    )
     if len(users) == 0:
         raise ValueError("no training samples: every user has fewer than 4 interactions")
     batch_size = config.batch_size
@@ -126,7 +128,7 @@ def train_one_epoch(
         u, c = users[first : first + batch_size], cuts[first : first + batch_size]
         ids, times = index.histories(u, c, config.max_len)
         if config.train_sampling == "all-positions":
-            targets = index.window_targets(u, c, config.max_len)
+            targets = index.window_targets(u, c, config.max_len, config.window_step)
             if trim_padding:
                 ids, times, targets = _without_shared_padding(ids, times, targets)
         ids_t = torch.from_numpy(ids).to(group.device)
