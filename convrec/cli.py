@@ -203,6 +203,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
+    from convrec.training.allocator import keep_freed_memory
     from convrec.training.config import read_config_file
     from convrec.training.trainer import train
 
@@ -222,6 +223,7 @@ def _train(args: argparse.Namespace) -> None:
         if args.config:
             raise ConfigError(error.key, f"{args.config}: {error}") from None
         raise
+    keep_freed_memory()  # a training loop reuses its large blocks (convrec.training.allocator)
     summary = train(config, args.out, resume=args.resume, progress=not args.no_progress)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one process prints
         print(json.dumps(summary["test"], indent=2, sort_keys=True))
