@@ -59,8 +59,9 @@ step gpu_tests 85 "$python" -m pytest -q -x -p no:cacheprovider tests/test_downs
   tests/test_stack_dropout.py tests/test_stream_downscale.py --junitxml="$work/gpu_tests.xml"
 step encoder_step 110 "$python" -m benchmarks.encoder_step --device cuda --budget-s 80 \
   --out "$work/encoder_step"
+# eager series only: compiling the push takes ~12 s per length, more than the step's limit
 step streaming_cost 25 "$python" -m benchmarks.streaming_cost --device cuda --repeats 5 \
-  --out "$work/streaming_cost"
+  --series "streaming push" "full recompute" "SASRec KV cache" --out "$work/streaming_cost"
 step epoch_convrec 35 epoch convrec --model convrec --train-sampling all-prefixes
 step epoch_convrec_compiled 40 epoch convrec_compiled --model convrec \
   --train-sampling all-prefixes --compile
