@@ -88,7 +88,7 @@ class StackDropout(NamedTuple):
         d = y.shape[-1]
         rows = y.numel() // max(d, 1)
         backend = resolve("stack_dropout", self.backend, y.device)
-        if backend in ("cpp", "cuda") and y.dtype in EXTENSION_DTYPES[y.device.type]:
+        if backend in ("cpp", "cuda") and y.dtype in EXTENSION_DTYPES.get(y.device.type, ()):
             return torch.ops.convrec.stack_dropout(y, self.seed, level, self.p)
         if backend == "triton":
             threshold = keep_threshold(self.p)
