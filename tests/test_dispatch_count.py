@@ -1,7 +1,8 @@
-"""A ``ConvRecEncoder`` step on the extension is a handful of dispatched ops whatever the
-number of levels (issue: a GPU step was 150-200 launches, one per small op). Counted with a
-``TorchDispatchMode``, which sees every op the Python side dispatches (not the ATen calls the
-extension makes inside its kernels)."""
+"""A ``ConvRecEncoder`` step on the extension and on Triton is a handful of dispatched ops
+whatever the number of levels (issue: a GPU step was 150-200 launches, one per small op).
+Counted with a ``TorchDispatchMode``, which sees every op the Python side dispatches (not the
+ATen calls the extension makes inside its kernels, nor what a custom op's implementation
+runs: the Triton launches and their buffer allocations)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from convrec import ConvRecEncoder
-from convrec.ops.dispatch import extension_status
+from convrec.ops.dispatch import extension_status, triton_status
 
 MAX_OPS = 10
 
@@ -39,6 +40,13 @@ def step_ops(encoder: ConvRecEncoder, length: int, masked: bool, device: str = "
 BACKENDS = [
     pytest.param("cpp", marks=pytest.mark.skipif(extension_status() is not None, reason="no _C")),
     pytest.param(
+        "triton",
+        marks=pytest.mark.skipif(
+            triton_status("cuda" if torch.cuda.is_available() else "cpu") is not None,
+            reason="Triton cannot run here",
+        ),
+    ),
+    pytest.param(
         "cuda",
         marks=pytest.mark.skipif(
             extension_status("cuda") is not None or not torch.cuda.is_available(),
@@ -52,7 +60,9 @@ BACKENDS = [
 @pytest.mark.parametrize("training", [False, True])
 @pytest.mark.parametrize("mask_aware", [False, True])
 def test_extension_step_is_a_handful_of_ops(backend: str, training: bool, mask_aware: bool) -> None:
-    device = "cuda" if backend == "cuda" else "cpu"
+    on_gpu = backend == "cuda" or (backend == "triton" and torch.cuda.is_available())
+    device = "cuda" if on_gpu else "cpu"
+    op = "convrec.downscale_triton" if backend == "triton" else "convrec.downscale"
     counts = set()
     schedules = (((7, 7),), ((2, 2), (3, 2), (5, 5)), ((4, 4),) * 6)
     for length, levels in zip((50, 50, 4096), schedules, strict=True):
@@ -60,8 +70,8 @@ def test_extension_step_is_a_handful_of_ops(backend: str, training: bool, mask_a
         encoder.to(device).train(training)
         ops = step_ops(encoder, length, masked=True, device=device)
         assert len(ops) <= MAX_OPS, ops
-        assert ops.count("convrec.downscale.default") == 1
-        assert ops.count("convrec.downscale_backward.default") == 1
+        assert ops.count(f"{op}.default") == 1
+        assert ops.count(f"{op}_backward.default") == 1
         counts.add(len(ops))
     assert len(counts) == 1  # independent of the number of levels and of L
 

@@ -25,6 +25,7 @@ from torch import Tensor
 from convrec.ops.conv_pool import ConvPoolOutput, conv_pool
 from convrec.ops.dispatch import kernel_size_problem, resolve
 from convrec.ops.downscale_ext import downscale_extension
+from convrec.ops.downscale_triton import downscale_triton, whole_stack_problem
 from convrec.ops.level_params import LevelParams, PackedLevels, pack_levels
 from convrec.ops.stack_dropout import StackDropout
 
@@ -111,7 +112,9 @@ def downscale(
     gradient). Training-mode dropout draws one seed per call (``StackDropout``), so every
     backend drops the same elements for the same torch seed.
 
-    "triton" runs each level's ``conv_pool`` as a Triton kernel and the rest in PyTorch.
+    "triton" runs the whole stack in one Triton launch per direction (``downscale_triton``);
+    calls that return level outputs, or wider than its limit, run each level's ``conv_pool`` as
+    a Triton kernel and the rest in PyTorch.
     "cpp" / "cuda" run the whole stack in the ``convrec._C`` extension (``downscale_ext``);
     with no levels there is nothing to fuse and the reference computes the position mean.
     ``paper_norm`` (the paper code's LayerNorm, ``paper_layer_norm``) runs on the reference
@@ -127,6 +130,11 @@ def downscale(
         packed = packed or pack_levels(params, heads)
         args = (x, packed, strides, mask, mask_aware, drop, eps, return_levels, residual)
         return DownscaleOutput(*downscale_extension(*args, paper_norm=paper_norm))
+    whole_stack = whole_stack_problem(x.shape[1], x.shape[2], return_levels) is None
+    if backend == "triton" and kernels and whole_stack:
+        packed = packed or pack_levels(params, heads)
+        args = (x, packed, strides, mask, mask_aware, drop, eps, residual)
+        return DownscaleOutput(downscale_triton(*args), [])
     levels = packed.unpack() if packed else list(params)
     conv = functools.partial(conv_pool, backend="triton") if backend == "triton" else conv_pool
     return downscale_reference(

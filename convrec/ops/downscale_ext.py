@@ -37,14 +37,16 @@ def check_inputs(
     strides: Sequence[int],
     mask: Tensor | None,
     residual: Tensor | None,
+    dtypes: dict[str, tuple[torch.dtype, ...]] = EXTENSION_DTYPES,
+    op: str = "the downscale extension",
 ) -> None:
-    """Raise TypeError / ValueError naming the tensor before the op sees it (the dispatch has
-    already matched the backend to the device)."""
-    allowed = EXTENSION_DTYPES.get(x.device.type, ())
+    """Raise TypeError / ValueError naming the tensor before ``op`` sees it (the dispatch has
+    already matched the backend to the device); ``dtypes``: what ``op`` takes per device type."""
+    allowed = dtypes.get(x.device.type, ())
     if x.dtype not in allowed:
         names = ", ".join(str(t) for t in allowed) or "no dtype"
         raise TypeError(
-            f"the downscale extension supports {names} on {x.device.type}, got x of {x.dtype}; "
+            f"{op} supports {names} on {x.device.type}, got x of {x.dtype}; "
             'use backend="reference" for this dtype'
         )
     if x.dim() != 3 or x.shape[0] == 0 or x.shape[1] == 0:

@@ -22,6 +22,12 @@ _INTERPRETER_CHANNELS = 128
 # Rows and channels of one gather / scatter tile.
 _GPU_GATHER = (32, 128)
 _INTERPRETER_GATHER = (256, 256)
+# Whole-stack kernels (triton/downscale.py): windows per tile, warps and software-pipelining
+# stages. One program per batch row, so occupancy does not matter and registers do: 16 x 64
+# tiles with 8 warps and no pipelining compile without register spills for sm_90 (ptxas report
+# of benchmarks/triton_resources.py), where 32-window tiles or 4 warps spill kilobytes.
+_GPU_STACK = {"windows": 16, "num_warps": 8, "num_stages": 1}
+_INTERPRETER_STACK = {"windows": 128, "num_warps": 4, "num_stages": 1}
 # Cap on the fp32 elements of the per-program weight-gradient partials (64 MiB).
 _PARTIAL_BUDGET = 1 << 24
 # Programs per streaming multiprocessor the weight-gradient grid aims for.
@@ -52,6 +58,11 @@ def gather_blocks(rows: int, width: int) -> tuple[int, int]:
         max(1, min(max_rows, triton.next_power_of_2(rows))),
         max(1, min(max_cols, triton.next_power_of_2(width))),
     )
+
+
+def stack_launch() -> dict[str, int]:
+    """Tile height ("windows"), num_warps and num_stages of the whole-stack kernels."""
+    return dict(_INTERPRETER_STACK if interpreting() else _GPU_STACK)
 
 
 def partial_programs(

@@ -24,6 +24,21 @@ def _mix(x):
 
 
 @triton.jit
+def dropout_factors(seed_ptr, level, n, c, threshold, scale):
+    """(rows, cols) tile: ``scale`` where level ``level`` keeps element (row ``n``, channel
+    ``c``) under the seed at ``seed_ptr``, else 0 (``n``, ``c``: int64 vectors). Shared with
+    the whole-stack kernels (``triton/downscale.py``), which recompute it where they need it."""
+    s0 = tl.load(seed_ptr).to(tl.int64) & 0xFFFFFFFF
+    s1 = tl.load(seed_ptr + 1).to(tl.int64) & 0xFFFFFFFF
+    salted = (tl.cast(level, tl.int64) + 0x9E3779B9) & 0xFFFFFFFF
+    level_key = _mix(s0 ^ _mix(s1 ^ _mix(salted)))
+    row_hi = ((n >> 32) + 0x85EBCA6B) & 0xFFFFFFFF
+    row_key = _mix(level_key ^ _mix((n & 0xFFFFFFFF) ^ _mix(row_hi)))
+    h = _mix((row_key[:, None] + c[None, :] * 0x7FEB352D) & 0xFFFFFFFF)
+    return tl.where((h >> 8) >= threshold, scale, 0.0)
+
+
+@triton.jit
 def _keep_factors_kernel(
     seed_ptr,
     out_ptr,
@@ -37,14 +52,7 @@ def _keep_factors_kernel(
 ):
     n = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
     c = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D).to(tl.int64)
-    s0 = tl.load(seed_ptr).to(tl.int64) & 0xFFFFFFFF
-    s1 = tl.load(seed_ptr + 1).to(tl.int64) & 0xFFFFFFFF
-    salted = (level.to(tl.int64) + 0x9E3779B9) & 0xFFFFFFFF
-    level_key = _mix(s0 ^ _mix(s1 ^ _mix(salted)))
-    row_hi = ((n >> 32) + 0x85EBCA6B) & 0xFFFFFFFF
-    row_key = _mix(level_key ^ _mix((n & 0xFFFFFFFF) ^ _mix(row_hi)))
-    h = _mix((row_key[:, None] + c[None, :] * 0x7FEB352D) & 0xFFFFFFFF)
-    factor = tl.where((h >> 8) >= threshold, scale, 0.0)
+    factor = dropout_factors(seed_ptr, level, n, c, threshold, scale)
     inside = (n[:, None] < rows) & (c[None, :] < d)
     tl.store(out_ptr + n[:, None] * d + c[None, :], factor, mask=inside)
 
