@@ -27,15 +27,16 @@ SCHEDULES = {
 }
 
 
-def float64_case(levels, heads, mask_aware, dropout, residual, length=23, d=16, seed=3):
+def float64_case(levels, heads, mask_aware, dropout, residual, length=23, d=16, seed=3, batch=3):
     """Outputs and every gradient of the Triton stack and the reference, float64, same seed."""
     torch.manual_seed(seed)
     params = make_params(d, levels, heads, torch.float64, DEVICE)
-    x = torch.randn(3, length, d, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    shape = (batch, length, d)
+    x = torch.randn(shape, dtype=torch.float64, device=DEVICE, requires_grad=True)
     res = None
     if residual:
-        res = torch.randn(3, length, d, dtype=torch.float64, device=DEVICE, requires_grad=True)
-    mask = padding_mask(3, length).to(DEVICE)
+        res = torch.randn(shape, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    mask = padding_mask(batch, length).to(DEVICE)
     kwargs = {"mask_aware": mask_aware, "dropout": dropout, "training": dropout > 0}
     fast = run("triton", x, params, levels, heads, mask, res, **kwargs)
     slow = run("reference", x, params, levels, heads, mask, res, **kwargs)
@@ -58,6 +59,27 @@ def test_float64_dropout_and_residual(schedule: str, mask_aware: bool) -> None:
     gets its own gradient."""
     fast, slow = float64_case(SCHEDULES[schedule], 2, mask_aware, 0.3, True)
     assert len(fast) == 3 + 8 * len(SCHEDULES[schedule])  # user, x, residual, parameters
+    for i, (f, s) in enumerate(zip(fast, slow, strict=True)):
+        torch.testing.assert_close(f, s, rtol=1e-10, atol=1e-12, msg=f"output {i}")
+
+
+@pytest.mark.parametrize(
+    ("schedule", "split", "chunks"), [("tiling", 2, 3), ("mixed", 1, 3), ("overlapping", 0, 1)]
+)
+@pytest.mark.parametrize("mask_aware", [False, True])
+def test_chunked_rows_equal_reference(
+    schedule: str, split: int, chunks: int, mask_aware: bool
+) -> None:
+    """Long enough rows are split into chunks over the leading kernel == stride levels (one
+    program each, then one per row for the rest): the same float64 results, dropout included."""
+    levels = SCHEDULES[schedule]
+    kernels_module = triton_kernels("downscale")
+    kernels, strides = tuple(k for k, _ in levels), tuple(s for _, s in levels)
+    layout = kernels_module.stack_layout(40, kernels, strides, 16, 2)
+    budget = triton_kernels("launch").stack_chunks(torch.device(DEVICE))
+    plan = kernels_module.chunking(layout, 2, *budget)
+    assert (plan.split, plan.chunks) == (split, chunks)
+    fast, slow = float64_case(levels, 2, mask_aware, 0.3, True, length=40, batch=2)
     for i, (f, s) in enumerate(zip(fast, slow, strict=True)):
         torch.testing.assert_close(f, s, rtol=1e-10, atol=1e-12, msg=f"output {i}")
 
@@ -189,7 +211,7 @@ needs_gpu = pytest.mark.skipif(not CUDA, reason="needs a GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("mask_aware", [False, True])
 def test_cuda_dtypes_follow_the_tolerance_rule(dtype: torch.dtype, mask_aware: bool) -> None:
-    for length in (1, 4, 50, 300):
+    for length in (4, 50, 3000):  # 3000: chunked rows (1,024 positions a chunk)
         mask = padding_mask(3, length)
         args = (3, length, 64, SCHEDULES["mixed"], 2, mask, "cuda", True)
         compare("triton", dtype, *args, mask_aware=mask_aware)

@@ -1,15 +1,19 @@
 """Triton kernels of ``downscale``: the whole level stack in one launch per direction.
 
 A program owns one batch row and walks every level of the stack (levels depend on each other
-position by position, so a row is the natural unit of work that needs no grid-wide barrier);
-within a level it walks tiles of ``BLOCK_W`` windows with all D channels in registers, so the
-Linear, GELU, dropout, residual mix and LayerNorm of a window run where its convolution was
-computed. Level outputs go to a per-row workspace that the next level reads back after a
-``tl.debug_barrier`` (the threads of a program share global memory, not registers).
+position by position, so a row is the natural unit of work that needs no grid-wide barrier).
+Long rows are cut into chunks over their leading kernel == stride levels (``chunking``): those
+windows tile the positions, so a chunk's windows at every such level depend on its own inputs
+only, and one program per chunk walks them; a second launch runs the remaining levels and the
+readout per row. Within a level a program walks tiles of ``BLOCK_W`` windows with all D channels
+in registers, so the Linear, GELU, dropout, residual mix and LayerNorm of a window run where its
+convolution was computed. Level outputs go to a per-row workspace that the next level reads
+back after a ``tl.debug_barrier`` (the threads of a program share global memory, not registers).
 
-Launches per call: forward = ``_fold_levels`` + ``_stack_forward``; backward =
-``_stack_backward`` + ``_sum_partials`` + ``_unfold_levels``. None of them is a dispatched op:
-the Python wrappers (``convrec.ops.downscale_triton``) make each direction one custom op.
+Launches per call: forward = ``_fold_levels`` + ``_stack_forward`` (twice when chunked);
+backward = ``_stack_backward`` (twice when chunked) + ``_sum_partials`` + ``_unfold_levels``.
+None of them is a dispatched op: the Python wrappers (``convrec.ops.downscale_triton``) make
+each direction one custom op.
 
 * ``_fold_levels`` folds each level's grouped conv and Linear into one (D, D) weight per kernel
   offset j, ``W_j = blockdiag(conv_j) @ linear^T``, and the bias ``linear @ conv_b + lin_b``.
@@ -20,7 +24,7 @@ the Python wrappers (``convrec.ops.downscale_triton``) make each direction one c
   level input, takes the gradient through LayerNorm, the mix, dropout and GELU (``g_z``), and
   scatters ``g_z @ W_j^T`` plus the pooled terms to the window's input positions: a plain store
   when kernel == stride (each position has one window), a read-add-write separated by barriers
-  otherwise. Pass B sums ``x_j^T @ g_z`` per offset into this row's fp32 (fp64) partial.
+  otherwise. Pass B sums ``x_j^T @ g_z`` per offset into this program's fp32 (fp64) partial.
 * ``_sum_partials`` adds the per-row partials in a fixed order (deterministic), and
   ``_unfold_levels`` maps the folded gradients back onto the packed layout
   (``convrec.ops.level_params``): one gradient for the whole stack.
@@ -48,7 +52,7 @@ from torch import Tensor
 
 from convrec.schedule import level_geometry
 
-from .launch import stack_launch
+from .launch import stack_chunks, stack_launch
 from .stack_dropout import dropout_factors
 
 # Columns of the plan table (constexpr: the kernels index it with these names).
@@ -153,6 +157,24 @@ def _param_offsets(base, d, hd, k):
 
 
 @triton.jit
+def _window_range(plan_ptr, level, last, chunk, chunk_units):
+    """[lo, hi) of level ``level``'s windows that ``chunk`` computes: its ``chunk_units``
+    positions of the output of level ``last - 1``, followed down through the levels between
+    (the inputs of a window range are the windows of the level below)."""
+    lo = chunk * chunk_units
+    hi = tl.minimum(lo + chunk_units, _field(plan_ptr, last - 1, N_OUT))
+    for step in range(0, last - 1 - level):
+        above = last - 1 - step
+        k = _field(plan_ptr, above, K)
+        s = _field(plan_ptr, above, S)
+        pad = _field(plan_ptr, above, PAD)
+        new_lo = tl.maximum(lo * s - pad, 0)
+        hi = tl.minimum((hi - 1) * s + k - pad, _field(plan_ptr, above, N_IN))
+        lo = new_lo
+    return lo, hi
+
+
+@triton.jit
 def _dot(a, b, acc, like_ptr, HALF_DOT: tl.constexpr, PRECISION: tl.constexpr):
     """acc + a @ b; with HALF_DOT the operands go to the tensor cores in ``like_ptr``'s dtype."""
     if HALF_DOT:
@@ -247,8 +269,8 @@ def _gelu_parts(z):
 
 @triton.jit
 def _level_forward(
-    level, b, src, res_src, mask_row, plan_ptr, params_ptr, fold_ptr, seed_ptr, ws, like_ptr,
-    d, hd, threshold, scale, eps,
+    level, w_lo, w_hi, b, src, res_src, mask_row, plan_ptr, params_ptr, fold_ptr, seed_ptr, ws,
+    like_ptr, d, hd, threshold, scale, eps,
     BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr, FIRST: tl.constexpr, HAS_MASK: tl.constexpr,
     HAS_RES: tl.constexpr, MASK_AWARE: tl.constexpr, DROPOUT: tl.constexpr,
     HALF_DOT: tl.constexpr, PRECISION: tl.constexpr,
@@ -274,9 +296,9 @@ def _level_forward(
     beta = tl.load(params_ptr + beta_at).to(acc_ty)
     nw = tl.load(params_ptr + nw_at + cols, mask=cols_ok, other=0.0).to(acc_ty)
     nb = tl.load(params_ptr + nb_at + cols, mask=cols_ok, other=0.0).to(acc_ty)
-    for t in range(0, n_out, BLOCK_W):
+    for t in range(w_lo, w_hi, BLOCK_W):
         w = t + tl.arange(0, BLOCK_W)
-        w_ok = w < n_out
+        w_ok = w < w_hi
         acc, pool, real = _window_conv(
             w, w_ok, k, s, pad, n_in, src, mask_row, stat_in, fold_ptr + fold, cols, cols_ok,
             d, like_ptr, acc_ty, BLOCK_W, BLOCK_D, FIRST, HAS_MASK, HAS_RES, MASK_AWARE,
@@ -314,12 +336,16 @@ def _level_forward(
 @triton.jit
 def _stack_forward(
     x_ptr, res_ptr, mask_ptr, params_ptr, fold_ptr, plan_ptr, seed_ptr, ws_ptr, user_ptr,
-    length, levels, d, hd, ws_row, threshold, scale_hi, scale_lo, eps_hi, eps_lo,
+    length, levels, first, last, chunk_units, readout, d, hd, ws_row, threshold, scale_hi,
+    scale_lo, eps_hi, eps_lo,
     BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr, HAS_MASK: tl.constexpr, HAS_RES: tl.constexpr,
     MASK_AWARE: tl.constexpr, DROPOUT: tl.constexpr, HALF_DOT: tl.constexpr,
     PRECISION: tl.constexpr,
 ):  # fmt: skip
+    """Program (b, chunk): levels [first, last) of batch row b over the chunk's windows, then
+    (``readout``) the user vector."""
     b = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
     ws = ws_ptr + b * ws_row
     acc_ty = ws_ptr.dtype.element_ty
     scale = tl.cast(scale_hi, acc_ty) + tl.cast(scale_lo, acc_ty)  # fp64: ~48 bits
@@ -330,22 +356,36 @@ def _stack_forward(
     else:
         res_src = src
     mask_row = mask_ptr + b * length
-    _level_forward(
-        0, b, src, res_src, mask_row, plan_ptr, params_ptr, fold_ptr, seed_ptr, ws, x_ptr, d,
-        hd, threshold, scale, eps, BLOCK_W, BLOCK_D, True, HAS_MASK, HAS_RES, MASK_AWARE,
-        DROPOUT, HALF_DOT, PRECISION,
-    )  # fmt: skip
-    for level in range(1, levels):
+    if first == 0:
+        lo, hi = _window_range(plan_ptr, 0, last, chunk, chunk_units)
+        _level_forward(
+            0, lo, hi, b, src, res_src, mask_row, plan_ptr, params_ptr, fold_ptr, seed_ptr, ws,
+            x_ptr, d, hd, threshold, scale, eps, BLOCK_W, BLOCK_D, True, HAS_MASK, HAS_RES,
+            MASK_AWARE, DROPOUT, HALF_DOT, PRECISION,
+        )  # fmt: skip
+    for level in range(tl.maximum(first, 1), last):
         tl.debug_barrier()
         x_in = ws + _field(plan_ptr, level, X_IN)
         r_in = ws + _field(plan_ptr, level, R_IN)
+        lo, hi = _window_range(plan_ptr, level, last, chunk, chunk_units)
         _level_forward(
-            level, b, x_in, r_in, mask_row, plan_ptr, params_ptr, fold_ptr, seed_ptr, ws, x_ptr,
-            d, hd, threshold, scale, eps, BLOCK_W, BLOCK_D, False, HAS_MASK, HAS_RES, MASK_AWARE,
-            DROPOUT, HALF_DOT, PRECISION,
+            level, lo, hi, b, x_in, r_in, mask_row, plan_ptr, params_ptr, fold_ptr, seed_ptr, ws,
+            x_ptr, d, hd, threshold, scale, eps, BLOCK_W, BLOCK_D, False, HAS_MASK, HAS_RES,
+            MASK_AWARE, DROPOUT, HALF_DOT, PRECISION,
         )  # fmt: skip
+    if readout != 0:
+        _readout(plan_ptr, levels, ws, user_ptr + b * d, d, BLOCK_W, BLOCK_D, MASK_AWARE)
+
+
+@triton.jit
+def _readout(
+    plan_ptr, levels, ws, user_row, d,
+    BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr, MASK_AWARE: tl.constexpr,
+):  # fmt: skip
+    """The user vector: mean over the last level's windows (mask-aware: the real ones); its
+    divisor goes to ws[0] for the backward."""
+    acc_ty = ws.dtype.element_ty
     tl.debug_barrier()
-    # the user vector: mean over the last level's windows (mask-aware: the real ones)
     top = levels - 1
     n_top = _field(plan_ptr, top, N_OUT)
     x_top = ws + _field(plan_ptr, top, X_OUT)
@@ -363,7 +403,7 @@ def _stack_forward(
         total += tl.sum(tl.load(tile, mask=w_ok[:, None] & cols_ok[None, :], other=0.0), 0)
         count += w_ok.to(acc_ty)
     divisor = tl.maximum(tl.sum(count, 0), 1.0)
-    tl.store(user_ptr + b * d + cols, total / divisor, mask=cols_ok)
+    tl.store(user_row + cols, total / divisor, mask=cols_ok)
     tl.store(ws + tl.arange(0, 1), divisor + tl.zeros((1,), acc_ty))
 
 
@@ -380,8 +420,8 @@ def _write_input_grads(gx_row, gres_row, at, g_x, g_r, inside, HAS_RES: tl.const
 
 @triton.jit
 def _level_backward(
-    level, levels, b, src, res_src, mask_row, g_user_row, gx_row, gres_row, plan_ptr, params_ptr,
-    fold_ptr, seed_ptr, ws, gws, part, like_ptr, d, hd, threshold, scale, eps,
+    level, w_lo, w_hi, levels, b, src, res_src, mask_row, g_user_row, gx_row, gres_row, plan_ptr,
+    params_ptr, fold_ptr, seed_ptr, ws, gws, part, like_ptr, d, hd, threshold, scale, eps,
     BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr, FIRST: tl.constexpr, HAS_MASK: tl.constexpr,
     HAS_RES: tl.constexpr, MASK_AWARE: tl.constexpr, DROPOUT: tl.constexpr,
     HALF_DOT: tl.constexpr, PRECISION: tl.constexpr,
@@ -419,7 +459,7 @@ def _level_backward(
     g_user = tl.load(g_user_row + cols, mask=cols_ok, other=0.0).to(acc_ty)
     user_divisor = tl.load(ws)
     overlap = k > s
-    if overlap:  # several windows add to a position: start from zero
+    if overlap:  # several windows add to a position: start from zero (one chunk per row)
         for t in range(0, n_in, BLOCK_W):
             p = t + tl.arange(0, BLOCK_W)
             at = p[:, None] * d + cols[None, :]
@@ -434,9 +474,9 @@ def _level_backward(
     g_alpha = tl.zeros((BLOCK_D,), acc_ty)
     g_beta = tl.zeros((BLOCK_D,), acc_ty)
     # pass A: gradient of each window's pre-activation, scattered to its input positions
-    for t in range(0, n_out, BLOCK_W):
+    for t in range(w_lo, w_hi, BLOCK_W):
         w = t + tl.arange(0, BLOCK_W)
-        w_ok = w < n_out
+        w_ok = w < w_hi
         at = w[:, None] * d + cols[None, :]
         tile_ok = w_ok[:, None] & cols_ok[None, :]
         acc, pool, real = _window_conv(
@@ -517,9 +557,9 @@ def _level_backward(
     # pass B: this row's share of each offset's folded weight gradient, sum_w x_j^T g_z
     for j in range(k):
         g_w = tl.zeros((BLOCK_D, BLOCK_D), acc_ty)
-        for t in range(0, n_out, BLOCK_W):
+        for t in range(w_lo, w_hi, BLOCK_W):
             w = t + tl.arange(0, BLOCK_W)
-            w_ok = w < n_out
+            w_ok = w < w_hi
             pos = w * s + j - pad
             in_range = w_ok & (pos >= 0) & (pos < n_in)
             x_ok, _r_ok, _real = _row_masks(
@@ -540,16 +580,19 @@ def _level_backward(
 def _stack_backward(
     g_user_ptr, x_ptr, res_ptr, mask_ptr, params_ptr, fold_ptr, plan_ptr, seed_ptr, ws_ptr,
     gws_ptr, part_ptr, gx_ptr, gres_ptr,
-    length, levels, d, hd, ws_row, gws_row, part_row, threshold, scale_hi, scale_lo, eps_hi,
-    eps_lo,
+    length, levels, first, last, chunk_units, chunks, d, hd, ws_row, gws_row, part_row,
+    threshold, scale_hi, scale_lo, eps_hi, eps_lo,
     BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr, HAS_MASK: tl.constexpr, HAS_RES: tl.constexpr,
     MASK_AWARE: tl.constexpr, DROPOUT: tl.constexpr, HALF_DOT: tl.constexpr,
     PRECISION: tl.constexpr,
 ):  # fmt: skip
+    """Program (b, chunk): levels [first, last) of batch row b in reverse over the chunk's
+    windows; its parameter-gradient partials go to partial row b * chunks + chunk."""
     b = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
     ws = ws_ptr + b * ws_row
     gws = gws_ptr + b * gws_row
-    part = part_ptr + b * part_row
+    part = part_ptr + (b * chunks + chunk) * part_row
     acc_ty = ws_ptr.dtype.element_ty
     scale = tl.cast(scale_hi, acc_ty) + tl.cast(scale_lo, acc_ty)  # fp64: ~48 bits
     eps = tl.cast(eps_hi, acc_ty) + tl.cast(eps_lo, acc_ty)
@@ -562,35 +605,50 @@ def _stack_backward(
     g_user_row = g_user_ptr + b * d
     gx_row = gx_ptr + b * length * d
     gres_row = gres_ptr + b * length * d
-    for step in range(0, levels - 1):
-        level = levels - 1 - step
+    for step in range(0, last - tl.maximum(first, 1)):
+        level = last - 1 - step
         tl.debug_barrier()
         x_in = ws + _field(plan_ptr, level, X_IN)
         r_in = ws + _field(plan_ptr, level, R_IN)
+        lo, hi = _window_range(plan_ptr, level, last, chunk, chunk_units)
         _level_backward(
-            level, levels, b, x_in, r_in, mask_row, g_user_row, gx_row, gres_row, plan_ptr,
-            params_ptr, fold_ptr, seed_ptr, ws, gws, part, x_ptr, d, hd, threshold, scale, eps,
-            BLOCK_W, BLOCK_D, False, HAS_MASK, HAS_RES, MASK_AWARE, DROPOUT, HALF_DOT, PRECISION,
+            level, lo, hi, levels, b, x_in, r_in, mask_row, g_user_row, gx_row, gres_row,
+            plan_ptr, params_ptr, fold_ptr, seed_ptr, ws, gws, part, x_ptr, d, hd, threshold,
+            scale, eps, BLOCK_W, BLOCK_D, False, HAS_MASK, HAS_RES, MASK_AWARE, DROPOUT, HALF_DOT,
+            PRECISION,
         )  # fmt: skip
-    tl.debug_barrier()
-    _level_backward(
-        0, levels, b, src, res_src, mask_row, g_user_row, gx_row, gres_row, plan_ptr, params_ptr,
-        fold_ptr, seed_ptr, ws, gws, part, x_ptr, d, hd, threshold, scale, eps, BLOCK_W,
-        BLOCK_D, True, HAS_MASK, HAS_RES, MASK_AWARE, DROPOUT, HALF_DOT, PRECISION,
-    )  # fmt: skip
-    if _field(plan_ptr, 0, K) > _field(plan_ptr, 0, S):  # level 0 added them up in the workspace
+    if first == 0:
         tl.debug_barrier()
-        cols = tl.arange(0, BLOCK_D)
-        cols_ok = cols < d
-        gx_in = gws + _field(plan_ptr, 0, GX_IN)
-        gr_in = gws + _field(plan_ptr, 0, GR_IN)
-        for t in range(0, length, BLOCK_W):
-            p = t + tl.arange(0, BLOCK_W)
-            at = p[:, None] * d + cols[None, :]
-            inside = (p < length)[:, None] & cols_ok[None, :]
-            g_x = tl.load(gx_in + at, mask=inside, other=0.0)
-            g_r = tl.load(gr_in + at, mask=inside, other=0.0)
-            _write_input_grads(gx_row, gres_row, at, g_x, g_r, inside, HAS_RES)
+        lo, hi = _window_range(plan_ptr, 0, last, chunk, chunk_units)
+        _level_backward(
+            0, lo, hi, levels, b, src, res_src, mask_row, g_user_row, gx_row, gres_row, plan_ptr,
+            params_ptr, fold_ptr, seed_ptr, ws, gws, part, x_ptr, d, hd, threshold, scale, eps,
+            BLOCK_W, BLOCK_D, True, HAS_MASK, HAS_RES, MASK_AWARE, DROPOUT, HALF_DOT, PRECISION,
+        )  # fmt: skip
+        if _field(plan_ptr, 0, K) > _field(plan_ptr, 0, S):  # added up in the workspace
+            tl.debug_barrier()
+            _copy_input_grads(
+                gws + _field(plan_ptr, 0, GX_IN), gws + _field(plan_ptr, 0, GR_IN), gx_row,
+                gres_row, length, d, BLOCK_W, BLOCK_D, HAS_RES,
+            )  # fmt: skip
+
+
+@triton.jit
+def _copy_input_grads(
+    gx_in, gr_in, gx_row, gres_row, length, d,
+    BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr, HAS_RES: tl.constexpr,
+):  # fmt: skip
+    """Level 0's input gradients, summed in the workspace (overlapping windows), to the op's
+    outputs."""
+    cols = tl.arange(0, BLOCK_D)
+    cols_ok = cols < d
+    for t in range(0, length, BLOCK_W):
+        p = t + tl.arange(0, BLOCK_W)
+        at = p[:, None] * d + cols[None, :]
+        inside = (p < length)[:, None] & cols_ok[None, :]
+        g_x = tl.load(gx_in + at, mask=inside, other=0.0)
+        g_r = tl.load(gr_in + at, mask=inside, other=0.0)
+        _write_input_grads(gx_row, gres_row, at, g_x, g_r, inside, HAS_RES)
 
 
 @triton.jit
@@ -688,6 +746,36 @@ def _split(value: float) -> tuple[float, float]:
     return hi, float(torch.tensor(value - hi, dtype=torch.float32))
 
 
+class Chunking(NamedTuple):
+    """How a call splits each batch row (``chunking``): levels [0, split) run as ``chunks``
+    programs per row, each owning ``chunk_units`` consecutive positions of level ``split``'s
+    input and everything below them; levels [split, levels) and the readout run as one
+    program per row."""
+
+    split: int
+    chunks: int
+    chunk_units: int
+
+
+def chunking(layout: StackLayout, batch: int, programs: int, min_positions: int) -> Chunking:
+    """Split the leading kernel == stride levels (their windows tile the positions, so the
+    chunks share no window) into about ``programs`` programs in all, each covering at least
+    ``min_positions`` input positions; one chunk per row when that does not pay."""
+    rows = layout.rows
+    length = rows[0][N_IN] if rows else 0
+    split = 0
+    while split < len(rows) and rows[split][K] == rows[split][S]:
+        split += 1
+    wanted = min(-(-programs // max(batch, 1)), length // max(min_positions, 1))
+    while split > 0 and rows[split - 1][N_OUT] < 2 * wanted:
+        split -= 1
+    if split == 0 or wanted < 2:
+        return Chunking(0, 1, 0)
+    units = rows[split - 1][N_OUT]
+    chunk_units = -(-units // wanted)
+    return Chunking(split, -(-units // chunk_units), chunk_units)
+
+
 class _RowInputs(NamedTuple):
     """What both whole-stack kernels take besides their buffers: inputs (contiguous, with
     placeholders for absent ones), dropout and eps scalars, and constexprs with launch options."""
@@ -762,11 +850,26 @@ def stack_forward(
     block_d = row.flags["BLOCK_D"]
     grid = (len(kernels), max(kernels))
     _fold_levels[grid](params, fold, table, d, hd, BLOCK_D=block_d, **row.options)
-    _stack_forward[(batch,)](
-        row.x, row.residual, row.mask, params, fold, table, row.seed, ws, user, length,
-        len(kernels), d, hd, plan.forward_row, *row.scalars, **row.flags,
-    )  # fmt: skip
+    levels = len(kernels)
+    for first, last, chunks, units, readout in _phases(plan, batch, x.device):
+        _stack_forward[(batch, chunks)](
+            row.x, row.residual, row.mask, params, fold, table, row.seed, ws, user, length,
+            levels, first, last, units, readout, d, hd, plan.forward_row, *row.scalars,
+            **row.flags,
+        )  # fmt: skip
     return user, ws, fold
+
+
+def _phases(plan: StackLayout, batch: int, device: torch.device) -> list[tuple[int, ...]]:
+    """The forward launches of a call, (first level, last level + 1, chunks per row, units per
+    chunk, readout): the chunked bottom levels, then the rest and the readout per row."""
+    levels = len(plan.rows)
+    split, chunks, units = chunking(plan, batch, *stack_chunks(device))
+    everything = plan.rows[-1][N_OUT]  # one chunk owning all of the last level's outputs
+    if chunks == 1:
+        return [(0, levels, 1, everything, 1)]
+    rest = [(split, levels, 1, everything, 1)] if split < levels else [(levels, levels, 1, 1, 1)]
+    return [(0, split, chunks, units, 0), *rest]
 
 
 def stack_backward(
@@ -790,20 +893,27 @@ def stack_backward(
     plan, table = _plan(length, tuple(kernels), tuple(strides), d, heads, x.device)
     acc = ws.dtype
     gws = torch.empty(batch, plan.backward_row, dtype=acc, device=x.device)
-    part = torch.empty(batch, plan.partial_row, dtype=acc, device=x.device)
+    phases = _phases(plan, batch, x.device)
+    chunks = phases[0][2]  # partial rows per batch row; unwritten slots must read as zero
+    new_part = torch.empty if chunks == 1 else torch.zeros
+    part = new_part(batch * chunks, plan.partial_row, dtype=acc, device=x.device)
     grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     grad_res = None if residual is None else torch.empty_like(grad_x)
     hd = d // heads
     row = _row_inputs(x, residual, mask, seed, mask_aware, dropout, eps)
-    _stack_backward[(batch,)](
-        grad_user.contiguous(), row.x, row.residual, row.mask, params, fold, table, row.seed, ws,
-        gws, part, grad_x, grad_x if grad_res is None else grad_res, length, len(kernels), d, hd,
-        plan.forward_row, plan.backward_row, plan.partial_row, *row.scalars, **row.flags,
-    )  # fmt: skip
+    grad_user = grad_user.contiguous()
+    for first, last, phase_chunks, units, _ in reversed(phases):
+        _stack_backward[(batch, phase_chunks)](
+            grad_user, row.x, row.residual, row.mask, params, fold, table, row.seed, ws, gws,
+            part, grad_x, grad_x if grad_res is None else grad_res, length, len(kernels), first,
+            last, units, chunks, d, hd, plan.forward_row, plan.backward_row, plan.partial_row,
+            *row.scalars, **row.flags,
+        )  # fmt: skip
     summed = torch.empty(plan.partial_row, dtype=acc, device=x.device)
     block = 1024
     grid = (triton.cdiv(plan.partial_row, block),)
-    _sum_partials[grid](part, summed, batch, plan.partial_row, BLOCK=block, **row.options)
+    rows = batch * chunks
+    _sum_partials[grid](part, summed, rows, plan.partial_row, BLOCK=block, **row.options)
     grad_params = torch.empty_like(params)
     block_d = row.flags["BLOCK_D"]
     _unfold_levels[(len(kernels),)](

@@ -28,6 +28,11 @@ _INTERPRETER_GATHER = (256, 256)
 # of benchmarks/triton_resources.py), where 32-window tiles or 4 warps spill kilobytes.
 _GPU_STACK = {"windows": 16, "num_warps": 8, "num_stages": 1}
 _INTERPRETER_STACK = {"windows": 128, "num_warps": 4, "num_stages": 1}
+# Chunks of a batch row's leading kernel == stride levels: programs in all per SM, and the
+# fewest input positions a chunk covers (a program walks its chunk's levels one after another,
+# so short histories stay one program per row). The interpreter splits short rows, for tests.
+_GPU_CHUNK_PROGRAMS_PER_SM, _GPU_CHUNK_POSITIONS = 4, 1024
+_INTERPRETER_CHUNKS = (6, 8)
 # Cap on the fp32 elements of the per-program weight-gradient partials (64 MiB).
 _PARTIAL_BUDGET = 1 << 24
 # Programs per streaming multiprocessor the weight-gradient grid aims for.
@@ -63,6 +68,15 @@ def gather_blocks(rows: int, width: int) -> tuple[int, int]:
 def stack_launch() -> dict[str, int]:
     """Tile height ("windows"), num_warps and num_stages of the whole-stack kernels."""
     return dict(_INTERPRETER_STACK if interpreting() else _GPU_STACK)
+
+
+def stack_chunks(device: torch.device) -> tuple[int, int]:
+    """(programs to aim for in all, fewest input positions per chunk) of the whole-stack
+    kernels (``triton/downscale.py``, ``chunking``)."""
+    if interpreting() or device.type != "cuda":
+        return _INTERPRETER_CHUNKS
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return _GPU_CHUNK_PROGRAMS_PER_SM * sms, _GPU_CHUNK_POSITIONS
 
 
 def partial_programs(
