@@ -189,6 +189,26 @@ def test_encoder_backends_agree_in_training() -> None:
         torch.testing.assert_close(f, r, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.slow
+def test_compiled_encoder_equals_eager_with_dynamic_lengths() -> None:
+    """torch.compile(fullgraph, dynamic) traces the custom ops through their fake
+    implementations (buffer sizes from symbolic lengths) and runs the same kernels."""
+    encoder = ConvRecEncoder(16, ((2, 2), (3, 3)), heads=2, dropout=0.0, mask_aware=True)
+    set_backend(encoder, "triton")
+    encoder = randomise(encoder).to(DEVICE).train()
+    compiled = torch.compile(encoder, fullgraph=True, dynamic=True)
+    for length in (30, 41):
+        x = torch.randn(2, length, 16, device=DEVICE, requires_grad=True)
+        mask = padding_mask(2, length, empty_row=False).to(DEVICE)
+        results = []
+        for run_encoder in (compiled, encoder):
+            user = run_encoder(x, mask)
+            grads = torch.autograd.grad(user.square().sum(), [x, encoder.stack_weights])
+            results.append((user, *grads))
+        for got, expected in zip(*results, strict=True):
+            torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
 def test_errors_name_the_problem() -> None:
     params = make_params(8, SCHEDULES["tiling"], 2, torch.float32, DEVICE)
     x = torch.randn(2, 9, 8, device=DEVICE)
