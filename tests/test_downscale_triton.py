@@ -128,7 +128,7 @@ def test_kernel_layout_repeats_the_packed_layout() -> None:
     kernels_module = triton_kernels("downscale")
     for d, heads, kernels in ((8, 2, (3, 2, 4)), (64, 4, (2, 5, 7)), (24, 3, (1,))):
         layout = kernels_module.stack_layout(50, kernels, (1,) * len(kernels), d, heads)
-        starts = [row[kernels_module.PARAM] for row in layout.rows]
+        starts = [row[kernels_module.PARAM.value] for row in layout.rows]
         sizes = [level_size(d, heads, k) for k in kernels]
         assert starts == [sum(sizes[:i]) for i in range(len(kernels))]
     packed = pack_levels(make_params(8, ((3, 3),), 2), 2)

@@ -25,7 +25,8 @@ each direction one custom op.
   scatters ``g_z @ W_j^T`` plus the pooled terms to the window's input positions: a plain store
   when kernel == stride (each position has one window), a read-add-write separated by barriers
   otherwise. Pass B sums ``x_j^T @ g_z`` per offset into this program's fp32 (fp64) partial.
-* ``_sum_partials`` adds the per-row partials in a fixed order (deterministic), and
+* ``_sum_partials`` adds the per-program partials in a fixed order (deterministic; one buffer
+  per backward launch, holding only its levels' columns, so chunks write no unused slots), and
   ``_unfold_levels`` maps the folded gradients back onto the packed layout
   (``convrec.ops.level_params``): one gradient for the whole stack.
 
@@ -580,19 +581,21 @@ def _level_backward(
 def _stack_backward(
     g_user_ptr, x_ptr, res_ptr, mask_ptr, params_ptr, fold_ptr, plan_ptr, seed_ptr, ws_ptr,
     gws_ptr, part_ptr, gx_ptr, gres_ptr,
-    length, levels, first, last, chunk_units, chunks, d, hd, ws_row, gws_row, part_row,
+    length, levels, first, last, chunk_units, d, hd, ws_row, gws_row, part_row, part_start,
     threshold, scale_hi, scale_lo, eps_hi, eps_lo,
     BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr, HAS_MASK: tl.constexpr, HAS_RES: tl.constexpr,
     MASK_AWARE: tl.constexpr, DROPOUT: tl.constexpr, HALF_DOT: tl.constexpr,
     PRECISION: tl.constexpr,
 ):  # fmt: skip
     """Program (b, chunk): levels [first, last) of batch row b in reverse over the chunk's
-    windows; its parameter-gradient partials go to partial row b * chunks + chunk."""
+    windows. Its parameter-gradient partials go to row b * chunks + chunk of this launch's
+    partial buffer, which holds the layout's partial columns from ``part_start`` on."""
     b = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
+    chunks = tl.num_programs(1)
     ws = ws_ptr + b * ws_row
     gws = gws_ptr + b * gws_row
-    part = part_ptr + (b * chunks + chunk) * part_row
+    part = part_ptr + (b * chunks + chunk) * part_row - part_start
     acc_ty = ws_ptr.dtype.element_ty
     scale = tl.cast(scale_hi, acc_ty) + tl.cast(scale_lo, acc_ty)  # fp64: ~48 bits
     eps = tl.cast(eps_hi, acc_ty) + tl.cast(eps_lo, acc_ty)
@@ -762,16 +765,16 @@ def chunking(layout: StackLayout, batch: int, programs: int, min_positions: int)
     chunks share no window) into about ``programs`` programs in all, each covering at least
     ``min_positions`` input positions; one chunk per row when that does not pay."""
     rows = layout.rows
-    length = rows[0][N_IN] if rows else 0
+    length = rows[0][N_IN.value] if rows else 0
     split = 0
-    while split < len(rows) and rows[split][K] == rows[split][S]:
+    while split < len(rows) and rows[split][K.value] == rows[split][S.value]:
         split += 1
     wanted = min(-(-programs // max(batch, 1)), length // max(min_positions, 1))
-    while split > 0 and rows[split - 1][N_OUT] < 2 * wanted:
+    while split > 0 and rows[split - 1][N_OUT.value] < 2 * wanted:
         split -= 1
     if split == 0 or wanted < 2:
         return Chunking(0, 1, 0)
-    units = rows[split - 1][N_OUT]
+    units = rows[split - 1][N_OUT.value]
     chunk_units = -(-units // wanted)
     return Chunking(split, -(-units // chunk_units), chunk_units)
 
@@ -865,7 +868,7 @@ def _phases(plan: StackLayout, batch: int, device: torch.device) -> list[tuple[i
     chunk, readout): the chunked bottom levels, then the rest and the readout per row."""
     levels = len(plan.rows)
     split, chunks, units = chunking(plan, batch, *stack_chunks(device))
-    everything = plan.rows[-1][N_OUT]  # one chunk owning all of the last level's outputs
+    everything = plan.rows[-1][N_OUT.value]  # one chunk owning all of the last level's outputs
     if chunks == 1:
         return [(0, levels, 1, everything, 1)]
     rest = [(split, levels, 1, everything, 1)] if split < levels else [(levels, levels, 1, 1, 1)]
@@ -893,27 +896,29 @@ def stack_backward(
     plan, table = _plan(length, tuple(kernels), tuple(strides), d, heads, x.device)
     acc = ws.dtype
     gws = torch.empty(batch, plan.backward_row, dtype=acc, device=x.device)
-    phases = _phases(plan, batch, x.device)
-    chunks = phases[0][2]  # partial rows per batch row; unwritten slots must read as zero
-    new_part = torch.empty if chunks == 1 else torch.zeros
-    part = new_part(batch * chunks, plan.partial_row, dtype=acc, device=x.device)
     grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     grad_res = None if residual is None else torch.empty_like(grad_x)
     hd = d // heads
     row = _row_inputs(x, residual, mask, seed, mask_aware, dropout, eps)
     grad_user = grad_user.contiguous()
-    for first, last, phase_chunks, units, _ in reversed(phases):
-        _stack_backward[(batch, phase_chunks)](
+    summed = torch.empty(plan.partial_row, dtype=acc, device=x.device)
+    for first, last, chunks, units, _ in reversed(_phases(plan, batch, x.device)):
+        if first == last:  # the readout alone: nothing to differentiate
+            continue
+        # this launch's partial columns: its levels' (each level's follow the one before)
+        start = plan.rows[first][PART_W.value]
+        end = plan.rows[last][PART_W.value] if last < len(plan.rows) else plan.partial_row
+        part = torch.empty(batch * chunks, end - start, dtype=acc, device=x.device)
+        _stack_backward[(batch, chunks)](
             grad_user, row.x, row.residual, row.mask, params, fold, table, row.seed, ws, gws,
             part, grad_x, grad_x if grad_res is None else grad_res, length, len(kernels), first,
-            last, units, chunks, d, hd, plan.forward_row, plan.backward_row, plan.partial_row,
+            last, units, d, hd, plan.forward_row, plan.backward_row, end - start, start,
             *row.scalars, **row.flags,
         )  # fmt: skip
-    summed = torch.empty(plan.partial_row, dtype=acc, device=x.device)
-    block = 1024
-    grid = (triton.cdiv(plan.partial_row, block),)
-    rows = batch * chunks
-    _sum_partials[grid](part, summed, rows, plan.partial_row, BLOCK=block, **row.options)
+        block = 1024
+        grid = (triton.cdiv(end - start, block),)
+        out = summed[start:end]
+        _sum_partials[grid](part, out, batch * chunks, end - start, BLOCK=block, **row.options)
     grad_params = torch.empty_like(params)
     block_d = row.flags["BLOCK_D"]
     _unfold_levels[(len(kernels),)](
