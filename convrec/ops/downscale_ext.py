@@ -75,6 +75,19 @@ def check_inputs(
         )
 
 
+def autocast_inputs(
+    x: Tensor, packed: PackedLevels, residual: Tensor | None
+) -> tuple[Tensor, PackedLevels, Tensor | None]:
+    """Under ``torch.autocast`` on CUDA, x, the residual and the packed parameters in the
+    autocast dtype, as autocast runs a matmul (the parameters' gradient flows back through the
+    cast); otherwise unchanged. The whole-stack ops run in their inputs' dtype."""
+    if x.device.type != "cuda" or not torch.is_autocast_enabled("cuda"):
+        return x, packed, residual
+    dtype = torch.get_autocast_dtype("cuda")
+    residual = None if residual is None else residual.to(dtype)
+    return x.to(dtype), packed._replace(flat=packed.flat.to(dtype)), residual
+
+
 def first_level_in_place(
     kernel: int, stride: int, pad: int, x: Tensor, mask: Tensor | None
 ) -> bool:
@@ -97,11 +110,7 @@ def downscale_extension(
 ) -> tuple[Tensor, list[Tensor]]:
     """User vectors (B, D) and, with ``return_levels``, every level's output (see
     ``convrec.ops.downscale.downscale_reference`` for the semantics), on the tensors' device."""
-    if x.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
-        dtype = torch.get_autocast_dtype("cuda")  # as autocast runs a matmul: inputs cast
-        x = x.to(dtype)
-        residual = None if residual is None else residual.to(dtype)
-        packed = packed._replace(flat=packed.flat.to(dtype))
+    x, packed, residual = autocast_inputs(x, packed, residual)
     check_inputs(x, packed, strides, mask, residual)
     if paper_norm and x.shape[2] < 2:
         raise ValueError("the paper's LayerNorm (paper_norm=True) needs D >= 2")

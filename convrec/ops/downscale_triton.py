@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from convrec.ops.dispatch import triton_kernels
-from convrec.ops.downscale_ext import check_inputs
+from convrec.ops.downscale_ext import autocast_inputs, check_inputs
 from convrec.ops.level_params import PackedLevels
 from convrec.ops.stack_dropout import StackDropout
 
@@ -58,11 +58,7 @@ def downscale_triton(
 ) -> Tensor:
     """User vectors (B, D) of the whole stack (semantics of
     ``convrec.ops.downscale.downscale_reference``)."""
-    if x.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
-        dtype = torch.get_autocast_dtype("cuda")
-        x = x.to(dtype)
-        residual = None if residual is None else residual.to(dtype)
-        packed = packed._replace(flat=packed.flat.to(dtype))
+    x, packed, residual = autocast_inputs(x, packed, residual)
     check_inputs(x, packed, strides, mask, residual, TRITON_DTYPES, "the Triton downscale")
     user, _, _ = torch.ops.convrec.downscale_triton(
         x,

@@ -147,6 +147,16 @@ def _field(plan_ptr, level, column):
 
 
 @triton.jit
+def _level_geometry(plan_ptr, level):
+    """(kernel, stride, left pad, input and output positions, offset of the folded weights)."""
+    k = _field(plan_ptr, level, K)
+    s = _field(plan_ptr, level, S)
+    pad = _field(plan_ptr, level, PAD)
+    n_in = _field(plan_ptr, level, N_IN)
+    return k, s, pad, n_in, _field(plan_ptr, level, N_OUT), _field(plan_ptr, level, FOLD)
+
+
+@triton.jit
 def _param_offsets(base, d, hd, k):
     """Offsets of conv_bias, linear_weight, linear_bias, alpha, beta, norm_weight, norm_bias of
     the level whose conv_weight starts at ``base`` (``PackedLevels`` layout)."""
@@ -269,6 +279,40 @@ def _gelu_parts(z):
 
 
 @triton.jit
+def _level_vectors(plan_ptr, params_ptr, fold_ptr, level, k, d, hd, cols, cols_ok, acc_ty):
+    """(folded bias, alpha, beta, LayerNorm weight, LayerNorm bias) of a level."""
+    _conv_b, _lin_w, _lin_b, alpha_at, beta_at, nw_at, nb_at = _param_offsets(
+        _field(plan_ptr, level, PARAM), d, hd, k
+    )
+    bias = tl.load(fold_ptr + _field(plan_ptr, level, FOLD) + k * d * d + cols, mask=cols_ok)
+    alpha = tl.load(params_ptr + alpha_at).to(acc_ty)
+    beta = tl.load(params_ptr + beta_at).to(acc_ty)
+    nw = tl.load(params_ptr + nw_at + cols, mask=cols_ok, other=0.0).to(acc_ty)
+    nb = tl.load(params_ptr + nb_at + cols, mask=cols_ok, other=0.0).to(acc_ty)
+    return tl.where(cols_ok, bias, 0.0), alpha, beta, nw, nb
+
+
+@triton.jit
+def _window_factors(
+    real, k, w, b, n_out, level, cols, seed_ptr, threshold, scale, acc_ty,
+    BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr, MASK_AWARE: tl.constexpr,
+    DROPOUT: tl.constexpr,
+):  # fmt: skip
+    """(pool divisor, dropout factors) of the windows ``w``: k or the real positions (at least
+    1); 1 / (1 - p) or 0 per element from the call's seed, or ones."""
+    if MASK_AWARE:
+        divisor = tl.maximum(real, 1).to(acc_ty)[:, None]
+    else:
+        divisor = k.to(acc_ty)
+    factor = tl.full((BLOCK_W, BLOCK_D), 1.0, acc_ty)
+    if DROPOUT:
+        rows = b * n_out + w.to(tl.int64)
+        factor = dropout_factors(seed_ptr, level, rows, cols.to(tl.int64), threshold, scale)
+        factor = factor.to(acc_ty)
+    return divisor, factor
+
+
+@triton.jit
 def _level_forward(
     level, w_lo, w_hi, b, src, res_src, mask_row, plan_ptr, params_ptr, fold_ptr, seed_ptr, ws,
     like_ptr, d, hd, threshold, scale, eps,
@@ -277,26 +321,16 @@ def _level_forward(
     HALF_DOT: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     acc_ty = ws.dtype.element_ty
-    k = _field(plan_ptr, level, K)
-    s = _field(plan_ptr, level, S)
-    pad = _field(plan_ptr, level, PAD)
-    n_in = _field(plan_ptr, level, N_IN)
-    n_out = _field(plan_ptr, level, N_OUT)
-    fold = _field(plan_ptr, level, FOLD)
+    k, s, pad, n_in, n_out, fold = _level_geometry(plan_ptr, level)
     stat_in = ws + _field(plan_ptr, level, STAT_IN)
     x_out = ws + _field(plan_ptr, level, X_OUT)
     r_out = ws + _field(plan_ptr, level, R_OUT)
     stat_out = ws + _field(plan_ptr, level, STAT_OUT)
-    _conv_b, _lin_w, _lin_b, alpha_at, beta_at, nw_at, nb_at = _param_offsets(
-        _field(plan_ptr, level, PARAM), d, hd, k
-    )
     cols = tl.arange(0, BLOCK_D)
     cols_ok = cols < d
-    bias = tl.load(fold_ptr + fold + k * d * d + cols, mask=cols_ok, other=0.0)
-    alpha = tl.load(params_ptr + alpha_at).to(acc_ty)
-    beta = tl.load(params_ptr + beta_at).to(acc_ty)
-    nw = tl.load(params_ptr + nw_at + cols, mask=cols_ok, other=0.0).to(acc_ty)
-    nb = tl.load(params_ptr + nb_at + cols, mask=cols_ok, other=0.0).to(acc_ty)
+    bias, alpha, beta, nw, nb = _level_vectors(
+        plan_ptr, params_ptr, fold_ptr, level, k, d, hd, cols, cols_ok, acc_ty
+    )
     for t in range(w_lo, w_hi, BLOCK_W):
         w = t + tl.arange(0, BLOCK_W)
         w_ok = w < w_hi
@@ -309,16 +343,13 @@ def _level_forward(
             w, w_ok, k, s, pad, n_in, res_src, mask_row, stat_in, cols, cols_ok, d, acc_ty,
             BLOCK_W, BLOCK_D, FIRST, HAS_MASK, HAS_RES, MASK_AWARE,
         )  # fmt: skip
-        if MASK_AWARE:
-            divisor = tl.maximum(real, 1).to(acc_ty)[:, None]
-        else:
-            divisor = k.to(acc_ty)
+        divisor, factor = _window_factors(
+            real, k, w, b, n_out, level, cols, seed_ptr, threshold, scale, acc_ty, BLOCK_W,
+            BLOCK_D, MASK_AWARE, DROPOUT,
+        )  # fmt: skip
         gelu, _cdf = _gelu_parts(acc + bias[None, :])
-        if DROPOUT:
-            rows = b * n_out + w.to(tl.int64)
-            gelu *= dropout_factors(seed_ptr, level, rows, cols.to(tl.int64), threshold, scale)
         pooled_res = res / divisor
-        mixed = gelu + alpha * (pool / divisor) + beta * pooled_res
+        mixed = gelu * factor + alpha * (pool / divisor) + beta * pooled_res
         mean = tl.sum(mixed, 1) / d
         centred = tl.where(cols_ok[None, :], mixed - mean[:, None], 0.0)
         rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, 1) / d + eps)
@@ -428,12 +459,7 @@ def _level_backward(
     HALF_DOT: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     acc_ty = ws.dtype.element_ty
-    k = _field(plan_ptr, level, K)
-    s = _field(plan_ptr, level, S)
-    pad = _field(plan_ptr, level, PAD)
-    n_in = _field(plan_ptr, level, N_IN)
-    n_out = _field(plan_ptr, level, N_OUT)
-    fold = _field(plan_ptr, level, FOLD)
+    k, s, pad, n_in, n_out, fold = _level_geometry(plan_ptr, level)
     stat_in = ws + _field(plan_ptr, level, STAT_IN)
     r_out = ws + _field(plan_ptr, level, R_OUT)
     stat_out = ws + _field(plan_ptr, level, STAT_OUT)
@@ -447,16 +473,12 @@ def _level_backward(
     above = tl.minimum(level + 1, levels - 1)
     gx_out = gws + _field(plan_ptr, above, GX_IN)
     gr_out = gws + _field(plan_ptr, above, GR_IN)
-    _conv_b, _lin_w, _lin_b, alpha_at, beta_at, nw_at, _nb_at = _param_offsets(
-        _field(plan_ptr, level, PARAM), d, hd, k
-    )
     cols = tl.arange(0, BLOCK_D)
     cols_ok = cols < d
     both = cols_ok[:, None] & cols_ok[None, :]
-    bias = tl.load(fold_ptr + fold + k * d * d + cols, mask=cols_ok, other=0.0)
-    alpha = tl.load(params_ptr + alpha_at).to(acc_ty)
-    beta = tl.load(params_ptr + beta_at).to(acc_ty)
-    nw = tl.load(params_ptr + nw_at + cols, mask=cols_ok, other=0.0).to(acc_ty)
+    bias, alpha, beta, nw, _nb = _level_vectors(
+        plan_ptr, params_ptr, fold_ptr, level, k, d, hd, cols, cols_ok, acc_ty
+    )
     g_user = tl.load(g_user_row + cols, mask=cols_ok, other=0.0).to(acc_ty)
     user_divisor = tl.load(ws)
     overlap = k > s
@@ -485,17 +507,12 @@ def _level_backward(
             d, like_ptr, acc_ty, BLOCK_W, BLOCK_D, FIRST, HAS_MASK, HAS_RES, MASK_AWARE,
             HALF_DOT, PRECISION,
         )  # fmt: skip
-        if MASK_AWARE:
-            divisor = tl.maximum(real, 1).to(acc_ty)[:, None]
-        else:
-            divisor = k.to(acc_ty)
+        divisor, factor = _window_factors(
+            real, k, w, b, n_out, level, cols, seed_ptr, threshold, scale, acc_ty, BLOCK_W,
+            BLOCK_D, MASK_AWARE, DROPOUT,
+        )  # fmt: skip
         z = acc + bias[None, :]
         gelu, cdf = _gelu_parts(z)
-        factor = tl.full((BLOCK_W, BLOCK_D), 1.0, acc_ty)
-        if DROPOUT:
-            rows = b * n_out + w.to(tl.int64)
-            factor = dropout_factors(seed_ptr, level, rows, cols.to(tl.int64), threshold, scale)
-            factor = factor.to(acc_ty)
         pooled = pool / divisor
         pooled_res = tl.load(r_out + at, mask=tile_ok, other=0.0)
         mean = tl.load(stat_out + w * 3, mask=w_ok, other=0.0)
