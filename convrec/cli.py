@@ -434,6 +434,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.set_defaults(run=_demo)
 
+    doctor = commands.add_parser(
+        "doctor", help="what this installation can run: convrec._C, Triton, auto's choices"
+    )
+    doctor.set_defaults(run=_doctor)
+
     bench = commands.add_parser(
         "bench", help="benchmarks (research ones: python -m benchmarks.<name> in a checkout)"
     ).add_subparsers(dest="bench", required=True)
@@ -462,6 +467,12 @@ def build_parser() -> argparse.ArgumentParser:
             "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
         )
     return parser
+
+
+def _doctor(args: argparse.Namespace) -> None:
+    from convrec.ops.report import backend_report
+
+    print("\n".join(backend_report()))
 
 
 def main(argv: list[str] | None = None) -> None:

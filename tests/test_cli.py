@@ -8,9 +8,11 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from convrec.checkpoint_file import load_checkpoint
 from convrec.cli import main
+from convrec.ops.dispatch import IMPLEMENTATIONS, extension_status, resolve
 from convrec.readouts import READOUTS
 
 TINY = {"num_users": 120, "num_items": 300, "mean_length": 10, "max_length": 30, "seed": 4}
@@ -86,11 +88,30 @@ def test_recommend(run: pathlib.Path, capsys) -> None:
 
 
 def test_help_everywhere() -> None:
-    for command in ([], ["train"], ["evaluate"], ["recommend"], ["demo"], ["bench", "encoder"]):
+    for command in (
+        [], ["train"], ["evaluate"], ["recommend"], ["demo"], ["doctor"], ["bench", "encoder"]
+    ):  # fmt: skip
         result = subprocess.run(
             [sys.executable, "-m", "convrec", *command, "--help"], capture_output=True, text=True
         )
         assert result.returncode == 0 and "usage: convrec" in result.stdout
+
+
+def test_doctor_says_what_runs_where(capsys) -> None:
+    """One line per device for the extension and Triton, one per op and device with auto's
+    choice; the choices agree with the dispatcher."""
+    main(["doctor"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("torch ")
+    for device in ("cpu", "cuda"):
+        assert sum(line.startswith(f"{device} extension: ") for line in lines) == 1
+        assert sum(line.startswith(f"{device} triton: ") for line in lines) == 1
+    for op in IMPLEMENTATIONS:
+        expected = resolve(op, "auto", torch.device("cpu"))
+        assert f"{op} on cpu: auto runs {expected}" in "\n".join(lines)
+        assert sum(line.startswith(f"{op} on cuda: auto runs ") for line in lines) == 1
+    built = extension_status("cpu") is None
+    assert ("cpu extension: built (float32, float64)" in lines) == built
 
 
 def test_demo(tmp_path: pathlib.Path, capsys) -> None:
