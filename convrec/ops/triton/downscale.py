@@ -79,6 +79,12 @@ PLAN_FIELDS = tl.constexpr(18)
 STATS = 3  # per window: LayerNorm mean, 1 / std, real positions in the window
 
 
+# Integer arguments that change with the history length, the batch or the phase of a call:
+# Triton would compile a variant per value class (1, multiples of 16, others) of each, many
+# compilations per shape mix; offsets are read from the plan anyway, and D stays specialized.
+_VARYING = ("length", "levels", "first", "last", "chunk_units", "ws_row", "threshold")
+
+
 class StackLayout(NamedTuple):
     """Geometry and buffer offsets of one stack on one input length (``stack_layout``)."""
 
@@ -365,7 +371,7 @@ def _level_forward(
         tl.store(stat_out + w * 3 + 2, real.to(acc_ty), mask=w_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=(*_VARYING, "readout"))
 def _stack_forward(
     x_ptr, res_ptr, mask_ptr, params_ptr, fold_ptr, plan_ptr, seed_ptr, ws_ptr, user_ptr,
     length, levels, first, last, chunk_units, readout, d, hd, ws_row, threshold, scale_hi,
@@ -594,7 +600,7 @@ def _level_backward(
         tl.store(part_w + j * d * d + cols[:, None] * d + cols[None, :], g_w, mask=both)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=(*_VARYING, "gws_row", "part_row", "part_start"))
 def _stack_backward(
     g_user_ptr, x_ptr, res_ptr, mask_ptr, params_ptr, fold_ptr, plan_ptr, seed_ptr, ws_ptr,
     gws_ptr, part_ptr, gx_ptr, gres_ptr,
@@ -704,7 +710,7 @@ def _fold_levels(
             tl.store(fold + k * d * d + c, bias, mask=c_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("rows", "width"))
 def _sum_partials(part_ptr, out_ptr, rows, width, BLOCK: tl.constexpr):
     """out[f] = sum over rows of part[row, f], rows in order (deterministic)."""
     f = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
