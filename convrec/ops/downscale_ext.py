@@ -114,7 +114,25 @@ def downscale_extension(
     check_inputs(x, packed, strides, mask, residual)
     if paper_norm and x.shape[2] < 2:
         raise ValueError("the paper's LayerNorm (paper_norm=True) needs D >= 2")
-    user, levels, _ = torch.ops.convrec.downscale(
+    args = stack_op_args(x, packed, strides, mask, mask_aware, dropout, eps, residual)
+    user, levels, _ = torch.ops.convrec.downscale(*args, paper_norm, return_levels)
+    return user, (list(levels) if return_levels else [])
+
+
+def stack_op_args(
+    x: Tensor,
+    packed: PackedLevels,
+    strides: Sequence[int],
+    mask: Tensor | None,
+    mask_aware: bool,
+    dropout: StackDropout | None,
+    eps: float,
+    residual: Tensor | None,
+) -> tuple:
+    """The leading arguments both whole-stack ops take (``convrec.downscale`` here and
+    ``convrec.downscale_triton``): x, residual, mask, the packed tensor, kernels, strides,
+    heads, mask-aware, dropout seed and rate, eps."""
+    return (
         x,
         residual,
         mask,
@@ -126,10 +144,7 @@ def downscale_extension(
         None if dropout is None else dropout.seed,
         0.0 if dropout is None else dropout.p,
         eps,
-        paper_norm,
-        return_levels,
     )
-    return user, (list(levels) if return_levels else [])
 
 
 def _register() -> None:

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from convrec.ops.dispatch import triton_kernels
-from convrec.ops.downscale_ext import autocast_inputs, check_inputs
+from convrec.ops.downscale_ext import autocast_inputs, check_inputs, stack_op_args
 from convrec.ops.level_params import PackedLevels
 from convrec.ops.stack_dropout import StackDropout
 
@@ -60,19 +60,8 @@ def downscale_triton(
     ``convrec.ops.downscale.downscale_reference``)."""
     x, packed, residual = autocast_inputs(x, packed, residual)
     check_inputs(x, packed, strides, mask, residual, TRITON_DTYPES, "the Triton downscale")
-    user, _, _ = torch.ops.convrec.downscale_triton(
-        x,
-        residual,
-        mask,
-        packed.flat,
-        list(packed.kernels),
-        [int(s) for s in strides],
-        packed.heads,
-        mask_aware and mask is not None,
-        None if dropout is None else dropout.seed,
-        0.0 if dropout is None else dropout.p,
-        eps,
-    )
+    args = stack_op_args(x, packed, strides, mask, mask_aware, dropout, eps, residual)
+    user, _, _ = torch.ops.convrec.downscale_triton(*args)
     return user
 
 

@@ -43,6 +43,7 @@ workspace and partial buffers.
 from __future__ import annotations
 
 import functools
+import struct
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -768,8 +769,12 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _split(value: float) -> tuple[float, float]:
     """A double as two fp32 values whose sum is it to ~48 bits (see the module docstring)."""
-    hi = float(torch.tensor(value, dtype=torch.float32))
-    return hi, float(torch.tensor(value - hi, dtype=torch.float32))
+    hi = _to_float32(value)
+    return hi, _to_float32(value - hi)
+
+
+def _to_float32(value: float) -> float:
+    return struct.unpack("f", struct.pack("f", value))[0]
 
 
 class Chunking(NamedTuple):
@@ -886,16 +891,18 @@ def stack_forward(
     return user, ws, fold
 
 
-def _phases(plan: StackLayout, batch: int, device: torch.device) -> list[tuple[int, ...]]:
+@functools.lru_cache(maxsize=256)
+def _phases(plan: StackLayout, batch: int, device: torch.device) -> tuple[tuple[int, ...], ...]:
     """The forward launches of a call, (first level, last level + 1, chunks per row, units per
-    chunk, readout): the chunked bottom levels, then the rest and the readout per row."""
+    chunk, readout): the chunked bottom levels, then the rest and the readout per row. Cached:
+    the forward and the backward of a call, and every call of one shape, ask the same."""
     levels = len(plan.rows)
     split, chunks, units = chunking(plan, batch, *stack_chunks(device))
     everything = plan.rows[-1][N_OUT.value]  # one chunk owning all of the last level's outputs
     if chunks == 1:
-        return [(0, levels, 1, everything, 1)]
-    rest = [(split, levels, 1, everything, 1)] if split < levels else [(levels, levels, 1, 1, 1)]
-    return [(0, split, chunks, units, 0), *rest]
+        return ((0, levels, 1, everything, 1),)
+    rest = (split, levels, 1, everything, 1) if split < levels else (levels, levels, 1, 1, 1)
+    return ((0, split, chunks, units, 0), rest)
 
 
 def stack_backward(
