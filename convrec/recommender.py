@@ -11,17 +11,8 @@ from torch import Tensor, nn
 
 from convrec.checks import check_id_range, check_item_ids
 from convrec.item_encoder import FaithfulItemEncoder, ItemEncoder, LegacyFaithfulItemEncoder
+from convrec.ops.all_items import score_all_items
 from convrec.ops.dispatch import set_backend
-
-
-def score_all_items(users: Tensor, vectors: Tensor) -> Tensor:
-    """``users`` (P, D) against every item ``vectors`` (N + 1, D) -> (P, N + 1), column 0
-    (padding) -inf. The -inf enters as the GEMM's bias row, so the score matrix, the largest
-    tensor of a full-softmax step, is written once: no masked copy of it forward, none of its
-    gradient backward."""
-    padding = torch.zeros(vectors.shape[0], dtype=users.dtype, device=users.device)
-    padding[0] = float("-inf")
-    return torch.addmm(padding, users, vectors.T)
 
 
 class SequentialRecommender(nn.Module):
@@ -99,24 +90,37 @@ class SequentialRecommender(nn.Module):
         every_position: bool = False,
         target_timestamps: Tensor | None = None,
         slots: Tensor | None = None,
-    ) -> Tensor:
+        users_and_items: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
         """``score``, or ``score_positions`` (of ``slots``) with ``every_position``: calling
-        the module lets wrappers such as DDP see the forward."""
+        the module lets wrappers such as DDP see the forward. ``users_and_items`` (all-item
+        scoring only) returns the user vectors and the item table those scores would multiply,
+        for a loss that scores them itself (``convrec.ops.all_items_cross_entropy``)."""
         if every_position:
             if candidates is not None:
                 raise ValueError("every_position scores all items: candidates must be None")
-            return self.score_positions(item_ids, timestamps, slots)
+            return self.score_positions(item_ids, timestamps, slots, users_and_items)
         if slots is not None:
             raise ValueError("slots selects positions to score: pass every_position=True")
+        if users_and_items:
+            if candidates is not None:
+                raise ValueError("users_and_items returns the whole item table: no candidates")
+            self._check_target_dates(None, target_timestamps)
+            return self.encode(item_ids, timestamps), self.item_vectors()
         return self.score(item_ids, candidates, timestamps, target_timestamps)
 
     def score_positions(
-        self, item_ids: Tensor, timestamps: Tensor | None = None, slots: Tensor | None = None
-    ) -> Tensor:
+        self,
+        item_ids: Tensor,
+        timestamps: Tensor | None = None,
+        slots: Tensor | None = None,
+        users_and_items: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
         """(P, N + 1) all-item scores of every real (non-padding) slot, in row-major order, each
         from the history up to that slot: one forward trains every next-item target (causal
         models only; column 0 is -inf). ``slots`` (B, L) bool scores only those real slots
-        (the others are context)."""
+        (the others are context). ``users_and_items``: the (P, D) user vectors and the
+        (N + 1, D) item table instead of their scores."""
         item_ids = self._checked_ids(item_ids, timestamps)
         real = item_ids != 0
         scored = real
@@ -128,6 +132,8 @@ class SequentialRecommender(nn.Module):
                 )
             scored = real & slots
         users = self._encode_positions(item_ids, real, timestamps)[scored]
+        if users_and_items:
+            return users, self.item_vectors()
         return score_all_items(users, self.item_vectors())
 
     def score(
@@ -143,13 +149,7 @@ class SequentialRecommender(nn.Module):
         ``target_timestamps`` (B,): the dates of the interactions being predicted, which only a
         model that ``leaks_target_date`` reads (and requires, with candidates).
         """
-        if self.leaks_target_date and (candidates is None or target_timestamps is None):
-            raise ValueError(
-                "this model gives candidates the target's date (leak_target_date=True): pass "
-                "candidates (B, C) and target_timestamps (B,)"
-            )
-        if not self.leaks_target_date and target_timestamps is not None:
-            raise ValueError("target_timestamps are read only by leak_target_date=True models")
+        self._check_target_dates(candidates, target_timestamps)
         if candidates is None:
             return score_all_items(self.encode(item_ids, timestamps), self.item_vectors())
         if candidates.dim() != 2 or candidates.shape[0] != item_ids.shape[0]:
@@ -162,6 +162,18 @@ class SequentialRecommender(nn.Module):
             item_ids, candidates.long(), timestamps, target_timestamps
         )
         return torch.einsum("bd,bcd->bc", user, vectors)
+
+    def _check_target_dates(
+        self, candidates: Tensor | None, target_timestamps: Tensor | None
+    ) -> None:
+        """Target dates go with candidates, and only to a model that leaks them."""
+        if self.leaks_target_date and (candidates is None or target_timestamps is None):
+            raise ValueError(
+                "this model gives candidates the target's date (leak_target_date=True): pass "
+                "candidates (B, C) and target_timestamps (B,)"
+            )
+        if not self.leaks_target_date and target_timestamps is not None:
+            raise ValueError("target_timestamps are read only by leak_target_date=True models")
 
     def _user_and_candidates(
         self,

@@ -2,6 +2,11 @@
 CPU fallback), the dispatch to its fast paths and, for the Triton ones, the ``torch.library``
 registration under ``torch.ops.convrec.*``."""
 
+from convrec.ops.all_items import (
+    all_items_cross_entropy,
+    all_items_cross_entropy_reference,
+    score_all_items,
+)
 from convrec.ops.conv_pool import ConvPoolOutput, conv_pool, conv_pool_reference
 from convrec.ops.downscale import DownscaleOutput, downscale, downscale_reference
 from convrec.ops.embed_conv_pool import embed_conv_pool, embed_conv_pool_reference
@@ -25,6 +30,8 @@ __all__ = [
     "PackedLevels",
     "StackDropout",
     "StreamState",
+    "all_items_cross_entropy",
+    "all_items_cross_entropy_reference",
     "attribute_bags",
     "conv_pool",
     "conv_pool_reference",
@@ -35,6 +42,7 @@ __all__ = [
     "gather_embed",
     "gather_embed_reference",
     "pack_levels",
+    "score_all_items",
     "stream_downscale",
     "stream_downscale_reference",
     "stream_push",

@@ -2,11 +2,10 @@
 
 glibc serves every block above its mmap threshold (at most 32 MiB) with a fresh ``mmap`` and
 unmaps it when freed, so a tensor of that size allocated every step is page-faulted in again
-every step (about 1 ms per MiB on this project's CPU). A full-softmax step allocates several:
-the scores of a batch's targets against every item and their gradients (1,500 targets x 12,102
-items x 4 bytes = 73 MB on Beauty with streaming all-positions batches). One step in four then
-went to page faults: a streaming Beauty epoch took 28.8 s, and 19.6 s with large blocks kept
-(``benchmarks/results/streaming_cpu/training_epochs.md``).
+every step (about 1 ms per MiB on this project's CPU). A training step allocates several: the
+gradients of the item table and of the level stack's input, the full-softmax loss's chunk of
+scores. When the loss still built the whole score matrix (73 MB on Beauty), one streaming step
+in four went to page faults (``benchmarks/results/streaming_cpu/training_epochs.md``).
 
 ``keep_freed_memory`` makes the heap serve every block and never trims it below 2 GiB of free
 space, so the training loop reuses its own memory. The price: the process keeps its peak

@@ -1,4 +1,7 @@
-"""Next-item losses: full softmax over the catalogue, or sampled softmax with N negatives."""
+"""Next-item losses: full softmax over the catalogue, or sampled softmax with N negatives.
+
+The full-softmax losses never build the score matrix: the model returns user vectors and the
+item table, and ``all_items_cross_entropy`` scores them chunk by chunk."""
 
 from __future__ import annotations
 
@@ -6,16 +9,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from convrec.ops.all_items import all_items_cross_entropy
+
 
 def full_softmax_loss(
     model: nn.Module, item_ids: Tensor, targets: Tensor, timestamps: Tensor | None
 ) -> Tensor:
-    """Cross-entropy of the target against every item (the padding column scores -inf).
+    """Cross-entropy of the target against every item (padding excluded).
 
     ``model`` is a ``SequentialRecommender`` or a wrapper of one (DDP): it is called, not
     asked for ``.score``, so the wrapper sees the forward pass.
     """
-    return F.cross_entropy(model(item_ids, None, timestamps), targets)
+    users, items = model(item_ids, None, timestamps, users_and_items=True)
+    return all_items_cross_entropy(users, items, targets)
 
 
 def sampled_softmax_loss(
@@ -49,5 +55,7 @@ def all_positions_loss(
     from one forward of a causal model (``targets`` (B, L) from
     ``SequenceIndex.window_targets``: 0 at padding and at slots that are context only)."""
     slots = targets != 0
-    scores = model(item_ids, None, timestamps, every_position=True, slots=slots)
-    return F.cross_entropy(scores, targets[slots])
+    users, items = model(
+        item_ids, None, timestamps, every_position=True, slots=slots, users_and_items=True
+    )
+    return all_items_cross_entropy(users, items, targets[slots])
