@@ -107,3 +107,17 @@ def test_streaming_cost_table(tmp_path) -> None:
     assert len(lines) == 1 + 3 and all(",30,2,8," in line for line in lines[1:])
     table = (tmp_path / "streaming_cost.md").read_text()
     assert "| 30 |" in table and (tmp_path / "streaming_cost.png").stat().st_size > 0
+
+
+def test_all_items_loss_table(tmp_path) -> None:
+    from benchmarks.all_items_loss import main as all_items_loss
+
+    all_items_loss(["--targets", "5", "9", "--items", "30", "--d-model", "4", "--repeats", "2",
+                    "--out", str(tmp_path)])  # fmt: skip
+    lines = (tmp_path / "all_items_loss.csv").read_text().splitlines()
+    assert len(lines) == 1 + 4 and {line.split(",")[0] for line in lines[1:]} == {
+        "reference",
+        "chunked",
+    }
+    table = (tmp_path / "all_items_loss.md").read_text()
+    assert "| 9 | 30 |" in table and (tmp_path / "all_items_loss.png").stat().st_size > 0

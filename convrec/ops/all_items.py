@@ -30,7 +30,7 @@ from torch import Tensor
 
 # Scores per chunk: about 4 MB of float32 on the CPU, where a chunk that stays in the core's
 # cache between its GEMM and its softmax pass is what makes the fused loss faster (64-128 rows
-# of Beauty's 12,102 items were fastest, 1.65x the reference's step, on this project's CPU);
+# of Beauty's 12,102 items were fastest on this project's CPU; benchmarks/results/loss_cpu);
 # 128 MB on a GPU, where fewer, larger chunks mean fewer launches and memory is the point.
 CHUNK_ELEMENTS = {"cpu": 1 << 20, "cuda": 1 << 25}
 
