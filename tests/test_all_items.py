@@ -195,3 +195,25 @@ def test_users_and_items_refuses_what_it_cannot_return() -> None:
         model(ids, torch.ones(2, 3, dtype=torch.long), users_and_items=True)
     users, items = model(ids, users_and_items=True)
     assert users.shape == (2, 8) and items.shape == (21, 8)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_equals_the_float64_reference() -> None:
+    """On a GPU (one large chunk by default, and several small ones): float64 equal to the CPU
+    reference; float32 within the float64 rule (TF32 off, as the score GEMM would use it)."""
+    users, vectors, targets = _inputs(rows=300, items=5000, d=64)
+    expected = all_items_cross_entropy_reference(users, vectors, targets)
+    expected_grads = torch.autograd.grad(expected, (users, vectors))
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+            for rows in (None, 64):
+                on_gpu = [t.detach().cuda().to(dtype).requires_grad_() for t in (users, vectors)]
+                loss = all_items_cross_entropy(*on_gpu, targets.cuda(), rows)
+                grads = torch.autograd.grad(loss, on_gpu)
+                torch.testing.assert_close(loss.cpu().double(), expected, rtol=tol, atol=0)
+                for got, want in zip(grads, expected_grads, strict=True):
+                    torch.testing.assert_close(got.cpu().double(), want, rtol=tol, atol=tol)
+    finally:
+        torch.set_float32_matmul_precision(precision)
