@@ -5,7 +5,7 @@
     OMP_NUM_THREADS=1 python -m benchmarks.all_items_loss --out benchmarks/results/loss_cpu
 
 P targets (user vectors) against N items, D = 64, float32 (``--device cuda``: the same on a
-GPU). Times are medians of ``--repeats`` steps after one warm-up, with freed blocks kept in the
+GPU). Times are medians of ``--repeats`` steps after two warm-ups, with freed blocks kept in the
 process as ``convrec train`` keeps them (``convrec.training.allocator``), so neither side pays
 page faults; peak memory is what one step adds (``benchmarks.peak_memory``). Writes
 ``all_items_loss.csv``, ``all_items_loss.md`` and ``all_items_loss.png``.
@@ -18,13 +18,13 @@ import csv
 import pathlib
 import statistics
 import sys
-import time
 from collections.abc import Callable
 
 import torch
 
 from benchmarks.machine import machine_info
 from benchmarks.peak_memory import cpu_peak_problem, peak_bytes
+from benchmarks.timing import time_ms
 from convrec.ops.all_items import all_items_cross_entropy, all_items_cross_entropy_reference
 from convrec.training.allocator import keep_freed_memory
 
@@ -47,19 +47,6 @@ def make_step(series: str, targets: int, items: int, args: argparse.Namespace) -
         loss(users, vectors, ids).backward()
 
     return step
-
-
-def time_ms(step: Callable[[], None], repeats: int, device: torch.device) -> list[float]:
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    step()
-    times = []
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        step()
-        sync()
-        times.append((time.perf_counter() - start) * 1e3)
-    return times
 
 
 def measure(args: argparse.Namespace) -> list[dict]:

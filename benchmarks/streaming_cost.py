@@ -28,13 +28,13 @@ import math
 import pathlib
 import statistics
 import sys
-import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 from benchmarks.machine import machine_info
+from benchmarks.timing import time_ms
 from convrec import ConvRecEncoder
 from convrec.baselines.sasrec import TransformerEncoder
 from convrec.schedule import schedule_for_length
@@ -42,21 +42,6 @@ from convrec.schedule import schedule_for_length
 LENGTHS = (50, 500, 5_000, 10_000, 100_000)
 SERIES = ("streaming push", "compiled push", "full recompute", "SASRec KV cache")
 COLUMNS = ("series", "L", "B", "D", "levels", "ms", "low_ms", "high_ms", "state_bytes")
-
-
-def time_ms(run: Callable[[], object], repeats: int, device: torch.device) -> list[float]:
-    """Wall-clock milliseconds of ``repeats`` calls after two warm-up calls (on CUDA each call
-    waits for its kernels)."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    run(), run()
-    times = []
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        run()
-        sync()
-        times.append((time.perf_counter() - start) * 1e3)
-    return times
 
 
 def streaming_push(
