@@ -18,8 +18,8 @@ them by the incoming gradient: no GEMM is repeated, and no (P, N + 1) tensor exi
 time. Without autograd (``torch.no_grad`` or inputs that need no gradient) the chunks stop
 after the loss.
 
-Half-precision inputs (autocast on a GPU) get their chunk scores and softmax in float32, as
-``F.cross_entropy`` computes under autocast; the gradient GEMMs run in the input dtype.
+Half-precision inputs (autocast on a GPU) get their chunk scores, softmax and loss in float32,
+as ``F.cross_entropy`` computes under autocast; the gradient GEMMs run in the input dtype.
 """
 
 from __future__ import annotations
@@ -145,7 +145,7 @@ class _AllItemsCrossEntropy(torch.autograd.Function):
                 grad_vectors.addmm_(grad.T, part)
         ctx.save_for_backward(grad_users, grad_vectors)
         ctx.total = total
-        return (loss / total).to(users.dtype)
+        return loss / total  # float32 for half inputs, as F.cross_entropy under autocast
 
     @staticmethod
     @torch.autograd.function.once_differentiable
