@@ -136,6 +136,14 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
         "target of a window in one forward (levels need kernel = stride)",
     )
     p.add_argument(
+        "--newest-last",
+        action="store_true",
+        default=s,
+        help="streaming: each level's open window holds the items that have arrived in its "
+        "last slots, so the newest meets the last kernel offset (runs on the reference; such "
+        "models are served by recomputing, not push)",
+    )
+    p.add_argument(
         "--no-attributes",
         dest="use_attributes",
         action="store_false",

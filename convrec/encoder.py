@@ -79,7 +79,10 @@ class ConvRecEncoder(UsesBackend, nn.Module):
     code's fixed-at-construction padding) and rejects longer ones. ``streaming=True`` anchors
     the windows at the first event instead of the newest (``ops.stream_downscale``; every level
     needs kernel = stride): ``forward_positions`` then gives the user vector after every
-    position in one pass and ``push`` updates users one event at a time. ``backend`` names the
+    position in one pass and ``push`` updates users one event at a time; with
+    ``newest_last=True`` each level's open window holds the items that have arrived in its last
+    slots, so the newest meets the last kernel offset (on the reference only, and without
+    ``push``: ``ops.stream_downscale``). ``backend`` names the
     implementation of ``ops.downscale`` (``convrec.ops.dispatch``; change it with
     ``convrec.ops.dispatch.set_backend``). ``paper_norm=True`` normalises every level as the
     paper code does (``ops.downscale.paper_layer_norm``, eps 1e-6); the reference and the
@@ -103,6 +106,7 @@ class ConvRecEncoder(UsesBackend, nn.Module):
         check_inputs: bool = False,
         streaming: bool = False,
         paper_norm: bool = False,
+        newest_last: bool = False,
     ) -> None:
         super().__init__()
         if d_model < 1:
@@ -117,7 +121,9 @@ class ConvRecEncoder(UsesBackend, nn.Module):
         self.d_model, self.heads, self.dropout = d_model, heads, dropout
         self.mask_aware, self.fixed_length = mask_aware, fixed_length
         self.check_inputs, self.paper_norm = check_inputs, paper_norm
-        self.streaming = streaming
+        self.streaming, self.newest_last = streaming, newest_last
+        if newest_last and not streaming:
+            raise ValueError("newest_last lays out a streaming stack's open windows: set streaming")
         if streaming and paper_norm:
             raise ValueError("paper_norm is the paper's stack, anchored at the newest item")
         self.norm_eps = PAPER_NORM_EPS if paper_norm else 1e-5
@@ -161,7 +167,7 @@ class ConvRecEncoder(UsesBackend, nn.Module):
                 if mask is None:
                     mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
                 args = (self.level_params(), self._strides(), self.heads, self.mask_aware)
-                return stream_downscale_prefix(x, mask, *args, self.norm_eps)
+                return stream_downscale_prefix(x, mask, *args, self.norm_eps, self.newest_last)
             return self.forward_positions(x, mask)[:, -1]
         if self.fixed_length is not None:
             x, mask = self._pad_to_fixed_length(x, mask)
@@ -190,7 +196,8 @@ class ConvRecEncoder(UsesBackend, nn.Module):
         if mask is None:
             mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
         args = (x, mask, self.packed(), self._strides(), self.heads, self.mask_aware)
-        return stream_downscale(*args, self.dropout, self.training, self.norm_eps, self.backend)
+        options = (self.dropout, self.training, self.norm_eps, self.backend, self.newest_last)
+        return stream_downscale(*args, *options)
 
     def initial_state(self, batch: int, like: Tensor) -> StreamState:
         """The ``push`` state of ``batch`` users without events (``like``'s device and dtype)."""
@@ -201,6 +208,11 @@ class ConvRecEncoder(UsesBackend, nn.Module):
         vectors (B, D) and the new state, at O(levels) cost whatever the history length."""
         if not self.streaming:
             raise TypeError("only a streaming encoder (streaming=True) updates a state")
+        if self.newest_last:
+            raise ValueError(
+                "push keeps the open windows' running sums, which newest_last=True moves with "
+                "every event: encode such a user's history again with forward"
+            )
         args = (self.level_params(), self._strides(), self.heads, self.mask_aware)
         return stream_push(state, x, *args, self.norm_eps)
 
@@ -298,6 +310,7 @@ class ConvRecEncoder(UsesBackend, nn.Module):
             f"d_model={self.d_model}, levels={self.levels}, heads={self.heads}, "
             f"dropout={self.dropout}, mask_aware={self.mask_aware}, backend={self.backend!r}"
             + (", streaming=True" if self.streaming else "")
+            + (", newest_last=True" if self.newest_last else "")
             + (f", fixed_length={self.fixed_length}" if self.fixed_length else "")
             + (", paper_norm=True" if self.paper_norm else "")
         )

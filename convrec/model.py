@@ -68,6 +68,7 @@ class ConvRec(UsesBackend, SequentialRecommender):
         input_dropout: float = 0.0,
         readouts: Sequence[str] = (),
         streaming: bool = False,
+        newest_last: bool = False,
         faithful: bool = False,
         max_len: int | None = None,
         backend: str = "auto",
@@ -114,6 +115,7 @@ class ConvRec(UsesBackend, SequentialRecommender):
             check_inputs=check_inputs,
             streaming=streaming,
             paper_norm=paper_norm,
+            newest_last=newest_last,
         )
         readouts = readout_names(readouts)
         history = [name for name in readouts if READOUTS[name].reads != NEWEST]

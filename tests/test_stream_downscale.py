@@ -4,11 +4,14 @@ per-event state updates equal the stack run on that prefix alone, in float64."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from convrec import ConvRec, ConvRecEncoder
 from convrec.ops.dispatch import extension_status
+from convrec.ops.downscale import level_mix
 from convrec.ops.stream_downscale import (
     stream_downscale,
     stream_downscale_prefix,
@@ -35,9 +38,12 @@ def _setup(levels, heads, dtype=torch.float64, length=13, batch=4):
 @pytest.mark.parametrize("levels", SCHEDULES)
 @pytest.mark.parametrize("heads", [1, 2])
 @pytest.mark.parametrize("mask_aware", [False, True])
-def test_every_prefix_equals_the_prefix_alone(levels, heads, mask_aware) -> None:
+@pytest.mark.parametrize("newest_last", [False, True])
+def test_every_prefix_equals_the_prefix_alone(levels, heads, mask_aware, newest_last) -> None:
     params, strides, x, mask = _setup(levels, heads)
-    every = stream_downscale_reference(x, mask, params, strides, heads, mask_aware)
+    every = stream_downscale_reference(
+        x, mask, params, strides, heads, mask_aware, newest_last=newest_last
+    )
     length = x.shape[1]
     for row in range(x.shape[0]):
         real = torch.nonzero(mask[row]).flatten().tolist()
@@ -45,8 +51,9 @@ def test_every_prefix_equals_the_prefix_alone(levels, heads, mask_aware) -> None
             prefix = torch.zeros(1, length, 8, dtype=x.dtype)
             prefix[0, length - n :] = x[row, real[:n]]
             alone = stream_downscale_prefix(
-                prefix, prefix.abs().sum(-1) > 0, params, strides, heads, mask_aware
-            )
+                prefix, prefix.abs().sum(-1) > 0, params, strides, heads, mask_aware,
+                newest_last=newest_last,
+            )  # fmt: skip
             torch.testing.assert_close(every[row, real[n - 1]], alone[0], rtol=0, atol=1e-12)
         assert (every[row, ~mask[row]] == 0).all()
 
@@ -70,6 +77,40 @@ def test_pushing_events_equals_the_one_pass_reference(levels, mask_aware) -> Non
         ))  # fmt: skip
         expected = every[torch.arange(x.shape[0]), slots]
         torch.testing.assert_close(user[live], expected[live], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("mask_aware", [False, True])
+def test_newest_last_moves_only_open_windows(mask_aware) -> None:
+    """newest_last changes the stack only where some level's window is open: a history whose
+    length fills every window (12 = 2 x 3 x 2) gives the same vector, the others do not; and
+    its open window equals the same items placed last in a full window of zeros before them
+    (a single level, the conv term by hand)."""
+    levels = [(2, 2), (3, 3), (2, 2)]
+    params, strides, x, mask = _setup(levels, heads=1, length=12, batch=1)
+    args = (x, mask, params, strides, 1, mask_aware)
+    filled = stream_downscale_reference(*args)
+    last = stream_downscale_reference(*args, newest_last=True)
+    torch.testing.assert_close(last[0, -1], filled[0, -1], rtol=0, atol=1e-12)
+    assert (last[0, :-1] - filled[0, :-1]).abs().amax(-1).min() > 1e-6
+    single, single_strides = params[1:2], strides[1:2]  # one level of kernel 3
+    two = x[:, -2:]
+    one_pass = stream_downscale_reference(
+        two, torch.ones(1, 2, dtype=torch.bool), single, single_strides, 1, mask_aware,
+        newest_last=True,
+    )  # fmt: skip
+    w, b = single[0].conv_weight, single[0].conv_bias
+    conv = b + w[:, :, 1] @ two[0, 0] + w[:, :, 2] @ two[0, 1]  # items at offsets 1 and 2
+    pooled = two[0].sum(0) / (2 if mask_aware else 3)
+    expected = level_mix(conv, pooled, pooled, single[0], None, None, 0, 1e-5)
+    torch.testing.assert_close(one_pass[0, -1], expected, rtol=0, atol=1e-12)
+
+
+def test_newest_last_refuses_push_and_needs_streaming() -> None:
+    with pytest.raises(ValueError, match="newest_last lays out a streaming stack"):
+        ConvRecEncoder(8, [(2, 2)], newest_last=True)
+    encoder = ConvRecEncoder(8, [(2, 2)], streaming=True, newest_last=True).eval()
+    with pytest.raises(ValueError, match="encode such a user's history again with forward"):
+        encoder.push(encoder.initial_state(1, torch.zeros(1)), torch.zeros(1, 8))
 
 
 def _keep(new, old, live):
@@ -176,6 +217,9 @@ def test_streaming_training_runs_all_positions(tmp_path) -> None:
         streaming=True, train_sampling="all-positions", backend="reference",
     )  # fmt: skip
     summary = train(config, tmp_path, progress=False, echo=lambda _m: None)
+    assert summary["epochs_trained"] == 1 and 0 <= summary["test"]["full/NDCG@10"] <= 1
+    newest_last = dataclasses.replace(config, newest_last=True, backend="auto")
+    summary = train(newest_last, tmp_path / "newest_last", progress=False, echo=lambda _m: None)
     assert summary["epochs_trained"] == 1 and 0 <= summary["test"]["full/NDCG@10"] <= 1
 
 

@@ -200,6 +200,8 @@ def test_config_validation() -> None:
         TrainConfig(window_step=10).check()
     with pytest.raises(ValueError, match=r"window_step must be in \[1, max_len=50\], got 60"):
         TrainConfig(model="sasrec", train_sampling="all-positions", window_step=60).check()
+    with pytest.raises(ValueError, match="newest_last lays out a streaming model's open window"):
+        TrainConfig(newest_last=True).check()
 
 
 @pytest.mark.slow

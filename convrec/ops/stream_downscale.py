@@ -11,6 +11,15 @@ what has arrived (``mask_aware``) or by the stride (the paper's zero padding). E
 ``downscale``'s level (``level_mix``: Linear, GELU, dropout, alpha / beta pooled residuals,
 LayerNorm); the user vector is the mean of the last level's windows so far.
 
+``newest_last=True`` lays each level's open window out differently: the elements that have
+arrived sit in its last slots, so the newest always meets the conv's last kernel offset (as in
+``downscale``, whose newest window always ends at the newest item) and the missing slots are at
+the window's start. A full window is the same either way, so closed windows, and prefixes that
+fill every window, do not change. The open window's earlier elements then move by one offset
+per arriving element: the reference recomputes their terms at every offset, no fused backend
+implements it yet (the reference serves every backend name), and ``stream_push`` keeps only the
+running sums of the default layout, so such encoders refuse ``push``.
+
 Kernel = stride only: windows then tile each level, and a closed window never changes. With
 kernel > stride neighbouring windows share inputs, so the open input would sit in several
 windows of a level at once and each push would re-evaluate them all; such schedules are
@@ -58,6 +67,7 @@ def stream_downscale(
     training: bool = False,
     eps: float = 1e-5,
     backend: str = "reference",
+    newest_last: bool = False,
 ) -> Tensor:
     """(B, L, D): slot t of a left-padded history ``x`` (B, L, D), ``mask`` (B, L), holds the
     user vector of the history up to and including t (``stream_downscale_prefix`` of that
@@ -69,9 +79,11 @@ def stream_downscale(
     ``stream_downscale_ext``). Training-mode dropout draws one seed per call
     (``StackDropout``): every version of an open window gets its own mask, a closed window
     keeps its last version's, and both implementations drop the same elements.
+    ``newest_last``: the open window's arrived elements in its last slots (module docstring);
+    the reference computes it whatever ``backend`` names.
     """
     check_stream_levels(params, strides)
-    backend = resolve("stream_downscale", backend, x.device)
+    backend = "reference" if newest_last else resolve("stream_downscale", backend, x.device)
     drop = StackDropout.draw(dropout, training, x.device)
     aligned, lengths = left_align(x * mask[..., None].to(x.dtype), mask)
     if backend in ("cpp", "cuda") and strides:
@@ -80,7 +92,7 @@ def stream_downscale(
     else:
         levels = params.unpack() if isinstance(params, PackedLevels) else params
         positions = stream_positions_reference(
-            aligned, levels, strides, heads, mask_aware, drop, eps
+            aligned, levels, strides, heads, mask_aware, drop, eps, newest_last
         )
     return right_align(positions, lengths)
 
@@ -95,10 +107,11 @@ def stream_downscale_reference(
     dropout: float = 0.0,
     training: bool = False,
     eps: float = 1e-5,
+    newest_last: bool = False,
 ) -> Tensor:
     """``stream_downscale`` on the PyTorch reference: the oracle of the fast paths."""
     args = (x, mask, params, strides, heads, mask_aware, dropout, training, eps)
-    return stream_downscale(*args, backend="reference")
+    return stream_downscale(*args, backend="reference", newest_last=newest_last)
 
 
 def check_stream_levels(
@@ -151,9 +164,11 @@ def stream_downscale_prefix(
     heads: int,
     mask_aware: bool = False,
     eps: float = 1e-5,
+    newest_last: bool = False,
 ) -> Tensor:
     """User vectors (B, D) of left-padded histories ``x`` (B, L, D), ``mask`` (B, L), each as
-    the anchored stack sees it alone (eval mode: no dropout). An empty history gives zeros."""
+    the anchored stack sees it alone (eval mode: no dropout). An empty history gives zeros.
+    ``newest_last``: each level's open window holds its elements in its last slots."""
     check_stream_levels(params, strides)
     x, lengths = left_align(x * mask[..., None].to(x.dtype), mask)
     residual, arrived = x, lengths  # arrived: real elements of the current level's input
@@ -161,6 +176,9 @@ def stream_downscale_prefix(
         windows = -(-x.shape[1] // stride)
         pad = windows * stride - x.shape[1]
         x_pad, res_pad = F.pad(x, (0, 0, 0, pad)), F.pad(residual, (0, 0, 0, pad))
+        if newest_last:
+            x_pad = _open_window_last(x_pad, arrived, stride)
+            res_pad = _open_window_last(res_pad, arrived, stride)
         conv = F.conv1d(
             x_pad.transpose(1, 2), p.conv_weight, p.conv_bias, stride=stride, groups=heads
         )
@@ -185,21 +203,29 @@ def stream_positions_reference(
     mask_aware: bool,
     dropout: StackDropout | None,
     eps: float,
+    newest_last: bool = False,
 ) -> Tensor:
     """The anchored stack on left-aligned histories (``left_align``) -> (B, L, D), slot t the
     user vector after event t; slots past a history's end hold values nothing before them
-    depends on (every step is causal). ``dropout`` gives each level's masks (None = none)."""
+    depends on (every step is causal). ``dropout`` gives each level's masks (None = none);
+    ``newest_last`` the open windows' layout (module docstring)."""
     version = aligned
     res_version = version  # the long residual enters level 1 as the input itself
     span = 1  # input elements of this level cover ``span`` positions each
     for level, (p, stride) in enumerate(zip(params, strides, strict=True)):
         element, final, final_res = _elements(version, res_version, span)
-        conv_terms = offset_terms(p.conv_weight, final, 1, heads)
-        closed_conv, closed_pool, closed_res = (
-            _exclusive_window_sum(t, stride)[:, element] for t in (conv_terms, final, final_res)
+        closed_pool, closed_res = (
+            _exclusive_window_sum(t, stride)[:, element] for t in (final, final_res)
         )
         slot = element % stride  # the open element's offset inside its window
-        conv = p.conv_bias + closed_conv + offset_terms(p.conv_weight, version, span, heads)
+        if newest_last:
+            closed_conv = _closed_terms_newest_last(p.conv_weight, final, element, heads)
+            open_conv = _term_at(p.conv_weight, version, stride - 1, heads)
+        else:
+            conv_terms = offset_terms(p.conv_weight, final, 1, heads)
+            closed_conv = _exclusive_window_sum(conv_terms, stride)[:, element]
+            open_conv = offset_terms(p.conv_weight, version, span, heads)
+        conv = p.conv_bias + closed_conv + open_conv
         divisor = (slot + 1 if mask_aware else torch.full_like(slot, stride))[:, None]
         divisor = divisor.to(aligned.dtype)
         res_version = (closed_res + res_version) / divisor
@@ -220,6 +246,46 @@ def _elements(version: Tensor, res_version: Tensor, span: int) -> tuple[Tensor, 
     count = -(-length // span)
     ends = ((torch.arange(count, device=version.device) + 1) * span - 1).clamp(max=length - 1)
     return time // span, version[:, ends], res_version[:, ends]
+
+
+def _open_window_last(x: Tensor, arrived: Tensor, stride: int) -> Tensor:
+    """Left-aligned elements (B, W * stride, D), ``arrived`` (B,) real, with each row's last,
+    partly filled window moved to the end of its slots (zeros before them): the prefix form of
+    ``newest_last``."""
+    slots = torch.arange(x.shape[1], device=x.device)
+    empty = (-arrived) % stride  # (B,): slots the open window still misses
+    open_window = (arrived - 1).div(stride, rounding_mode="floor")  # -1: no element yet
+    in_open = (slots[None, :] // stride) == open_window[:, None]
+    source = slots[None, :] - in_open * empty[:, None]
+    real = source >= (slots // stride * stride)[None, :]
+    index = source.clamp(min=0)[..., None].expand(-1, -1, x.shape[-1])
+    return x.gather(1, index) * real[..., None].to(x.dtype)
+
+
+def _term_at(weight: Tensor, inputs: Tensor, offset: int, heads: int) -> Tensor:
+    """``W[:, :, offset] @ inputs[..., :]`` per group: (..., D) -> (..., D)."""
+    d = inputs.shape[-1]
+    head_dim = d // heads
+    w = weight.view(heads, head_dim, head_dim, weight.shape[-1])[..., offset]
+    grouped = inputs.reshape(*inputs.shape[:-1], heads, head_dim)
+    return torch.einsum("...gc,gac->...ga", grouped, w).reshape(inputs.shape)
+
+
+def _closed_terms_newest_last(weight: Tensor, final: Tensor, element: Tensor, heads: int) -> Tensor:
+    """Per time step (T,) in element ``element``: the conv terms of the closed elements of its
+    open window with the window laid out newest-last, ``sum_i W[:, :, k - 1 - slot + i] @
+    final[start + i]`` over i < slot (slot = the open element's place, start = the window's
+    first element). Every closed element's term at every offset, then one gather per place."""
+    kernel = weight.shape[-1]
+    terms = _every_offset_term(weight, final, heads)  # (B, N, k, D)
+    slot = element % kernel
+    start = element - slot
+    total = final.new_zeros(final.shape[0], element.shape[0], final.shape[-1])
+    for i in range(kernel - 1):
+        index = (start + i).clamp(max=final.shape[1] - 1)
+        offset = (kernel - 1 - slot + i).clamp(min=0, max=kernel - 1)
+        total = total + terms[:, index, offset] * (i < slot)[None, :, None].to(final.dtype)
+    return total
 
 
 def _exclusive_window_sum(terms: Tensor, stride: int) -> Tensor:

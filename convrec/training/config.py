@@ -55,6 +55,7 @@ class TrainConfig:
     input_dropout: float = 0.0  # convrec: on the history item vectors (sasrec: = dropout)
     readouts: list[str] = field(default_factory=list)  # convrec: names in convrec.readouts
     streaming: bool = False  # convrec: windows anchored at the first event (all-positions)
+    newest_last: bool = False  # streaming: open windows hold their items in their last slots
     mask_aware: bool = False
     faithful: bool = False
     leak_target_date: bool = False  # faithful: candidates get the target's date (a leak)
@@ -182,6 +183,9 @@ class TrainConfig:
             raise ConfigError(
                 "streaming", f"streaming is a ConvRec setting; {self.model} has no use for it"
             )
+        if self.newest_last and not self.streaming:
+            message = "newest_last lays out a streaming model's open windows: set streaming"
+            raise ConfigError("newest_last", message)
         if self.input_dropout and self.model != "convrec":
             raise ConfigError(
                 "input_dropout",

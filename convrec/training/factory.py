@@ -26,6 +26,7 @@ def model_spec(config: TrainConfig, data: SequenceDataset) -> dict:
             input_dropout=config.input_dropout,
             readouts=list(config.readouts),
             streaming=config.streaming,
+            newest_last=config.newest_last,
             faithful=config.faithful,
             max_len=config.max_len if config.faithful else None,
             backend=config.backend,
