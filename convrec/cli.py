@@ -140,8 +140,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
         action="store_true",
         default=s,
         help="streaming: each level's open window holds the items that have arrived in its "
-        "last slots, so the newest meets the last kernel offset (runs on the reference; such "
-        "models are served by recomputing, not push)",
+        "last slots, so the newest meets the last kernel offset (runs on the reference; the "
+        "push state keeps each open window's items)",
     )
     p.add_argument(
         "--no-attributes",

@@ -31,6 +31,7 @@ from convrec.ops.stack_dropout import StackDropout
 from convrec.ops.stream_downscale import (
     StreamState,
     check_stream_levels,
+    kept_elements,
     stream_downscale,
     stream_downscale_prefix,
     stream_push,
@@ -81,8 +82,8 @@ class ConvRecEncoder(UsesBackend, nn.Module):
     needs kernel = stride): ``forward_positions`` then gives the user vector after every
     position in one pass and ``push`` updates users one event at a time; with
     ``newest_last=True`` each level's open window holds the items that have arrived in its last
-    slots, so the newest meets the last kernel offset (on the reference only, and without
-    ``push``: ``ops.stream_downscale``). ``backend`` names the
+    slots, so the newest meets the last kernel offset (on the reference only; its ``push``
+    state keeps the open windows' elements: ``ops.stream_downscale``). ``backend`` names the
     implementation of ``ops.downscale`` (``convrec.ops.dispatch``; change it with
     ``convrec.ops.dispatch.set_backend``). ``paper_norm=True`` normalises every level as the
     paper code does (``ops.downscale.paper_layer_norm``, eps 1e-6); the reference and the
@@ -201,20 +202,16 @@ class ConvRecEncoder(UsesBackend, nn.Module):
 
     def initial_state(self, batch: int, like: Tensor) -> StreamState:
         """The ``push`` state of ``batch`` users without events (``like``'s device and dtype)."""
-        return stream_state(batch, self.d_model, len(self.levels), like)
+        kept = kept_elements(self._strides(), self.newest_last)
+        return stream_state(batch, self.d_model, len(self.levels), like, kept)
 
     def push(self, state: StreamState, x: Tensor) -> tuple[Tensor, StreamState]:
         """Streaming encoders, eval mode: one new event's vector per user (B, D) -> their user
         vectors (B, D) and the new state, at O(levels) cost whatever the history length."""
         if not self.streaming:
             raise TypeError("only a streaming encoder (streaming=True) updates a state")
-        if self.newest_last:
-            raise ValueError(
-                "push keeps the open windows' running sums, which newest_last=True moves with "
-                "every event: encode such a user's history again with forward"
-            )
         args = (self.level_params(), self._strides(), self.heads, self.mask_aware)
-        return stream_push(state, x, *args, self.norm_eps)
+        return stream_push(state, x, *args, self.norm_eps, self.newest_last)
 
     def packed(self) -> PackedLevels:
         """The level stack's parameters as ``ops.downscale`` takes them."""

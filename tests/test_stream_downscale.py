@@ -13,6 +13,7 @@ from convrec import ConvRec, ConvRecEncoder
 from convrec.ops.dispatch import extension_status
 from convrec.ops.downscale import level_mix
 from convrec.ops.stream_downscale import (
+    kept_elements,
     stream_downscale,
     stream_downscale_prefix,
     stream_downscale_reference,
@@ -60,18 +61,24 @@ def test_every_prefix_equals_the_prefix_alone(levels, heads, mask_aware, newest_
 
 @pytest.mark.parametrize("levels", SCHEDULES)
 @pytest.mark.parametrize("mask_aware", [False, True])
-def test_pushing_events_equals_the_one_pass_reference(levels, mask_aware) -> None:
+@pytest.mark.parametrize("newest_last", [False, True])
+def test_pushing_events_equals_the_one_pass_reference(levels, mask_aware, newest_last) -> None:
     """Users at different points of their histories pushed together, one event each."""
     params, strides, x, mask = _setup(levels, heads=2)
-    every = stream_downscale_reference(x, mask, params, strides, 2, mask_aware)
+    every = stream_downscale_reference(
+        x, mask, params, strides, 2, mask_aware, newest_last=newest_last
+    )
     length = x.shape[1]
     starts = length - mask.sum(1)  # each row's first real slot
-    state = stream_state(x.shape[0], 8, len(levels), x)
+    kept = kept_elements(strides, newest_last)
+    state = stream_state(x.shape[0], 8, len(levels), x, kept)
     for step in range(length):
         slots = (starts + step).clamp(max=length - 1)
         live = starts + step < length
         events = x[torch.arange(x.shape[0]), slots]
-        user, pushed = stream_push(state, events, params, strides, 2, mask_aware)
+        user, pushed = stream_push(
+            state, events, params, strides, 2, mask_aware, newest_last=newest_last
+        )
         state = type(state)(*(
             _keep(new, old, live) for new, old in zip(pushed, state, strict=True)
         ))  # fmt: skip
@@ -105,12 +112,9 @@ def test_newest_last_moves_only_open_windows(mask_aware) -> None:
     torch.testing.assert_close(one_pass[0, -1], expected, rtol=0, atol=1e-12)
 
 
-def test_newest_last_refuses_push_and_needs_streaming() -> None:
+def test_newest_last_needs_streaming() -> None:
     with pytest.raises(ValueError, match="newest_last lays out a streaming stack"):
         ConvRecEncoder(8, [(2, 2)], newest_last=True)
-    encoder = ConvRecEncoder(8, [(2, 2)], streaming=True, newest_last=True).eval()
-    with pytest.raises(ValueError, match="encode such a user's history again with forward"):
-        encoder.push(encoder.initial_state(1, torch.zeros(1)), torch.zeros(1, 8))
 
 
 def _keep(new, old, live):
@@ -120,10 +124,15 @@ def _keep(new, old, live):
     return torch.where(live.view(-1, *[1] * (new.dim() - 1)), new, old)
 
 
-def test_the_state_is_a_few_kilobytes() -> None:
-    state = stream_state(1, 64, 3, torch.zeros(1, dtype=torch.bfloat16))
+@pytest.mark.parametrize("newest_last", [False, True])
+def test_the_state_is_a_few_kilobytes(newest_last) -> None:
+    """At D = 64 in bf16, for the default levels (2, 2), (5, 5), (7, 7): 2.2 KiB, and 3.6 KiB
+    with the open windows' elements that newest_last keeps."""
+    kept = kept_elements([2, 5, 7], newest_last)
+    state = stream_state(1, 64, 3, torch.zeros(1, dtype=torch.bfloat16), kept)
     tensors = [t for part in state for t in (part if isinstance(part, list) else [part])]
-    assert sum(t.numel() * t.element_size() for t in tensors) <= 8 * 1024
+    size = sum(t.numel() * t.element_size() for t in tensors)
+    assert size == 8 + (17 + sum(kept)) * 64 * 2 and size <= 8 * 1024
 
 
 def test_float32_follows_float64() -> None:
@@ -226,19 +235,21 @@ def test_streaming_training_runs_all_positions(tmp_path) -> None:
 # ---- serving from states ----
 
 
-def _streaming_model(attribute_lists) -> ConvRec:
+def _streaming_model(attribute_lists, newest_last: bool = False) -> ConvRec:
     model = ConvRec(
         30, d_model=8, levels=[(2, 2), (3, 3)], item_attributes=attribute_lists, dropout=0.0,
         mask_aware=True, readouts=["last_item_skip", "last_item_table"], streaming=True,
+        newest_last=newest_last,
     )  # fmt: skip
     return randomise(model).eval()
 
 
-def test_a_pool_of_states_serves_interleaved_users(attribute_lists) -> None:
+@pytest.mark.parametrize("newest_last", [False, True])
+def test_a_pool_of_states_serves_interleaved_users(attribute_lists, newest_last) -> None:
     """Users pushed in any interleaving get the model's scores on their histories so far."""
     from convrec.serving import StreamingRecommender
 
-    model = _streaming_model(attribute_lists)
+    model = _streaming_model(attribute_lists, newest_last)
     server = StreamingRecommender(model, num_users=5, k=4)
     histories: dict[int, list[int]] = {u: [] for u in range(5)}
     gen = torch.Generator().manual_seed(3)
@@ -258,11 +269,12 @@ def test_a_pool_of_states_serves_interleaved_users(attribute_lists) -> None:
         server.push(torch.tensor([1, 1]), torch.tensor([2, 3]))
 
 
-def test_the_streaming_module_exports(attribute_lists) -> None:
+@pytest.mark.parametrize("newest_last", [False, True])
+def test_the_streaming_module_exports(attribute_lists, newest_last) -> None:
     from convrec.ops.stream_downscale import pack_state
     from convrec.serving import StreamingModule
 
-    module = StreamingModule(_streaming_model(attribute_lists), k=3)
+    module = StreamingModule(_streaming_model(attribute_lists, newest_last), k=3)
     state = module.model.encoder.initial_state(4, module.table)
     events, packed = pack_state(state._replace(events=torch.tensor([0, 1, 5, 17])))
     packed = torch.randn_like(packed)

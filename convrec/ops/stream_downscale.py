@@ -17,8 +17,8 @@ arrived sit in its last slots, so the newest always meets the conv's last kernel
 the window's start. A full window is the same either way, so closed windows, and prefixes that
 fill every window, do not change. The open window's earlier elements then move by one offset
 per arriving element: the reference recomputes their terms at every offset, no fused backend
-implements it yet (the reference serves every backend name), and ``stream_push`` keeps only the
-running sums of the default layout, so such encoders refuse ``push``.
+implements it yet (the reference serves every backend name), and ``stream_push`` keeps the open
+window's closed elements themselves (k - 1 vectors per level) instead of their conv sum.
 
 Kernel = stride only: windows then tile each level, and a closed window never changes. With
 kernel > stride neighbouring windows share inputs, so the open input would sit in several
@@ -309,10 +309,12 @@ def right_align(values: Tensor, lengths: Tensor) -> Tensor:
 
 class StreamState(NamedTuple):
     """What ``stream_push`` keeps per user: ``events`` (B,) so far; per level (lists):
-    ``closed`` (B, 3, D), the open window's closed conv terms, pool sum and residual sum, and
-    ``open_out`` / ``open_res`` (B, D), its current output and residual; ``last`` (B, D) the
-    newest input; ``top`` (B, D) the sum of the last level's closed windows: (5 levels + 2) x D
-    numbers and a count per user."""
+    ``closed`` (B, 3, D), the open window's closed conv terms (zero with ``newest_last``),
+    pool sum and residual sum, and ``open_out`` / ``open_res`` (B, D), its current output and
+    residual; ``last`` (B, D) the newest input; ``top`` (B, D) the sum of the last level's
+    closed windows; ``kept`` per level (B, k - 1, D) with ``newest_last`` (the open window's
+    closed elements, oldest first, zeros past them) and (B, 0, D) otherwise: (5 levels + 2) x D
+    numbers, plus (k - 1) x D per level with ``newest_last``, and a count per user."""
 
     events: Tensor
     closed: list[Tensor]
@@ -320,14 +322,19 @@ class StreamState(NamedTuple):
     open_res: list[Tensor]
     last: Tensor
     top: Tensor
+    kept: list[Tensor]
 
 
-def stream_state(batch: int, d_model: int, levels: int, like: Tensor) -> StreamState:
-    """The state of ``batch`` users without events (device and dtype of ``like``)."""
+def stream_state(
+    batch: int, d_model: int, levels: int, like: Tensor, kept: Sequence[int] | None = None
+) -> StreamState:
+    """The state of ``batch`` users without events (device and dtype of ``like``); ``kept``:
+    the closed elements each level keeps (``kept_elements``; None = none)."""
 
     def zeros(*shape: int) -> Tensor:
         return like.new_zeros(batch, *shape, d_model)
 
+    kept = kept or [0] * levels
     return StreamState(
         torch.zeros(batch, dtype=torch.int64, device=like.device),
         [zeros(3) for _ in range(levels)],
@@ -335,7 +342,13 @@ def stream_state(batch: int, d_model: int, levels: int, like: Tensor) -> StreamS
         [zeros() for _ in range(levels)],
         zeros(),
         zeros(),
+        [zeros(count) for count in kept],
     )
+
+
+def kept_elements(strides: Sequence[int], newest_last: bool) -> list[int]:
+    """Closed elements a level's state keeps: k - 1 with ``newest_last``, none otherwise."""
+    return [stride - 1 if newest_last else 0 for stride in strides]
 
 
 def stream_push(
@@ -346,20 +359,23 @@ def stream_push(
     heads: int,
     mask_aware: bool = False,
     eps: float = 1e-5,
+    newest_last: bool = False,
 ) -> tuple[Tensor, StreamState]:
     """One new event per user: its vector ``x`` (B, D) -> (user vectors (B, D), new state).
 
     Work per event is one level evaluation per level, whatever the history length (eval mode:
     no dropout). When an element of level l - 1 closes (``events`` crosses a multiple of its
     span) its final output and residual join the sums of level l's open window, or start a new
-    window there; the last level's closed windows add up in ``top``.
+    window there; the last level's closed windows add up in ``top``. ``newest_last``: the
+    state (``stream_state`` with ``kept_elements``) keeps the open window's closed elements,
+    whose conv terms are recomputed at their current offsets (k - 1 products per level).
     """
     check_stream_levels(params, strides)
     t, rows = state.events, torch.arange(x.shape[0], device=x.device)
     previous_out = [state.last, *state.open_out]  # level l's input: level l - 1's output
     previous_res = [state.last, *state.open_res]
     version, res_version = x, x
-    closed_sums, outs, ress = [], [], []
+    closed_sums, outs, ress, kept = [], [], [], []
     span = 1
     for level, (p, stride) in enumerate(zip(params, strides, strict=True)):
         slot = (t // span) % stride  # the open element's offset in level l's open window
@@ -367,13 +383,24 @@ def stream_push(
         keep = (new_element & (slot > 0)).to(x.dtype)[:, None, None]  # the closed one joins
         restart = (new_element & (slot == 0)).to(x.dtype)[:, None, None]  # a new window
         closed_final = previous_out[level]
-        # the conv terms of the element that closed and of the open one, in one product
-        both = _every_offset_term(p.conv_weight, torch.stack([closed_final, version], 1), heads)
-        term = both[rows, 0, (slot - 1) % stride]
-        additions = torch.stack([term, closed_final, previous_res[level]], 1)
+        if newest_last:  # the closed element joins the kept ones at its place
+            place = F.one_hot((slot - 1) % stride, stride)[:, : stride - 1, None].to(x.dtype)
+            elements = state.kept[level] * (1 - restart) + keep * place * closed_final[:, None]
+            kept.append(elements)
+            terms = _newest_last_terms(p.conv_weight, elements, slot, heads)
+            additions = torch.stack([torch.zeros_like(x), closed_final, previous_res[level]], 1)
+            open_term = _term_at(p.conv_weight, version, stride - 1, heads)
+        else:
+            kept.append(state.kept[level])
+            # the conv terms of the element that closed and of the open one, in one product
+            pair = torch.stack([closed_final, version], 1)
+            both = _every_offset_term(p.conv_weight, pair, heads)
+            term = both[rows, 0, (slot - 1) % stride]
+            additions = torch.stack([term, closed_final, previous_res[level]], 1)
+            open_term = both[rows, 1, slot]
         closed = (state.closed[level] + keep * additions) * (1 - restart)
         closed_sums.append(closed)
-        conv = p.conv_bias + closed[:, 0] + both[rows, 1, slot]
+        conv = p.conv_bias + open_term + (terms if newest_last else closed[:, 0])
         divisor = (slot + 1 if mask_aware else torch.full_like(slot, stride))[:, None].to(x.dtype)
         res_version = (closed[:, 2] + res_version) / divisor
         pooled = (closed[:, 1] + version) / divisor
@@ -384,7 +411,20 @@ def stream_push(
     closes = (((t % span) == 0) & (t > 0))[:, None].to(x.dtype)
     top = state.top + closes * state.open_out[-1]
     user = (top + version) / (t // span + 1)[:, None].to(x.dtype)
-    return user, StreamState(t + 1, closed_sums, outs, ress, x, top)
+    return user, StreamState(t + 1, closed_sums, outs, ress, x, top, kept)
+
+
+def _newest_last_terms(weight: Tensor, elements: Tensor, slot: Tensor, heads: int) -> Tensor:
+    """``sum_i W[:, :, k - 1 - slot + i] @ elements[:, i]`` over i < slot: the conv terms of the
+    open window's closed elements (B, k - 1, D), laid out newest-last, per user (B,)."""
+    kernel = weight.shape[-1]
+    terms = _every_offset_term(weight, elements, heads)  # (B, k - 1, k, D)
+    rows = torch.arange(elements.shape[0], device=elements.device)
+    total = elements.new_zeros(elements.shape[0], elements.shape[-1])
+    for i in range(kernel - 1):
+        offset = (kernel - 1 - slot + i).clamp(min=0, max=kernel - 1)
+        total = total + terms[rows, i, offset] * (i < slot)[:, None].to(elements.dtype)
+    return total
 
 
 def _every_offset_term(weight: Tensor, inputs: Tensor, heads: int) -> Tensor:
@@ -397,16 +437,28 @@ def _every_offset_term(weight: Tensor, inputs: Tensor, heads: int) -> Tensor:
 
 
 def pack_state(state: StreamState) -> tuple[Tensor, Tensor]:
-    """(events (B,), one (B, (5 levels + 2) x D) tensor): a state as two tensors, for pools of
-    users and exported graphs. ``unpack_state`` inverts it."""
+    """(events (B,), one (B, S) tensor, S = (5 levels + 2 + kept elements) x D): a state as two
+    tensors, for pools of users and exported graphs. ``unpack_state`` inverts it."""
     parts = [c.flatten(1) for c in state.closed] + [*state.open_out, *state.open_res]
-    return state.events, torch.cat([*parts, state.last, state.top], dim=1)
+    kept = [k.flatten(1) for k in state.kept]
+    return state.events, torch.cat([*parts, state.last, state.top, *kept], dim=1)
 
 
-def unpack_state(events: Tensor, packed: Tensor, levels: int) -> StreamState:
-    """The ``StreamState`` of ``pack_state``'s two tensors, for a stack of ``levels`` levels."""
-    d = packed.shape[1] // (5 * levels + 2)
-    pieces = packed.split([3 * d] * levels + [d] * (2 * levels + 2), dim=1)
+def unpack_state(
+    events: Tensor, packed: Tensor, levels: int, kept: Sequence[int] | None = None
+) -> StreamState:
+    """The ``StreamState`` of ``pack_state``'s two tensors, for a stack of ``levels`` levels
+    keeping ``kept`` closed elements per level (``kept_elements``; None = none)."""
+    kept = list(kept or [0] * levels)
+    d = packed.shape[1] // (5 * levels + 2 + sum(kept))
+    sizes = [3 * d] * levels + [d] * (2 * levels + 2) + [count * d for count in kept]
+    pieces = packed.split(sizes, dim=1)
     closed = [piece.view(-1, 3, d) for piece in pieces[:levels]]
     open_out, open_res = list(pieces[levels : 2 * levels]), list(pieces[2 * levels : 3 * levels])
-    return StreamState(events, closed, open_out, open_res, pieces[-2], pieces[-1])
+    last, top = pieces[3 * levels], pieces[3 * levels + 1]
+    rows = packed.shape[0]
+    elements = [
+        piece.view(rows, count, d)
+        for piece, count in zip(pieces[3 * levels + 2 :], kept, strict=True)
+    ]
+    return StreamState(events, closed, open_out, open_res, last, top, elements)

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from convrec.model import ConvRec
-from convrec.ops.stream_downscale import pack_state, unpack_state
+from convrec.ops.stream_downscale import kept_elements, pack_state, unpack_state
 from convrec.serving.checkpoint import load_model
 
 
@@ -34,18 +34,20 @@ class StreamingModule(nn.Module):
         if not 1 <= k <= model.num_items:
             raise ValueError(f"k must be in [1, {model.num_items}], got {k}")
         self.k, self.levels = k, len(model.encoder.levels)
+        strides = [stride for _, stride in model.encoder.levels]
+        self.kept = kept_elements(strides, model.encoder.newest_last)
         self.model = model.eval()
         with torch.no_grad():
             self.register_buffer("table", model.item_vectors().detach().clone())
 
     def state_width(self) -> int:
         """S, the packed state's width per user."""
-        return (5 * self.levels + 2) * self.table.shape[1]
+        return (5 * self.levels + 2 + sum(self.kept)) * self.table.shape[1]
 
     def forward(
         self, events: Tensor, packed: Tensor, item_ids: Tensor
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        state = unpack_state(events, packed, self.levels)
+        state = unpack_state(events, packed, self.levels, self.kept)
         x = self.table[item_ids]
         user, state = self.model.push_vectors(state, x, item_ids)
         scores = user @ self.table.T
