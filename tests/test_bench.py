@@ -101,10 +101,10 @@ def test_streaming_cost_table(tmp_path) -> None:
     from benchmarks.streaming_cost import main as streaming_cost
 
     args = ["--lengths", "30", "--batch", "2", "--d-model", "8", "--repeats", "2"]
-    series = ["streaming push", "full recompute", "SASRec KV cache"]
+    series = ["streaming push", "newest-last push", "full recompute", "SASRec KV cache"]
     streaming_cost([*args, "--out", str(tmp_path), "--series", *series])
     lines = (tmp_path / "streaming_cost.csv").read_text().splitlines()
-    assert len(lines) == 1 + 3 and all(",30,2,8," in line for line in lines[1:])
+    assert len(lines) == 1 + 4 and all(",30,2,8," in line for line in lines[1:])
     table = (tmp_path / "streaming_cost.md").read_text()
     assert "| 30 |" in table and (tmp_path / "streaming_cost.png").stat().st_size > 0
 

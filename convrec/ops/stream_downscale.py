@@ -17,8 +17,8 @@ arrived sit in its last slots, so the newest always meets the conv's last kernel
 the window's start. A full window is the same either way, so closed windows, and prefixes that
 fill every window, do not change. The open window's earlier elements then move by one offset
 per arriving element: the reference recomputes their terms at every offset, no fused backend
-implements it yet (the reference serves every backend name), and ``stream_push`` keeps the open
-window's closed elements themselves (k - 1 vectors per level) instead of their conv sum.
+implements it yet (the reference serves every backend name), and ``stream_push`` keeps, instead
+of one conv sum, the sums of the closed elements' terms at every shift (k vectors per level).
 
 Kernel = stride only: windows then tile each level, and a closed window never changes. With
 kernel > stride neighbouring windows share inputs, so the open input would sit in several
@@ -312,9 +312,10 @@ class StreamState(NamedTuple):
     ``closed`` (B, 3, D), the open window's closed conv terms (zero with ``newest_last``),
     pool sum and residual sum, and ``open_out`` / ``open_res`` (B, D), its current output and
     residual; ``last`` (B, D) the newest input; ``top`` (B, D) the sum of the last level's
-    closed windows; ``kept`` per level (B, k - 1, D) with ``newest_last`` (the open window's
-    closed elements, oldest first, zeros past them) and (B, 0, D) otherwise: (5 levels + 2) x D
-    numbers, plus (k - 1) x D per level with ``newest_last``, and a count per user."""
+    closed windows; ``kept`` per level (B, k, D) with ``newest_last``, row m the sum of
+    ``W[:, :, m + i] @ e_i`` over the open window's closed elements e_i (offsets past k - 1
+    count zero), and (B, 0, D) otherwise: (5 levels + 2) x D numbers, plus k x D per level with
+    ``newest_last``, and a count per user."""
 
     events: Tensor
     closed: list[Tensor]
@@ -347,8 +348,8 @@ def stream_state(
 
 
 def kept_elements(strides: Sequence[int], newest_last: bool) -> list[int]:
-    """Closed elements a level's state keeps: k - 1 with ``newest_last``, none otherwise."""
-    return [stride - 1 if newest_last else 0 for stride in strides]
+    """Rows of ``StreamState.kept`` per level: k with ``newest_last``, none otherwise."""
+    return [stride if newest_last else 0 for stride in strides]
 
 
 def stream_push(
@@ -367,8 +368,10 @@ def stream_push(
     no dropout). When an element of level l - 1 closes (``events`` crosses a multiple of its
     span) its final output and residual join the sums of level l's open window, or start a new
     window there; the last level's closed windows add up in ``top``. ``newest_last``: the
-    state (``stream_state`` with ``kept_elements``) keeps the open window's closed elements,
-    whose conv terms are recomputed at their current offsets (k - 1 products per level).
+    state (``stream_state`` with ``kept_elements``) keeps the closed elements' terms summed per
+    shift m (``StreamState.kept``); the open element at place s reads the sum at shift
+    k - 1 - s, and an element closing at place s adds its term at offset m + s to each shift
+    m, the same k products per level as the default layout.
     """
     check_stream_levels(params, strides)
     t, rows = state.events, torch.arange(x.shape[0], device=x.device)
@@ -383,11 +386,14 @@ def stream_push(
         keep = (new_element & (slot > 0)).to(x.dtype)[:, None, None]  # the closed one joins
         restart = (new_element & (slot == 0)).to(x.dtype)[:, None, None]  # a new window
         closed_final = previous_out[level]
-        if newest_last:  # the closed element joins the kept ones at its place
-            place = F.one_hot((slot - 1) % stride, stride)[:, : stride - 1, None].to(x.dtype)
-            elements = state.kept[level] * (1 - restart) + keep * place * closed_final[:, None]
-            kept.append(elements)
-            terms = _newest_last_terms(p.conv_weight, elements, slot, heads)
+        if newest_last:  # the closing element's terms join the sums of every shift
+            by_offset = _every_offset_term(p.conv_weight, closed_final[:, None], heads)[:, 0]
+            offset = torch.arange(stride, device=x.device) + ((slot - 1) % stride)[:, None]
+            index = offset.clamp(max=stride - 1)[..., None].expand(-1, -1, x.shape[-1])
+            joined = by_offset.gather(1, index) * (offset < stride)[..., None].to(x.dtype)
+            shifts = state.kept[level] * (1 - restart) + keep * joined
+            kept.append(shifts)
+            terms = shifts[rows, stride - 1 - slot]
             additions = torch.stack([torch.zeros_like(x), closed_final, previous_res[level]], 1)
             open_term = _term_at(p.conv_weight, version, stride - 1, heads)
         else:
@@ -412,19 +418,6 @@ def stream_push(
     top = state.top + closes * state.open_out[-1]
     user = (top + version) / (t // span + 1)[:, None].to(x.dtype)
     return user, StreamState(t + 1, closed_sums, outs, ress, x, top, kept)
-
-
-def _newest_last_terms(weight: Tensor, elements: Tensor, slot: Tensor, heads: int) -> Tensor:
-    """``sum_i W[:, :, k - 1 - slot + i] @ elements[:, i]`` over i < slot: the conv terms of the
-    open window's closed elements (B, k - 1, D), laid out newest-last, per user (B,)."""
-    kernel = weight.shape[-1]
-    terms = _every_offset_term(weight, elements, heads)  # (B, k - 1, k, D)
-    rows = torch.arange(elements.shape[0], device=elements.device)
-    total = elements.new_zeros(elements.shape[0], elements.shape[-1])
-    for i in range(kernel - 1):
-        offset = (kernel - 1 - slot + i).clamp(min=0, max=kernel - 1)
-        total = total + terms[rows, i, offset] * (i < slot)[:, None].to(elements.dtype)
-    return total
 
 
 def _every_offset_term(weight: Tensor, inputs: Tensor, heads: int) -> Tensor:
