@@ -112,6 +112,19 @@ def test_newest_last_moves_only_open_windows(mask_aware) -> None:
     torch.testing.assert_close(one_pass[0, -1], expected, rtol=0, atol=1e-12)
 
 
+@pytest.mark.skipif(extension_status() is not None, reason="needs convrec._C")
+def test_newest_last_drops_what_the_reference_drops() -> None:
+    """newest_last runs the reference stack on every backend; on the extension's backend only
+    its dropout pass is the extension's, with the same masks."""
+    params, strides, x, mask = _setup([(2, 2), (3, 3)], heads=1)
+    outputs = []
+    for backend in ("reference", "cpp"):
+        torch.manual_seed(5)
+        args = (x, mask, params, strides, 1, True, 0.3, True)
+        outputs.append(stream_downscale(*args, backend=backend, newest_last=True))
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=0, atol=1e-12)
+
+
 def test_newest_last_needs_streaming() -> None:
     with pytest.raises(ValueError, match="newest_last lays out a streaming stack"):
         ConvRecEncoder(8, [(2, 2)], newest_last=True)

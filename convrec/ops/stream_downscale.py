@@ -80,11 +80,13 @@ def stream_downscale(
     (``StackDropout``): every version of an open window gets its own mask, a closed window
     keeps its last version's, and both implementations drop the same elements.
     ``newest_last``: the open window's arrived elements in its last slots (module docstring);
-    the reference computes it whatever ``backend`` names.
+    the reference computes it whatever ``backend`` names, with the extension's dropout pass
+    (the same masks) when ``backend`` resolves to the extension.
     """
     check_stream_levels(params, strides)
-    backend = "reference" if newest_last else resolve("stream_downscale", backend, x.device)
-    drop = StackDropout.draw(dropout, training, x.device)
+    backend = resolve("stream_downscale", backend, x.device)
+    drop = StackDropout.draw(dropout, training, x.device, backend if newest_last else "reference")
+    backend = "reference" if newest_last else backend
     aligned, lengths = left_align(x * mask[..., None].to(x.dtype), mask)
     if backend in ("cpp", "cuda") and strides:
         packed = params if isinstance(params, PackedLevels) else pack_levels(params, heads)
