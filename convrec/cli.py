@@ -141,7 +141,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
         default=s,
         help="streaming: each level's open window holds the items that have arrived in its "
         "last slots, so the newest meets the last kernel offset (runs on the reference; the "
-        "push state keeps each open window's items)",
+        "push state grows by k vectors per level)",
     )
     p.add_argument(
         "--no-attributes",

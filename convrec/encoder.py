@@ -31,7 +31,7 @@ from convrec.ops.stack_dropout import StackDropout
 from convrec.ops.stream_downscale import (
     StreamState,
     check_stream_levels,
-    kept_elements,
+    kept_rows,
     stream_downscale,
     stream_downscale_prefix,
     stream_push,
@@ -83,7 +83,8 @@ class ConvRecEncoder(UsesBackend, nn.Module):
     position in one pass and ``push`` updates users one event at a time; with
     ``newest_last=True`` each level's open window holds the items that have arrived in its last
     slots, so the newest meets the last kernel offset (on the reference only; its ``push``
-    state keeps the open windows' elements: ``ops.stream_downscale``). ``backend`` names the
+    state also keeps each open window's terms summed by shift: ``ops.stream_downscale``).
+    ``backend`` names the
     implementation of ``ops.downscale`` (``convrec.ops.dispatch``; change it with
     ``convrec.ops.dispatch.set_backend``). ``paper_norm=True`` normalises every level as the
     paper code does (``ops.downscale.paper_layer_norm``, eps 1e-6); the reference and the
@@ -202,7 +203,7 @@ class ConvRecEncoder(UsesBackend, nn.Module):
 
     def initial_state(self, batch: int, like: Tensor) -> StreamState:
         """The ``push`` state of ``batch`` users without events (``like``'s device and dtype)."""
-        kept = kept_elements(self._strides(), self.newest_last)
+        kept = kept_rows(self._strides(), self.newest_last)
         return stream_state(batch, self.d_model, len(self.levels), like, kept)
 
     def push(self, state: StreamState, x: Tensor) -> tuple[Tensor, StreamState]:

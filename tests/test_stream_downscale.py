@@ -13,7 +13,7 @@ from convrec import ConvRec, ConvRecEncoder
 from convrec.ops.dispatch import extension_status
 from convrec.ops.downscale import level_mix
 from convrec.ops.stream_downscale import (
-    kept_elements,
+    kept_rows,
     stream_downscale,
     stream_downscale_prefix,
     stream_downscale_reference,
@@ -70,7 +70,7 @@ def test_pushing_events_equals_the_one_pass_reference(levels, mask_aware, newest
     )
     length = x.shape[1]
     starts = length - mask.sum(1)  # each row's first real slot
-    kept = kept_elements(strides, newest_last)
+    kept = kept_rows(strides, newest_last)
     state = stream_state(x.shape[0], 8, len(levels), x, kept)
     for step in range(length):
         slots = (starts + step).clamp(max=length - 1)
@@ -141,7 +141,7 @@ def _keep(new, old, live):
 def test_the_state_is_a_few_kilobytes(newest_last) -> None:
     """At D = 64 in bf16, for the default levels (2, 2), (5, 5), (7, 7): 2.2 KiB, and 3.9 KiB
     with the per-shift sums that newest_last keeps."""
-    kept = kept_elements([2, 5, 7], newest_last)
+    kept = kept_rows([2, 5, 7], newest_last)
     state = stream_state(1, 64, 3, torch.zeros(1, dtype=torch.bfloat16), kept)
     tensors = [t for part in state for t in (part if isinstance(part, list) else [part])]
     size = sum(t.numel() * t.element_size() for t in tensors)

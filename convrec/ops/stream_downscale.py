@@ -332,7 +332,7 @@ def stream_state(
     batch: int, d_model: int, levels: int, like: Tensor, kept: Sequence[int] | None = None
 ) -> StreamState:
     """The state of ``batch`` users without events (device and dtype of ``like``); ``kept``:
-    the closed elements each level keeps (``kept_elements``; None = none)."""
+    the rows of ``StreamState.kept`` per level (``kept_rows``; None = none)."""
 
     def zeros(*shape: int) -> Tensor:
         return like.new_zeros(batch, *shape, d_model)
@@ -349,7 +349,7 @@ def stream_state(
     )
 
 
-def kept_elements(strides: Sequence[int], newest_last: bool) -> list[int]:
+def kept_rows(strides: Sequence[int], newest_last: bool) -> list[int]:
     """Rows of ``StreamState.kept`` per level: k with ``newest_last``, none otherwise."""
     return [stride if newest_last else 0 for stride in strides]
 
@@ -370,7 +370,7 @@ def stream_push(
     no dropout). When an element of level l - 1 closes (``events`` crosses a multiple of its
     span) its final output and residual join the sums of level l's open window, or start a new
     window there; the last level's closed windows add up in ``top``. ``newest_last``: the
-    state (``stream_state`` with ``kept_elements``) keeps the closed elements' terms summed per
+    state (``stream_state`` with ``kept_rows``) keeps the closed elements' terms summed per
     shift m (``StreamState.kept``); the open element at place s reads the sum at shift
     k - 1 - s, and an element closing at place s adds its term at offset m + s to each shift
     m, the same k products per level as the default layout.
@@ -443,7 +443,7 @@ def unpack_state(
     events: Tensor, packed: Tensor, levels: int, kept: Sequence[int] | None = None
 ) -> StreamState:
     """The ``StreamState`` of ``pack_state``'s two tensors, for a stack of ``levels`` levels
-    keeping ``kept`` closed elements per level (``kept_elements``; None = none)."""
+    with ``kept`` rows of ``StreamState.kept`` per level (``kept_rows``; None = none)."""
     kept = list(kept or [0] * levels)
     d = packed.shape[1] // (5 * levels + 2 + sum(kept))
     sizes = [3 * d] * levels + [d] * (2 * levels + 2) + [count * d for count in kept]

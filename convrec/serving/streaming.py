@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from convrec.model import ConvRec
-from convrec.ops.stream_downscale import kept_elements, pack_state, unpack_state
+from convrec.ops.stream_downscale import kept_rows, pack_state, unpack_state
 from convrec.serving.checkpoint import load_model
 
 
@@ -35,7 +35,7 @@ class StreamingModule(nn.Module):
             raise ValueError(f"k must be in [1, {model.num_items}], got {k}")
         self.k, self.levels = k, len(model.encoder.levels)
         strides = [stride for _, stride in model.encoder.levels]
-        self.kept = kept_elements(strides, model.encoder.newest_last)
+        self.kept = kept_rows(strides, model.encoder.newest_last)
         self.model = model.eval()
         with torch.no_grad():
             self.register_buffer("table", model.item_vectors().detach().clone())
