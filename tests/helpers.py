@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from convrec import ConvRecEncoder
-from convrec.ops.dispatch import triton_status
+from convrec.ops.dispatch import set_backend, triton_status
 from convrec.ops.item_tables import csr_from_lists
 
 CUDA = torch.cuda.is_available()
@@ -154,3 +154,20 @@ def randomise(module: nn.Module) -> nn.Module:
         for p in module.parameters():
             p.add_(torch.randn_like(p) * 0.3)
     return module
+
+
+def check_bf16_autocast(backend: str) -> None:
+    """Under ``torch.autocast`` (CUDA, bf16) an encoder on ``backend`` returns bf16 user vectors
+    close to the float64 reference, and the gradient reaches the fp32 packed parameter in fp32
+    (the autocast tests of the CUDA extension and of Triton)."""
+    encoder = randomise(ConvRecEncoder(64, heads=2, backend=backend)).cuda().eval()
+    x = torch.randn(4, 100, 64, device="cuda")
+    with torch.autocast("cuda", torch.bfloat16):
+        user = encoder(x)
+    assert user.dtype == torch.bfloat16
+    user.float().square().sum().backward()
+    grad = encoder.stack_weights.grad
+    assert grad.dtype == torch.float32 and torch.isfinite(grad).all() and grad.abs().sum() > 0
+    set_backend(encoder.double(), "reference")
+    exact = encoder(x.double())
+    assert (user.double() - exact).abs().max() <= 0.05 * (1 + exact.abs().max())

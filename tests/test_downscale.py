@@ -13,9 +13,9 @@ import torch
 
 from convrec import ConvRecEncoder
 from convrec.ops import LevelParams, downscale
-from convrec.ops.dispatch import extension_status, set_backend
+from convrec.ops.dispatch import extension_status
 from convrec.ops.level_params import pack_levels
-from tests.helpers import randomise
+from tests.helpers import check_bf16_autocast
 
 EXTENSION = extension_status()
 needs_cuda = pytest.mark.skipif(
@@ -583,14 +583,4 @@ def test_cuda_autocast_runs_in_the_autocast_dtype() -> None:
     """Under ``torch.autocast`` the op casts x and the packed parameters to bf16; the user
     vectors come back in bf16 close to the float64 reference, the gradient reaches the fp32
     parameter in fp32."""
-    encoder = randomise(ConvRecEncoder(64, heads=2, backend="cuda")).cuda().eval()
-    x = torch.randn(4, 100, 64, device="cuda")
-    with torch.autocast("cuda", torch.bfloat16):
-        user = encoder(x)
-    assert user.dtype == torch.bfloat16
-    user.float().square().sum().backward()
-    grad = encoder.stack_weights.grad
-    assert grad.dtype == torch.float32 and torch.isfinite(grad).all() and grad.abs().sum() > 0
-    set_backend(encoder.double(), "reference")
-    exact = encoder(x.double())
-    assert (user.double() - exact).abs().max() <= 0.05 * (1 + exact.abs().max())
+    check_bf16_autocast("cuda")

@@ -14,7 +14,7 @@ from convrec.ops import downscale
 from convrec.ops.dispatch import set_backend, triton_kernels
 from convrec.ops.downscale_triton import MAX_WIDTH, whole_stack_problem
 from convrec.ops.level_params import level_size, pack_levels
-from tests.helpers import CUDA, DEVICE, randomise, requires_triton
+from tests.helpers import CUDA, DEVICE, check_bf16_autocast, randomise, requires_triton
 from tests.test_downscale import compare, make_params, padding_mask, run
 
 pytestmark = requires_triton
@@ -246,17 +246,7 @@ def test_cuda_float64_equals_reference() -> None:
 
 @needs_gpu
 def test_cuda_autocast_runs_in_the_autocast_dtype() -> None:
-    encoder = randomise(ConvRecEncoder(64, heads=2, backend="triton")).cuda().eval()
-    x = torch.randn(4, 100, 64, device="cuda")
-    with torch.autocast("cuda", torch.bfloat16):
-        user = encoder(x)
-    assert user.dtype == torch.bfloat16
-    user.float().square().sum().backward()
-    grad = encoder.stack_weights.grad
-    assert grad.dtype == torch.float32 and torch.isfinite(grad).all() and grad.abs().sum() > 0
-    set_backend(encoder.double(), "reference")
-    exact = encoder(x.double())
-    assert (user.double() - exact).abs().max() <= 0.05 * (1 + exact.abs().max())
+    check_bf16_autocast("triton")
 
 
 @needs_gpu
