@@ -57,6 +57,7 @@ cp convrec/_build_status.json "$work/" 2>/dev/null
 step gpu_tests 65 "$python" -m pytest -q -x -p no:cacheprovider tests/test_downscale.py \
   tests/test_dispatch.py tests/test_embed_conv_pool.py tests/test_dispatch_count.py \
   tests/test_stack_dropout.py tests/test_stream_downscale.py tests/test_all_items.py \
+  tests/test_gelu_paper_norm.py \
   --junitxml="$work/gpu_tests.xml"
 # the whole-stack Triton kernels compile one variant per dtype and flag set: their own step
 step triton_tests 60 "$python" -m pytest -q -p no:cacheprovider tests/test_downscale_triton.py \

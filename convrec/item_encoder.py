@@ -17,10 +17,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from convrec.ops.dispatch import UsesBackend
-from convrec.ops.downscale import PAPER_NORM_EPS, paper_layer_norm
+from convrec.ops.downscale import PAPER_NORM_EPS
 from convrec.ops.gather_embed import attribute_bags, bags_of_rows, gather_embed
+from convrec.ops.gelu_paper_norm import gelu_paper_norm
 from convrec.ops.item_tables import ItemTables, check_csr, csr_from_lists
-from convrec.ops.stack_dropout import hashed_dropout
+from convrec.ops.stack_dropout import StackDropout
 from convrec.time_context import (
     CONTEXT_DIM,
     DATE_DIFF_DIM,
@@ -205,9 +206,15 @@ class FaithfulItemEncoder(UsesBackend, _ItemInputs):
         self.dropout = dropout
         self.backend = "auto"
 
+    def _draw_dropout(self, active: bool = True) -> StackDropout | None:
+        """A fresh ``StackDropout`` for one of the block's dropouts (the paper's per-position
+        masks, one extension pass each way); None outside training, at p = 0 or not ``active``."""
+        device = self.item_embedding.weight.device
+        return StackDropout.draw(self.dropout, self.training and active, device, self.backend)
+
     def _dropout(self, x: Tensor) -> Tensor:
-        """Dropout by ``hashed_dropout``: the paper's per-position masks, one extension pass."""
-        return hashed_dropout(x, self.dropout, self.training, self.backend)
+        drop = self._draw_dropout()
+        return x if drop is None else drop.apply(x, 0)
 
     def _fused_rows(self, rows: Tensor, out: Tensor) -> Tensor:
         """``out @ (W_a f_v + b_a)`` for distinct ids ``rows`` (R,): the attribute projection is
@@ -258,10 +265,9 @@ class FaithfulItemEncoder(UsesBackend, _ItemInputs):
         return self._at_positions(self._row_terms(rows), where, context)
 
     def _input_block(self, v: Tensor, dt: Tensor, history: bool) -> Tensor:
-        v = F.gelu(torch.cat([v, dt.to(v.dtype)], dim=-1))
-        if history:
-            v = self._dropout(v)
-        v = paper_layer_norm(v, self.norm.weight, self.norm.bias, self.norm.eps)
+        v = torch.cat([v, dt.to(v.dtype)], dim=-1)
+        drop = self._draw_dropout(active=history)
+        v = gelu_paper_norm(v, self.norm.weight, self.norm.bias, self.norm.eps, drop, self.backend)
         return F.gelu(self.in_proj(v))
 
     def history_context(self, timestamps: Tensor | None, mask: Tensor) -> Tensor:

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "downscale_driver.h"
+#include "gelu_paper_norm_driver.h"
 #include "stream_downscale_driver.h"
 
 namespace convrec {
@@ -129,6 +130,8 @@ STABLE_TORCH_LIBRARY_IMPL(convrec, CPU, m) {
   m.impl("downscale", TORCH_BOX(&downscale_forward<CpuDevice>));
   m.impl("downscale_backward", TORCH_BOX(&downscale_backward<CpuDevice>));
   m.impl("gelu_points", TORCH_BOX(&gelu_points<CpuDevice>));
+  m.impl("gelu_paper_norm", TORCH_BOX(&gelu_paper_norm<CpuDevice>));
+  m.impl("gelu_paper_norm_backward", TORCH_BOX(&gelu_paper_norm_backward<CpuDevice>));
   m.impl("stack_dropout", TORCH_BOX(&stack_dropout<CpuDevice>));
   m.impl("stream_downscale", TORCH_BOX(&stream_downscale_forward<CpuDevice>));
   m.impl("stream_downscale_backward", TORCH_BOX(&stream_downscale_backward<CpuDevice>));

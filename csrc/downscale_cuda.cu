@@ -14,6 +14,7 @@
 #include <type_traits>
 
 #include "downscale_driver.h"
+#include "gelu_paper_norm_driver.h"
 #include "stream_downscale_driver.h"
 
 namespace convrec {
@@ -165,6 +166,8 @@ STABLE_TORCH_LIBRARY_IMPL(convrec, CUDA, m) {
   m.impl("downscale", TORCH_BOX(&downscale_forward<CudaDevice>));
   m.impl("downscale_backward", TORCH_BOX(&downscale_backward<CudaDevice>));
   m.impl("gelu_points", TORCH_BOX(&gelu_points<CudaDevice>));
+  m.impl("gelu_paper_norm", TORCH_BOX(&gelu_paper_norm<CudaDevice>));
+  m.impl("gelu_paper_norm_backward", TORCH_BOX(&gelu_paper_norm_backward<CudaDevice>));
   m.impl("stack_dropout", TORCH_BOX(&stack_dropout<CudaDevice>));
   m.impl("stream_downscale", TORCH_BOX(&stream_downscale_forward<CudaDevice>));
   m.impl("stream_downscale_backward", TORCH_BOX(&stream_downscale_backward<CudaDevice>));

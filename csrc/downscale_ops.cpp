@@ -38,6 +38,16 @@ STABLE_TORCH_LIBRARY(convrec, m) {
   // Dropout of x (..., D) by the hash of (seed, level, row, channel) (Dropout in downscale.h):
   // kept elements scaled by 1 / (1 - p). Linear and self-adjoint: its backward is itself.
   m.def("stack_dropout(Tensor x, Tensor seed, int level, float p) -> Tensor");
+  // paper_layer_norm(dropout(GELU(x))) over x's last dim (csrc/gelu_paper_norm_driver.h), the
+  // paper code's input block; with `dropout_seed` StackDropout's level 0 over x's rows. Returns
+  // y and the (rows, 2) statistics its backward reads.
+  m.def(
+      "gelu_paper_norm(Tensor x, Tensor weight, Tensor bias, Tensor? dropout_seed, float dropout, "
+      "float eps) -> (Tensor, Tensor)");
+  // Gradients of x, weight and bias.
+  m.def(
+      "gelu_paper_norm_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor stats, "
+      "Tensor? dropout_seed, float dropout, float eps) -> (Tensor, Tensor, Tensor)");
   // GELU(y) and GELU'(y) with the kernels' arithmetic, for tests of the float32 polynomials.
   m.def("gelu_points(Tensor y) -> (Tensor, Tensor)");
 }

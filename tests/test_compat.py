@@ -227,7 +227,7 @@ def test_faithful_reproduces_official_model(levels, heads, max_len, dates) -> No
     model.train()
     model.encoder.dropout = 0.0
     model.item_encoder.dropout = 0.5  # takes the per-position path ...
-    model.item_encoder._dropout = lambda x: x  # ... whose dropout keeps everything
+    model.item_encoder._draw_dropout = lambda active=True: None  # ... whose dropouts keep all
     torch.testing.assert_close(model.score(ids, candidates, times, **leak), scores, **exact)
     model.eval()
     # a history shorter than max_len is the same history padded by the model

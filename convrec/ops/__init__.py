@@ -11,6 +11,7 @@ from convrec.ops.conv_pool import ConvPoolOutput, conv_pool, conv_pool_reference
 from convrec.ops.downscale import DownscaleOutput, downscale, downscale_reference
 from convrec.ops.embed_conv_pool import embed_conv_pool, embed_conv_pool_reference
 from convrec.ops.gather_embed import attribute_bags, gather_embed, gather_embed_reference
+from convrec.ops.gelu_paper_norm import gelu_paper_norm, gelu_paper_norm_reference
 from convrec.ops.item_tables import ItemTables
 from convrec.ops.level_params import LevelParams, PackedLevels, pack_levels
 from convrec.ops.stack_dropout import StackDropout
@@ -41,6 +42,8 @@ __all__ = [
     "embed_conv_pool_reference",
     "gather_embed",
     "gather_embed_reference",
+    "gelu_paper_norm",
+    "gelu_paper_norm_reference",
     "pack_levels",
     "score_all_items",
     "stream_downscale",

@@ -41,6 +41,7 @@ IMPLEMENTATIONS: dict[str, tuple[str, ...]] = {
     "downscale": ("cuda", "cpp", "triton"),
     "stream_downscale": ("cuda", "cpp"),
     "stack_dropout": ("cuda", "cpp", "triton"),
+    "gelu_paper_norm": ("cuda", "cpp"),
 }
 
 # The device type "auto" uses each fast path for.
