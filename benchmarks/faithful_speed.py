@@ -7,7 +7,9 @@ Both sides: one sampled-softmax training step (forward + backward, no optimizer)
 of length L with real dates, 1 positive + 100 negatives given the target's date (the authors'
 protocol, ``leak_target_date=True``), D = 64, 637 attributes with 3-4 per item, levels
 ``schedule_for_length(L)``, dropout as given, float32, CPU. Medians of ``--repeats`` steps after
-one warm-up, both models timed alternately in one run. Writes CSV + Markdown to ``--out``.
+one warm-up, both models timed alternately in one run, freed memory kept in the process as
+``convrec train`` keeps it (``convrec.training.allocator``: no page faults on re-allocated
+blocks, for both sides). Writes CSV + Markdown to ``--out``.
 
     OMP_NUM_THREADS=1 python -m benchmarks.faithful_speed --out benchmarks/results
 """
@@ -26,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from convrec import ConvRec, schedule_for_length
+from convrec.training.allocator import keep_freed_memory
 
 ATTRIBUTES = 637
 NEGATIVES = 100
@@ -196,7 +199,9 @@ def main() -> None:
         f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {platform.machine()}; "
         f"B={args.batch}, D={args.d_model}, 1 positive + {NEGATIVES} negatives given the "
         f"target's date, {ATTRIBUTES} attributes (3-4 per item), real dates, float32; forward + "
-        f"backward of the sampled softmax; median of {args.repeats} steps, both in one run.",
+        f"backward of the sampled softmax; median of {args.repeats} steps, both in one run, "
+        "freed memory kept in the process as `convrec train` keeps it "
+        "(`convrec.training.allocator`), for both sides.",
         "",
         "| items | L | dropout | levels | authors' forward ms | faithful ms | speed-up |",
         "|---|---|---|---|---|---|---|",
@@ -228,4 +233,5 @@ def main() -> None:
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
+    keep_freed_memory()  # as `convrec train` runs its steps; both sides alike
     main()

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from convrec.ops.dispatch import UsesBackend
 from convrec.ops.downscale import PAPER_NORM_EPS
-from convrec.ops.gather_embed import attribute_bags, bags_of_rows, gather_embed
+from convrec.ops.gather_embed import attribute_bags, bags_of_rows, gather_embed, rows_at
 from convrec.ops.gelu_paper_norm import gelu_paper_norm
 from convrec.ops.item_tables import ItemTables, check_csr, csr_from_lists
 from convrec.ops.stack_dropout import StackDropout
@@ -256,9 +256,9 @@ class FaithfulItemEncoder(UsesBackend, _ItemInputs):
         contexts (*, 6) or broadcastable to it (None: zero context)."""
         rows_out, fused, context_weight = terms
         if fused is None:
-            return _add_context(rows_out[where], context, context_weight)
-        ac = self._dropout(_add_context(fused[where], context, context_weight))
-        return rows_out[where] + F.linear(ac, self.item_proj.weight[:, self.d_model :])
+            return _add_context(rows_at(rows_out, where), context, context_weight)
+        ac = self._dropout(_add_context(rows_at(fused, where), context, context_weight))
+        return rows_at(rows_out, where) + F.linear(ac, self.item_proj.weight[:, self.d_model :])
 
     def _item_vectors(self, item_ids: Tensor, context: Tensor | None) -> Tensor:
         rows, where = torch.unique(item_ids, return_inverse=True)
@@ -303,7 +303,7 @@ class FaithfulItemEncoder(UsesBackend, _ItemInputs):
         rows, where = torch.unique(item_ids, return_inverse=True)
         v = self._item_vectors(rows, None)
         dt = torch.zeros(rows.shape[0], DATE_DIFF_DIM, device=v.device, dtype=v.dtype)
-        return self._input_block(v, dt, history=False)[where]
+        return rows_at(self._input_block(v, dt, history=False), where)
 
     def history_and_candidates(
         self,

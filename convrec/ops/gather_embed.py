@@ -47,6 +47,17 @@ def bags_of_rows(
     return F.embedding_bag(picked, attr_table, offsets, mode=mode, include_last_offset=True)
 
 
+def rows_at(table: Tensor, where: Tensor) -> Tensor:
+    """``table[where]`` for a (R, W) ``table`` and integer ``where`` of any shape ->
+    (*where.shape, W). On the CPU by ``index_select``, whose backward is one ``index_add_``
+    (about 3x faster than the sorting backward of ``table[where]`` at 65k rows of 256, one
+    thread); on other devices by ``F.embedding``, whose backward sums in a fixed order where
+    ``index_add_`` would use atomics."""
+    if table.device.type != "cpu":
+        return F.embedding(where, table)
+    return table.index_select(0, where.reshape(-1)).view(*where.shape, table.shape[-1])
+
+
 def gather_embed(
     item_ids: Tensor,
     tables: ItemTables,
