@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from convrec.ops import attribute_bags, gather_embed
+from convrec.ops.gather_embed import rows_at
 from convrec.ops.item_tables import ItemTables, csr_from_lists
 from tests.helpers import (
     DEVICE,
@@ -252,3 +253,17 @@ def test_triton_gather_compiles_fullgraph(attribute_lists) -> None:
     )
     for c, e in zip(compiled, eager, strict=True):
         torch.testing.assert_close(c, e)
+
+
+def test_rows_at_is_indexing_with_its_gradient() -> None:
+    """``rows_at(table, where)`` is ``table[where]``, repeated rows' gradients summed."""
+    table = torch.randn(9, 5, dtype=torch.float64, requires_grad=True)
+    where = torch.tensor([[3, 3, 0], [8, 3, 1]])
+    grad = torch.randn(2, 3, 5, dtype=torch.float64)
+    got = rows_at(table, where)
+    (got_grad,) = torch.autograd.grad(got, table, grad)
+    expected = table[where]
+    (expected_grad,) = torch.autograd.grad(expected, table, grad)
+    assert torch.equal(got, expected)
+    torch.testing.assert_close(got_grad, expected_grad, rtol=1e-15, atol=1e-15)
+    assert got_grad[3].abs().sum() > 0 and got_grad[2].abs().sum() == 0
