@@ -59,6 +59,32 @@ def test_every_prefix_equals_the_prefix_alone(levels, heads, mask_aware, newest_
         assert (every[row, ~mask[row]] == 0).all()
 
 
+@pytest.mark.parametrize("heads", [1, 2])
+def test_newest_last_gradients_equal_the_prefixes_alone(heads) -> None:
+    """The one-pass newest-last reference's gradients (input and every level tensor) are those
+    of the prefixes run alone: a loss on every position, float64."""
+    params, strides, x, mask = _setup([(2, 2), (3, 3)], heads, length=9, batch=3)
+    x.requires_grad_()
+    leaves = [x, *(t for p in params for t in p if t.requires_grad)]
+    weight = torch.randn(*x.shape, dtype=x.dtype)
+    every = stream_downscale_reference(x, mask, params, strides, heads, newest_last=True)
+    fast = torch.autograd.grad((every * weight * mask[..., None]).sum(), leaves)
+    total = x.new_zeros(())
+    for row in range(x.shape[0]):
+        real = torch.nonzero(mask[row]).flatten().tolist()
+        for n in range(1, len(real) + 1):
+            prefix = x.new_zeros(1, *x.shape[1:])
+            prefix[0, x.shape[1] - n :] = x[row, real[:n]]  # the first n events, left-padded
+            keep = torch.arange(x.shape[1]) >= x.shape[1] - n
+            alone = stream_downscale_prefix(
+                prefix, keep[None], params, strides, heads, newest_last=True
+            )
+            total = total + (alone[0] * weight[row, real[n - 1]]).sum()
+    slow = torch.autograd.grad(total, leaves)
+    for a, b in zip(fast, slow, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("levels", SCHEDULES)
 @pytest.mark.parametrize("mask_aware", [False, True])
 @pytest.mark.parametrize("newest_last", [False, True])

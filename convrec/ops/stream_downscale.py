@@ -277,17 +277,23 @@ def _closed_terms_newest_last(weight: Tensor, final: Tensor, element: Tensor, he
     """Per time step (T,) in element ``element``: the conv terms of the closed elements of its
     open window with the window laid out newest-last, ``sum_i W[:, :, k - 1 - slot + i] @
     final[start + i]`` over i < slot (slot = the open element's place, start = the window's
-    first element). Every closed element's term at every offset, then one gather per place."""
-    kernel = weight.shape[-1]
-    terms = _every_offset_term(weight, final, heads)  # (B, N, k, D)
+    first element). Every closed element's term at every offset as rows of B * D values, then
+    one ``embedding_bag`` sums the (element, offset) rows each step reads: no (T, k, B, D)
+    gather, and a backward that adds whole rows, not k - 1 sorting scatters."""
+    batch, count, d = final.shape
+    kernel, head_dim = weight.shape[-1], d // heads
+    w = weight.view(heads, head_dim, head_dim, kernel)  # [group, out, in, offset]
+    grouped = final.view(batch, count, heads, head_dim)
+    table = torch.einsum("bngc,gaco->nobga", grouped, w).reshape(count * kernel, batch * d)
     slot = element % kernel
-    start = element - slot
-    total = final.new_zeros(final.shape[0], element.shape[0], final.shape[-1])
-    for i in range(kernel - 1):
-        index = (start + i).clamp(max=final.shape[1] - 1)
-        offset = (kernel - 1 - slot + i).clamp(min=0, max=kernel - 1)
-        total = total + terms[:, index, offset] * (i < slot)[None, :, None].to(final.dtype)
-    return total
+    place = torch.arange(kernel - 1, device=element.device)
+    source = (element - slot)[:, None] + place  # (T, k - 1): the closed elements
+    offset = kernel - 1 - slot[:, None] + place
+    valid = place[None, :] < slot[:, None]
+    row = (source.clamp(max=count - 1) * kernel + offset.clamp(min=0, max=kernel - 1)) * valid
+    weights = valid.to(table.dtype)  # the table's: autocast may have narrowed it
+    total = F.embedding_bag(row, table, mode="sum", per_sample_weights=weights)  # (T, B * D)
+    return total.view(-1, batch, d).transpose(0, 1)
 
 
 def _exclusive_window_sum(terms: Tensor, stride: int) -> Tensor:
