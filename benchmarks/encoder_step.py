@@ -9,8 +9,8 @@ Series: ``ConvRecEncoder.for_length(L, D)`` on each backend ("reference", "trito
 ``convrec train --compile`` runs it), and SASRec's 2-block ``TransformerEncoder`` with
 ``scaled_dot_product_attention`` ("sasrec-sdpa": FlashAttention on a GPU), and the streaming
 encoder's all-positions pass on a backend ("streaming-<backend>": ``forward_positions``, the
-user vector after every position, what ``all-positions`` training runs; "streaming-newest-last"
-is that pass with ``newest_last=True``, which only the reference implements). Inputs (B, L, D)
+user vector after every position, what ``all-positions`` training runs;
+"streaming-newest-last-<backend>" is that pass with ``newest_last=True``). Inputs (B, L, D)
 and weights in the dtype, dropout 0.1, loss = mean of the squared outputs. Times are medians of
 CUDA-event (or wall-clock) timings after warm-up; peak memory is the allocator's peak (GPU only).
 The memory floor is the time to move 3·B·L·D elements at the measured copy rate (a
@@ -54,9 +54,9 @@ def make_step(series: str, length: int, args: argparse.Namespace) -> Callable[[]
         model: torch.nn.Module = TransformerEncoder(args.d_model, length, 2, 2, 0.1, "sdpa")
     else:
         streaming = series.startswith("streaming-")
-        newest_last = series == "streaming-newest-last"
+        newest_last = series.startswith("streaming-newest-last-")
         backend = series.removeprefix("compiled-").removeprefix("streaming-")
-        backend = "reference" if newest_last else backend
+        backend = backend.removeprefix("newest-last-")
         reason = unavailable(backend, device)
         if reason is not None:
             raise LookupError(reason)

@@ -140,8 +140,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
         action="store_true",
         default=s,
         help="streaming: each level's open window holds the items that have arrived in its "
-        "last slots, so the newest meets the last kernel offset (runs on the reference; the "
-        "push state grows by k vectors per level)",
+        "last slots, so the newest meets the last kernel offset (the push state grows by k "
+        "vectors per level)",
     )
     p.add_argument(
         "--no-attributes",

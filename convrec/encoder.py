@@ -82,8 +82,8 @@ class ConvRecEncoder(UsesBackend, nn.Module):
     needs kernel = stride): ``forward_positions`` then gives the user vector after every
     position in one pass and ``push`` updates users one event at a time; with
     ``newest_last=True`` each level's open window holds the items that have arrived in its last
-    slots, so the newest meets the last kernel offset (on the reference only; its ``push``
-    state also keeps each open window's terms summed by shift: ``ops.stream_downscale``).
+    slots, so the newest meets the last kernel offset (its ``push`` state also keeps each open
+    window's terms summed by shift: ``ops.stream_downscale``).
     ``backend`` names the
     implementation of ``ops.downscale`` (``convrec.ops.dispatch``; change it with
     ``convrec.ops.dispatch.set_backend``). ``paper_norm=True`` normalises every level as the

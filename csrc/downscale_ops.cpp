@@ -27,14 +27,16 @@ STABLE_TORCH_LIBRARY(convrec, m) {
       "-> (Tensor, Tensor, Tensor)");
   // The anchored stack (csrc/stream_downscale_driver.h): left-aligned histories x (B, L, D)
   // -> the user vector after every position (B, L, D), and the tensors the backward needs.
-  // Kernel = stride at every level; `params` packed as for downscale.
+  // Kernel = stride at every level; `params` packed as for downscale. `newest_last` lays each
+  // level's open window out with its arrived elements in the last slots.
   m.def(
       "stream_downscale(Tensor x, Tensor params, int[] strides, int heads, bool mask_aware, "
-      "Tensor? dropout_seed, float dropout, float eps) -> (Tensor, Tensor[])");
+      "Tensor? dropout_seed, float dropout, float eps, bool newest_last) -> (Tensor, Tensor[])");
   // Gradients of x and of the packed parameters.
   m.def(
       "stream_downscale_backward(Tensor grad, Tensor params, int[] strides, int heads, "
-      "Tensor? dropout_seed, float dropout, float eps, Tensor[] saved) -> (Tensor, Tensor)");
+      "Tensor? dropout_seed, float dropout, float eps, bool newest_last, Tensor[] saved) "
+      "-> (Tensor, Tensor)");
   // Dropout of x (..., D) by the hash of (seed, level, row, channel) (Dropout in downscale.h):
   // kept elements scaled by 1 / (1 - p). Linear and self-adjoint: its backward is itself.
   m.def("stack_dropout(Tensor x, Tensor seed, int level, float p) -> Tensor");

@@ -12,6 +12,13 @@
 // are one batched GEMM over the positions laid out by offset (SlotPackRow); the row passes
 // then add up at most `stride` terms and pool sums per position, and the usual epilogue
 // (EpilogueRow) finishes the level.
+//
+// newest_last (stream_downscale.py): the open window's arrived elements sit in its last slots,
+// so the open element always meets the last offset and a closed element's offset moves down
+// by one per later arrival. The open terms are then one GEMM with the last offset's weight over
+// all positions (dense, row b * L + t), and the closed elements' terms one GEMM of their final
+// versions with every offset's weight, (B * elements * stride, D), row (b * elements + e) *
+// stride + offset; the row passes read the offset each position needs.
 #pragma once
 
 #include "downscale.h"
@@ -65,7 +72,9 @@ struct StreamWindowRow {
   StreamLevel lv;
   int64_t d;
   bool mask_aware;
-  const T* terms;  // (stride, packed_rows, D): GEMM of the slot-packed input
+  const T* terms;  // (stride, packed_rows, D): GEMM of the slot-packed input; newest_last: the
+                   // open terms, (B * L, D)
+  const T* closed;  // newest_last: the closed terms at every offset, else nullptr
   const T* seq;  // (B, L, D) level input
   const T* res;  // (B, L, D) long residual, or nullptr: the input itself (level 0)
   T* pre;  // (B * L, D)
@@ -79,7 +88,8 @@ struct StreamWindowRow {
     A* sy = scratch;
     A* sx = scratch + d;
     A* sr = scratch + 2 * d;
-    const T* own_term = terms + lv.packed(b, t) * d;
+    const bool newest_last = closed != nullptr;
+    const T* own_term = terms + (newest_last ? n : lv.packed(b, t)) * d;
     const T* own_x = seq + n * d;
     const T* own_r = res != nullptr ? res + n * d : own_x;
     CONVREC_SIMD
@@ -90,7 +100,10 @@ struct StreamWindowRow {
     }
     for (int64_t j = e - offset; j < e; ++j) {  // the closed elements of t's window
       const int64_t p = lv.end(j);
-      const T* term = terms + lv.packed(b, p) * d;
+      // newest_last: element j sits e - j slots before the open one, at the last offset
+      const T* term = newest_last
+                          ? closed + ((b * lv.elements() + j) * lv.stride + lv.stride - 1 - (e - j)) * d
+                          : terms + lv.packed(b, p) * d;
       const T* x = seq + (b * lv.length + p) * d;
       const T* r = res != nullptr ? res + (b * lv.length + p) * d : x;
       CONVREC_SIMD
@@ -189,8 +202,9 @@ template <typename T, typename A>
 struct StreamGrads {
   StreamLevel lv;
   const T* direct;  // (B, L, D)
-  const T* terms;  // (stride, packed_rows, D) or nullptr
+  const T* terms;  // (stride, packed_rows, D) or nullptr; newest_last: the open terms', (B, L, D)
   const T* res;  // (B, L, D) or nullptr
+  const T* finals = nullptr;  // newest_last: (B * elements, D), through the closed terms
 
   template <class Team>
   CONVREC_HD void gather(const Team& team, int64_t b, int64_t t, int64_t d, A* dx, A* dr) const {
@@ -199,9 +213,15 @@ struct StreamGrads {
     CONVREC_SIMD
     for (int64_t c = team.lane(); c < d; c += Team::size) dx[c] += static_cast<A>(g[c]);
     if (terms != nullptr) {
-      const T* gt = terms + lv.packed(b, t) * d;
+      const T* gt = terms + (finals != nullptr ? n : lv.packed(b, t)) * d;
       CONVREC_SIMD
       for (int64_t c = team.lane(); c < d; c += Team::size) dx[c] += static_cast<A>(gt[c]);
+    }
+    const int64_t e = t / lv.span;
+    if (finals != nullptr && t == lv.end(e)) {  // an element's final version
+      const T* gf = finals + (b * lv.elements() + e) * d;
+      CONVREC_SIMD
+      for (int64_t c = team.lane(); c < d; c += Team::size) dx[c] += static_cast<A>(gf[c]);
     }
     if (res != nullptr) {
       const T* gr = res + n * d;
@@ -267,7 +287,8 @@ struct StreamWindowGradRow {
   const T* grad_res_pooled;
   const A* stats;
   const A* sums;  // StreamElementSumRow's
-  T* grad_terms;  // (stride, packed_rows, D), zero past the history
+  T* grad_terms;  // (stride, packed_rows, D), zero past the history; nullptr: newest_last,
+                   // whose term gradients are grad_pre and StreamClosedGradRow's
   T* grad_input;  // (B, L, D): through the pools
   T* grad_res;  // (B, L, D)
 
@@ -301,12 +322,68 @@ struct StreamWindowGradRow {
         }
       }
     }
-    T* out_y = grad_terms + lv.packed(b, t) * d;
+    if (grad_terms != nullptr) {
+      T* out_y = grad_terms + lv.packed(b, t) * d;
+      CONVREC_SIMD
+      for (int64_t c = team.lane(); c < d; c += Team::size) out_y[c] = static_cast<T>(gy[c]);
+    }
     CONVREC_SIMD
     for (int64_t c = team.lane(); c < d; c += Team::size) {
-      out_y[c] = static_cast<T>(gy[c]);
       grad_input[n * d + c] = static_cast<T>(gx[c]);
       grad_res[n * d + c] = static_cast<T>(gr[c]);
+    }
+  }
+};
+
+// newest_last, element n = (b, e) of a level's input: its final version (the version at its
+// last position, or at the last position while it is still open: nothing reads that one).
+template <typename T, typename A>
+struct StreamFinalsRow {
+  using acc = A;
+  static constexpr int64_t scratch_rows = 0;
+  StreamLevel lv;
+  int64_t d;
+  const T* seq;  // (B, L, D)
+  T* finals;  // (B * elements, D)
+
+  template <class Team>
+  CONVREC_HD void operator()(const Team& team, int64_t n, A* /*scratch*/) const {
+    const int64_t count = lv.elements(), b = n / count, end = lv.end(n % count);
+    const int64_t t = end < lv.length ? end : lv.length - 1;
+    fill_slot(team, finals + n * d, seq + (b * lv.length + t) * d, d);
+  }
+};
+
+// newest_last backward, element n = (b, j): the gradient of its closed term at every offset.
+// The element at place s of a window reads the earlier element at place i at offset
+// stride - 1 - (s - i), with every position of its own: offset o of element j gets the summed
+// pre-activation gradient of element j + stride - 1 - o (StreamElementSumRow's), when that one
+// exists in j's window; zero otherwise (the last offset is only ever the open element's).
+template <typename T, typename A>
+struct StreamClosedGradRow {
+  using acc = A;
+  static constexpr int64_t scratch_rows = 0;
+  StreamLevel lv;
+  int64_t d;
+  const A* sums;  // StreamElementSumRow's
+  T* grad_closed;  // (B * elements * stride, D)
+
+  template <class Team>
+  CONVREC_HD void operator()(const Team& team, int64_t n, A* /*scratch*/) const {
+    const int64_t count = lv.elements(), b = n / count, j = n % count;
+    const int64_t place = j % lv.stride, window_end = j - place + lv.stride;
+    for (int64_t o = 0; o < lv.stride; ++o) {
+      const int64_t reader = j + lv.stride - 1 - o;
+      const bool read = o >= place && reader > j && reader < window_end && reader < count;
+      T* out = grad_closed + (n * lv.stride + o) * d;
+      if (read) {
+        const A* s = sums + (b * count + reader) * 3 * d;  // pre-activation sums first
+        CONVREC_SIMD
+        for (int64_t c = team.lane(); c < d; c += Team::size) out[c] = static_cast<T>(s[c]);
+      } else {
+        CONVREC_SIMD
+        for (int64_t c = team.lane(); c < d; c += Team::size) out[c] = T(0);
+      }
     }
   }
 };

@@ -8,7 +8,10 @@
 // A level: pack its input by window offset (SlotPackRow), one batched GEMM with the folded
 // weight of each offset, StreamWindowRow (closed elements' terms and pools), EpilogueRow. The
 // backward runs the same steps in reverse; the gradient of the folded weight is one more
-// batched GEMM, unfolded into the packed gradient as in downscale.
+// batched GEMM, unfolded into the packed gradient as in downscale. newest_last (see
+// stream_downscale.h) replaces the packing by two GEMMs: the open terms of every position with
+// the last offset's weight, the closed terms of every element's final version at every offset;
+// it saves the level input in the packed input's place.
 #pragma once
 
 #include <optional>
@@ -60,10 +63,31 @@ inline StreamGeometry check_stream_geometry(int64_t batch, int64_t length, int64
   return s;
 }
 
+// newest_last: a level's offset weights as one (D, stride * D) right factor, column block o
+// the weight of offset o, so one GEMM gives every closed element's term at every offset.
+inline Tensor offsets_side_by_side(const Tensor& weight, int64_t stride, int64_t d) {
+  const Tensor by_offset = torch::stable::view(weight, {stride, d, d});
+  return torch::stable::view(torch::stable::contiguous(torch::stable::transpose(by_offset, 0, 1)),
+                             {d, stride * d});
+}
+
+// newest_last: the (D, D) weight of a level's last offset, the open element's.
+inline Tensor last_offset(const Tensor& weight, int64_t stride, int64_t d) {
+  return torch::stable::select(torch::stable::view(weight, {stride, d, d}), 0, stride - 1);
+}
+
+template <typename T, typename A, class Dev>
+Tensor stream_finals(Dev& dev, const StreamLevel& lv, int64_t d, const Tensor& input) {
+  Tensor finals = torch::stable::new_empty(input, {lv.batch * lv.elements(), d});
+  dev.rows(lv.batch * lv.elements(), d,
+           StreamFinalsRow<T, A>{lv, d, ptr<T>(input), ptr<T>(finals)});
+  return finals;
+}
+
 template <typename T, typename A, class Dev>
 StreamForwardOut stream_forward_levels(Dev& dev, const StreamGeometry& sg, const Tensor& x,
                                        const Params& p, bool mask_aware, const Dropout<A>& drop,
-                                       const Norm<A>& norm) {
+                                       const Norm<A>& norm, bool newest_last) {
   const int64_t m = static_cast<int64_t>(sg.levels.size()), d = sg.g.d, batch = sg.g.batch;
   const int64_t length = sg.g.length, rows = batch * length;
   const ScalarType acc = acc_type(x.scalar_type());
@@ -72,18 +96,26 @@ StreamForwardOut stream_forward_levels(Dev& dev, const StreamGeometry& sg, const
   Tensor input = x, residual;  // level 0: x is its own long residual
   for (int64_t l = 0; l < m; ++l) {
     const StreamLevel& lv = sg.levels[l];
-    Tensor packed = torch::stable::new_empty(x, {lv.stride, lv.packed_rows(), d});
-    dev.rows(lv.stride * lv.packed_rows(), d,
-             SlotPackRow<T, A>{lv, d, ptr<T>(input), ptr<T>(packed)});
-    const Tensor terms =
-        torch::stable::matmul(packed, torch::stable::view(p.weight[l], {lv.stride, d, d}));
+    Tensor packed, terms, closed;  // newest_last: packed is the input, saved for the backward
+    if (newest_last) {
+      packed = l == 0 ? torch::stable::clone(input) : input;  // an output must not alias x
+      terms = torch::stable::matmul(view2d(input, rows, d), last_offset(p.weight[l], lv.stride, d));
+      closed = torch::stable::matmul(stream_finals<T, A>(dev, lv, d, input),
+                                     offsets_side_by_side(p.weight[l], lv.stride, d));
+    } else {
+      packed = torch::stable::new_empty(x, {lv.stride, lv.packed_rows(), d});
+      dev.rows(lv.stride * lv.packed_rows(), d,
+               SlotPackRow<T, A>{lv, d, ptr<T>(input), ptr<T>(packed)});
+      terms = torch::stable::matmul(packed, torch::stable::view(p.weight[l], {lv.stride, d, d}));
+    }
     Tensor pre = torch::stable::new_empty(x, {rows, d});
     Tensor pooled = torch::stable::new_empty(x, {batch, length, d});
     const bool shared_pools = l == 0;  // x pooled twice: one tensor holds both
     Tensor res_pooled = shared_pools ? pooled : torch::stable::new_empty(x, {batch, length, d});
     Tensor stats = torch::stable::new_empty(x, {rows, kStats}, acc);
     dev.rows(rows, d,
-             StreamWindowRow<T, A>{lv, d, mask_aware, ptr<T>(terms), ptr<T>(input),
+             StreamWindowRow<T, A>{lv, d, mask_aware, ptr<T>(terms),
+                                   newest_last ? ptr<T>(closed) : nullptr, ptr<T>(input),
                                    shared_pools ? nullptr : ptr<T>(residual), ptr<T>(pre),
                                    ptr<T>(pooled), ptr<T>(res_pooled), ptr<A>(stats)});
     Tensor out = torch::stable::new_empty(x, {batch, length, d});
@@ -108,7 +140,8 @@ StreamForwardOut stream_forward_levels(Dev& dev, const StreamGeometry& sg, const
 template <typename T, typename A, class Dev>
 StreamBackwardOut stream_backward_levels(Dev& dev, const StreamGeometry& sg, const Tensor& grad,
                                          const Params& p, const Dropout<A>& drop,
-                                         const Norm<A>& norm, const std::vector<Tensor>& saved) {
+                                         const Norm<A>& norm, const std::vector<Tensor>& saved,
+                                         bool newest_last) {
   const int64_t m = static_cast<int64_t>(sg.levels.size()), d = sg.g.d, batch = sg.g.batch;
   const int64_t length = sg.g.length, rows = batch * length;
   const Tensor& ref = p.packed;
@@ -118,7 +151,7 @@ StreamBackwardOut stream_backward_levels(Dev& dev, const StreamGeometry& sg, con
   Tensor direct = torch::stable::new_empty(ref, {batch, length, d});
   dev.rows(batch, d, StreamUserGradRow<T, A>{length, sg.span, d, ptr<T>(grad), ptr<T>(direct)});
   StreamGrads<T, A> after{sg.levels[m - 1], ptr<T>(direct), nullptr, nullptr};
-  Tensor after_terms, after_res;  // keep level l + 1's gradients alive
+  Tensor after_terms, after_res, after_finals;  // keep level l + 1's gradients alive
   for (int64_t l = m - 1; l >= 0; --l) {
     const StreamLevel& lv = sg.levels[l];
     const Tensor* s = &saved[kStreamSavedPerLevel * l];
@@ -156,23 +189,49 @@ StreamBackwardOut stream_backward_levels(Dev& dev, const StreamGeometry& sg, con
              StreamElementSumRow<T, A>{lv, d, ptr<T>(grad_pre), ptr<T>(grad_pooled),
                                        ptr<T>(grad_res_pooled), ptr<A>(s[kStreamStats]),
                                        ptr<A>(element_sums)});
-    Tensor grad_terms = torch::stable::new_zeros(ref, {lv.stride, lv.packed_rows(), d});
+    Tensor grad_terms = newest_last
+                            ? torch::stable::new_empty(ref, {0})
+                            : torch::stable::new_zeros(ref, {lv.stride, lv.packed_rows(), d});
     Tensor grad_input = torch::stable::new_empty(ref, {batch, length, d});
     Tensor grad_res = torch::stable::new_empty(ref, {batch, length, d});
     dev.rows(rows, d,
              StreamWindowGradRow<T, A>{lv, d, ptr<T>(grad_pre), ptr<T>(grad_pooled),
                                        ptr<T>(grad_res_pooled), ptr<A>(s[kStreamStats]),
-                                       ptr<A>(element_sums), ptr<T>(grad_terms),
+                                       ptr<A>(element_sums),
+                                       newest_last ? nullptr : ptr<T>(grad_terms),
                                        ptr<T>(grad_input), ptr<T>(grad_res)});
-    const Tensor weight = torch::stable::view(p.weight[l], {lv.stride, d, d});
-    after_terms = torch::stable::matmul(grad_terms, torch::stable::transpose(weight, 1, 2));
-    const Tensor grad_w = torch::stable::to(
-        torch::stable::matmul(torch::stable::transpose(s[kStreamPacked], 1, 2), grad_terms), acc);
-    unfold_level_grads<T, A>(dev, p, l, lv.stride, view2d(grad_w, lv.stride * d, d), sums,
+    Tensor grad_w;  // (stride, D, D): the gradient of each offset's folded weight
+    if (newest_last) {
+      const Tensor& input = s[kStreamPacked];
+      const Tensor finals = stream_finals<T, A>(dev, lv, d, input);
+      Tensor grad_closed = torch::stable::new_empty(ref, {batch * lv.elements(), lv.stride * d});
+      dev.rows(batch * lv.elements(), d,
+               StreamClosedGradRow<T, A>{lv, d, ptr<A>(element_sums), ptr<T>(grad_closed)});
+      const Tensor side = offsets_side_by_side(p.weight[l], lv.stride, d);
+      after_finals = torch::stable::matmul(grad_closed, torch::stable::transpose(side, 0, 1));
+      after_terms = torch::stable::matmul(
+          grad_pre, torch::stable::transpose(last_offset(p.weight[l], lv.stride, d), 0, 1));
+      const Tensor closed_w =
+          torch::stable::matmul(torch::stable::transpose(finals, 0, 1), grad_closed);
+      grad_w = torch::stable::contiguous(
+          torch::stable::transpose(torch::stable::view(closed_w, {d, lv.stride, d}), 0, 1));
+      // the last offset is only the open element's: its closed gradient is zero
+      Tensor open_w = torch::stable::select(grad_w, 0, lv.stride - 1);
+      torch::stable::copy_(open_w, torch::stable::matmul(
+                                       torch::stable::transpose(view2d(input, rows, d), 0, 1),
+                                       grad_pre));
+    } else {
+      const Tensor weight = torch::stable::view(p.weight[l], {lv.stride, d, d});
+      after_terms = torch::stable::matmul(grad_terms, torch::stable::transpose(weight, 1, 2));
+      grad_w = torch::stable::matmul(torch::stable::transpose(s[kStreamPacked], 1, 2), grad_terms);
+    }
+    unfold_level_grads<T, A>(dev, p, l, lv.stride,
+                             view2d(torch::stable::to(grad_w, acc), lv.stride * d, d), sums,
                              grad_params);
     direct = grad_input;
     after_res = grad_res;
-    after = StreamGrads<T, A>{lv, ptr<T>(direct), ptr<T>(after_terms), ptr<T>(after_res)};
+    after = StreamGrads<T, A>{lv, ptr<T>(direct), ptr<T>(after_terms), ptr<T>(after_res),
+                              newest_last ? ptr<T>(after_finals) : nullptr};
   }
   Tensor grad_x = torch::stable::new_empty(ref, {batch, length, d});
   dev.rows(rows, d, StreamInputGradRow<T, A>{length, d, after, ptr<T>(grad_x)});
@@ -193,7 +252,7 @@ template <class Dev>
 StreamForwardOut stream_downscale_forward(Tensor x, Tensor params, std::vector<int64_t> strides,
                                           int64_t heads, bool mask_aware,
                                           std::optional<Tensor> dropout_seed, double dropout,
-                                          double eps) {
+                                          double eps, bool newest_last) {
   STD_TORCH_CHECK(x.dim() == 3, "stream_downscale: x must have shape (B, L, D), got ",
                   shape_str(x));
   Dev::check_dtype(x.scalar_type());
@@ -208,7 +267,7 @@ StreamForwardOut stream_downscale_forward(Tensor x, Tensor params, std::vector<i
     const Dropout<A> drop = check_dropout<A>(dropout_seed, dropout, x, "stream_downscale");
     const Params p = fold_levels<T, A>(dev, sg.g, params, heads);
     const Norm<A> norm{static_cast<A>(eps), false};
-    return stream_forward_levels<T, A>(dev, sg, x, p, mask_aware, drop, norm);
+    return stream_forward_levels<T, A>(dev, sg, x, p, mask_aware, drop, norm, newest_last);
   });
 }
 
@@ -216,7 +275,7 @@ template <class Dev>
 StreamBackwardOut stream_downscale_backward(Tensor grad, Tensor params,
                                             std::vector<int64_t> strides, int64_t heads,
                                             std::optional<Tensor> dropout_seed,
-                                            double dropout, double eps,
+                                            double dropout, double eps, bool newest_last,
                                             std::vector<Tensor> saved) {
   STD_TORCH_CHECK(grad.dim() == 3,
                   "stream_downscale_backward: grad must have shape (B, L, D), got ",
@@ -240,7 +299,7 @@ StreamBackwardOut stream_downscale_backward(Tensor grad, Tensor params,
     const Dropout<A> drop = check_dropout<A>(dropout_seed, dropout, grad, "stream_downscale");
     const Params p = fold_levels<T, A>(dev, sg.g, params, heads);
     const Norm<A> norm{static_cast<A>(eps), false};
-    return stream_backward_levels<T, A>(dev, sg, grad, p, drop, norm, saved);
+    return stream_backward_levels<T, A>(dev, sg, grad, p, drop, norm, saved, newest_last);
   });
 }
 

@@ -16,9 +16,10 @@ arrived sit in its last slots, so the newest always meets the conv's last kernel
 ``downscale``, whose newest window always ends at the newest item) and the missing slots are at
 the window's start. A full window is the same either way, so closed windows, and prefixes that
 fill every window, do not change. The open window's earlier elements then move by one offset
-per arriving element: the reference recomputes their terms at every offset, no fused backend
-implements it yet (the reference serves every backend name), and ``stream_push`` keeps, instead
-of one conv sum, the sums of the closed elements' terms at every shift (k vectors per level).
+per arriving element: both the reference and the extension compute every closed element's
+term at every offset and pick, per position, the offsets its window layout gives, and
+``stream_push`` keeps, instead of one conv sum, the sums of the closed elements' terms at
+every shift (k vectors per level).
 
 Kernel = stride only: windows then tile each level, and a closed window never changes. With
 kernel > stride neighbouring windows share inputs, so the open input would sit in several
@@ -79,18 +80,17 @@ def stream_downscale(
     ``stream_downscale_ext``). Training-mode dropout draws one seed per call
     (``StackDropout``): every version of an open window gets its own mask, a closed window
     keeps its last version's, and both implementations drop the same elements.
-    ``newest_last``: the open window's arrived elements in its last slots (module docstring);
-    the reference computes it whatever ``backend`` names, with the extension's dropout pass
-    (the same masks) when ``backend`` resolves to the extension.
+    ``newest_last``: the open window's arrived elements in its last slots (module docstring).
     """
     check_stream_levels(params, strides)
     backend = resolve("stream_downscale", backend, x.device)
-    drop = StackDropout.draw(dropout, training, x.device, backend if newest_last else "reference")
-    backend = "reference" if newest_last else backend
+    drop = StackDropout.draw(dropout, training, x.device, "reference")
     aligned, lengths = left_align(x * mask[..., None].to(x.dtype), mask)
     if backend in ("cpp", "cuda") and strides:
         packed = params if isinstance(params, PackedLevels) else pack_levels(params, heads)
-        positions = stream_downscale_extension(aligned, packed, strides, mask_aware, drop, eps)
+        positions = stream_downscale_extension(
+            aligned, packed, strides, mask_aware, drop, eps, newest_last
+        )
     else:
         levels = params.unpack() if isinstance(params, PackedLevels) else params
         positions = stream_positions_reference(
@@ -282,6 +282,8 @@ def _closed_terms_newest_last(weight: Tensor, final: Tensor, element: Tensor, he
     gather, and a backward that adds whole rows, not k - 1 sorting scatters."""
     batch, count, d = final.shape
     kernel, head_dim = weight.shape[-1], d // heads
+    if kernel == 1:  # every window is its open element alone
+        return final.new_zeros(batch, element.shape[0], d)
     w = weight.view(heads, head_dim, head_dim, kernel)  # [group, out, in, offset]
     grouped = final.view(batch, count, heads, head_dim)
     table = torch.einsum("bngc,gaco->nobga", grouped, w).reshape(count * kernel, batch * d)

@@ -9,8 +9,14 @@ over the positions grouped by window offset plus row passes that add at most ``s
 per position, so the work is O(L · levels) like the reference's, without its per-level
 (B, L, D) temporaries for gathers, prefix sums and masks (``csrc/stream_downscale.h``).
 
-Autograd: the forward returns what its backward needs (each level's slot-packed input,
-pre-activations, pools and statistics); ``setup_context`` saves them. Under
+``newest_last`` (the open window's elements in its last slots) replaces the packing by two
+GEMMs per level: every position's open term with the last offset's weight, and every element's
+final version at every offset, whose terms the row passes pick by the offset each position
+reads.
+
+Autograd: the forward returns what its backward needs (each level's slot-packed input, or its
+input with ``newest_last``, pre-activations, pools and statistics); ``setup_context`` saves
+them. Under
 ``torch.autocast`` on CUDA the op runs in the autocast dtype, as ``downscale_extension`` does.
 """
 
@@ -34,10 +40,11 @@ def stream_downscale_extension(
     mask_aware: bool,
     dropout: StackDropout | None,
     eps: float,
+    newest_last: bool = False,
 ) -> Tensor:
     """(B, L, D): slot t the user vector after event t of the left-aligned histories ``x``
     (B, L, D); slots past a history's end are to be dropped by the caller. Kernel = stride at
-    every level (``check_stream_levels``)."""
+    every level (``check_stream_levels``); ``newest_last`` the open windows' layout."""
     if x.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
         dtype = torch.get_autocast_dtype("cuda")
         x = x.to(dtype)
@@ -52,6 +59,7 @@ def stream_downscale_extension(
         None if dropout is None else dropout.seed,
         0.0 if dropout is None else dropout.p,
         eps,
+        newest_last,
     )
     return positions
 
@@ -60,14 +68,16 @@ def _register() -> None:
     """Fake (shape) and autograd implementations of the C++ ops."""
 
     @torch.library.register_fake("convrec::stream_downscale")
-    def _(x, params, strides, heads, mask_aware, dropout_seed, dropout, eps):
+    def _(x, params, strides, heads, mask_aware, dropout_seed, dropout, eps, newest_last):
         batch, length, d = x.shape
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
         saved, span = [], 1
         for level, stride in enumerate(strides):
             blocks = -(-length // (span * stride))
             saved += [
-                x.new_empty(stride, batch * blocks * span, d),
+                x.new_empty(batch, length, d)  # newest_last: the level input
+                if newest_last
+                else x.new_empty(stride, batch * blocks * span, d),
                 x.new_empty(batch * length, d),
                 x.new_empty(batch, length, d),
                 x.new_empty((0,) if level == 0 else (batch, length, d)),  # level 0: the pools
@@ -77,24 +87,26 @@ def _register() -> None:
         return x.new_empty(batch, length, d), saved
 
     @torch.library.register_fake("convrec::stream_downscale_backward")
-    def _(grad, params, strides, heads, dropout_seed, dropout, eps, saved):
+    def _(grad, params, strides, heads, dropout_seed, dropout, eps, newest_last, saved):
         return grad.new_empty(grad.shape), params.new_empty(params.shape)
 
     def setup_context(ctx, inputs, output) -> None:
-        _, params, strides, heads, _, seed, p, eps = inputs
-        ctx.config = (strides, heads, p, eps)
+        _, params, strides, heads, _, seed, p, eps, newest_last = inputs
+        ctx.config = (strides, heads, p, eps, newest_last)
         ctx.set_materialize_grads(False)  # no zero gradients for the saved outputs
         ctx.mark_non_differentiable(*output[1])
         ctx.save_for_backward(params, seed, *output[1])
 
     def backward(ctx, grad, _grad_saved):
-        strides, heads, p, eps = ctx.config
+        strides, heads, p, eps, newest_last = ctx.config
         params, seed, *saved = ctx.saved_tensors
         if grad is None:
-            return (None,) * 8
+            return (None,) * 9
         op = torch.ops.convrec.stream_downscale_backward
-        gx, gparams = op(grad.contiguous(), params, strides, heads, seed, p, eps, saved)
-        return gx, gparams, *[None] * 6
+        gx, gparams = op(
+            grad.contiguous(), params, strides, heads, seed, p, eps, newest_last, saved
+        )
+        return gx, gparams, *[None] * 7
 
     torch.library.register_autograd(
         "convrec::stream_downscale", backward, setup_context=setup_context
