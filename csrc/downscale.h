@@ -288,6 +288,23 @@ struct Norm {
   }
 };
 
+// The row reductions of a LayerNorm backward, from g (the output gradient times the weight; its
+// sum over this lane's channels is `lane_sum_g`) and xhat: the mean of g and Norm's coefficient
+// of xhat, so that the gradient of the centred input is rstd * (g - mean_g - xhat * coefficient).
+template <typename A>
+struct NormGradSums {
+  A mean_g, coefficient;
+};
+
+template <class Team, typename A>
+CONVREC_HD NormGradSums<A> norm_grad_sums(const Team& team, int64_t d, const A* g, const A* xhat,
+                                          A lane_sum_g, const Norm<A>& norm, A rstd) {
+  A sum_g_xhat = A(0);
+  CONVREC_SIMD_SUM(sum_g_xhat)
+  for (int64_t c = team.lane(); c < d; c += Team::size) sum_g_xhat += g[c] * xhat[c];
+  return {team.sum(lane_sum_g) / A(d), norm.xhat_coefficient(team.sum(sum_g_xhat), rstd, d)};
+}
+
 // ------------------------------------------------------------------------ row passes ----
 
 // Level geometry as the row passes see it.
@@ -605,7 +622,7 @@ struct EpilogueGradRow {
     const T* weight = gamma;
     // recompute the normalised mix; LayerNorm backward needs sum(dxhat) and sum(dxhat * xhat)
     A* factor = scratch + 4 * d;
-    A s1 = channel_sum(team, d, drop, n, factor, true, [=](int64_t c, A keep) {
+    const A s1 = channel_sum(team, d, drop, n, factor, true, [=](int64_t c, A keep) {
       const A y = static_cast<A>(y_row[c]);
       cdf[c] = gelu_cdf(y);
       const A m = residual_mix(y * cdf[c] * keep, a, static_cast<A>(px[c]), bt,
@@ -617,18 +634,15 @@ struct EpilogueGradRow {
       g_out[c] = go * static_cast<A>(weight[c]);
       return g_out[c];
     });
-    A s2 = A(0);
-    CONVREC_SIMD_SUM(s2)
-    for (int64_t c = team.lane(); c < d; c += Team::size) s2 += g_out[c] * xhat[c];
-    s1 = team.sum(s1) / A(d);
-    s2 = norm.xhat_coefficient(team.sum(s2), rstd, d);
+    const NormGradSums<A> ln = norm_grad_sums(team, d, g_out, xhat, s1, norm, rstd);
+    const A mean_g = ln.mean_g, coefficient = ln.coefficient;
     T* gy = grad_pre + n * d;
     T* gp = grad_pooled + n * d;
     T* gr = grad_res_pooled + n * d;
     A* pb = part.bias;
     // dm: gradient of the mix; its dot products with the pools are the alpha / beta gradients
     const A sa = channel_sum(team, d, drop, n, factor, false, [=](int64_t c, A keep) {
-      const A dm = rstd * (g_out[c] - s1 - xhat[c] * s2);
+      const A dm = rstd * (g_out[c] - mean_g - xhat[c] * coefficient);
       const A y = static_cast<A>(y_row[c]);
       const A dy = dm * keep * gelu_grad(y, cdf[c]);
       pb[c] += dy;

@@ -85,7 +85,7 @@ struct GeluPaperNormGradRow {
     const T* w = weight;
     A* pg = part.gamma;
     A* ps = part.shift;
-    A s1 = channel_sum(team, d, drop, n, factor, true, [=](int64_t c, A keep) {
+    const A s1 = channel_sum(team, d, drop, n, factor, true, [=](int64_t c, A keep) {
       const A v = static_cast<A>(xr[c]);
       cdf[c] = gelu_cdf(v);
       xhat[c] = (v * cdf[c] * keep - mean) * rstd;
@@ -95,14 +95,11 @@ struct GeluPaperNormGradRow {
       g[c] = go * static_cast<A>(w[c]);
       return g[c];
     });
-    A s2 = A(0);
-    CONVREC_SIMD_SUM(s2)
-    for (int64_t c = team.lane(); c < d; c += Team::size) s2 += g[c] * xhat[c];
-    s1 = team.sum(s1) / A(d);
-    s2 = norm.xhat_coefficient(team.sum(s2), rstd, d);
+    const NormGradSums<A> ln = norm_grad_sums(team, d, g, xhat, s1, norm, rstd);
+    const A mean_g = ln.mean_g, coefficient = ln.coefficient;
     T* gx = grad_x + n * d;
     channel_sum(team, d, drop, n, factor, false, [=](int64_t c, A keep) {
-      const A du = rstd * (g[c] - s1 - xhat[c] * s2);
+      const A du = rstd * (g[c] - mean_g - xhat[c] * coefficient);
       gx[c] = static_cast<T>(du * keep * gelu_grad(static_cast<A>(xr[c]), cdf[c]));
       return A(0);
     });
