@@ -36,6 +36,7 @@ from benchmarks.machine import machine_info
 from convrec import ConvRecEncoder
 from convrec.baselines.sasrec import TransformerEncoder
 from convrec.ops.dispatch import unavailable
+from convrec.training.allocator import keep_freed_memory
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 GPU_LENGTHS = (50, 200, 512, 2048, 8192, 32768, 131072)
@@ -209,7 +210,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--budget-s", type=float, default=150.0, help="then skip what is left")
     parser.add_argument("--out", required=True, help="folder for encoder_step.csv and .md")
+    parser.add_argument(
+        "--keep-freed-memory",
+        action="store_true",
+        help="CPU: keep freed blocks in the process as `convrec train` does "
+        "(convrec.training.allocator), so re-allocated tensors are not page-faulted in again",
+    )
     args = parser.parse_args(argv)
+    if args.keep_freed_memory:
+        keep_freed_memory()
     if args.series is None:
         args.series = list(GPU_SERIES) if args.device == "cuda" else ["reference", "cpp"]
     torch.manual_seed(0)
