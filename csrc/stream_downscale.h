@@ -16,9 +16,10 @@
 // newest_last (stream_downscale.py): the open window's arrived elements sit in its last slots,
 // so the open element always meets the last offset and a closed element's offset moves down
 // by one per later arrival. The open terms are then one GEMM with the last offset's weight over
-// all positions (dense, row b * L + t), and the closed elements' terms one GEMM of their final
-// versions with every offset's weight, (B * elements * stride, D), row (b * elements + e) *
-// stride + offset; the row passes read the offset each position needs.
+// all positions (dense, row b * L + t). A closed element at place i of its window is read at
+// offsets i .. stride - 2 only, so the closed terms are laid out offset-major (ClosedLayout):
+// offset o holds the final versions of places 0 .. o, one GEMM per offset, half the products
+// of taking every offset of every element.
 #pragma once
 
 #include "downscale.h"
@@ -40,6 +41,25 @@ struct StreamLevel {
   CONVREC_HD int64_t packed(int64_t b, int64_t t) const {
     const int64_t e = t / span;
     return (((e % stride) * batch + b) * blocks + e / stride) * span + t % span;
+  }
+};
+
+// newest_last: the final versions of a level's elements by place, (stride, B * blocks, D), row
+// (i * batch + b) * blocks + w the element at place i of window w (zero past the last element),
+// and the closed terms offset-major: offset o < stride - 1 is a block of (o + 1) * B * blocks
+// rows, the final versions of places 0 .. o times that offset's weight, in the same row order.
+struct ClosedLayout {
+  StreamLevel lv;
+
+  CONVREC_HD int64_t per_place() const { return lv.batch * lv.blocks; }
+  CONVREC_HD int64_t final_row(int64_t b, int64_t e) const {
+    return ((e % lv.stride) * lv.batch + b) * lv.blocks + e / lv.stride;
+  }
+  CONVREC_HD int64_t offset_base(int64_t o) const { return per_place() * (o * (o + 1) / 2); }
+  CONVREC_HD int64_t rows() const { return offset_base(lv.stride - 1); }
+  // The row of element e's (place <= o) term at offset o.
+  CONVREC_HD int64_t term_row(int64_t b, int64_t e, int64_t o) const {
+    return offset_base(o) + final_row(b, e);
   }
 };
 
@@ -74,7 +94,8 @@ struct StreamWindowRow {
   bool mask_aware;
   const T* terms;  // (stride, packed_rows, D): GEMM of the slot-packed input; newest_last: the
                    // open terms, (B * L, D)
-  const T* closed;  // newest_last: the closed terms at every offset, else nullptr
+  bool newest_last;
+  const T* closed;  // newest_last: the closed terms (ClosedLayout)
   const T* seq;  // (B, L, D) level input
   const T* res;  // (B, L, D) long residual, or nullptr: the input itself (level 0)
   T* pre;  // (B * L, D)
@@ -88,7 +109,6 @@ struct StreamWindowRow {
     A* sy = scratch;
     A* sx = scratch + d;
     A* sr = scratch + 2 * d;
-    const bool newest_last = closed != nullptr;
     const T* own_term = terms + (newest_last ? n : lv.packed(b, t)) * d;
     const T* own_x = seq + n * d;
     const T* own_r = res != nullptr ? res + n * d : own_x;
@@ -101,9 +121,9 @@ struct StreamWindowRow {
     for (int64_t j = e - offset; j < e; ++j) {  // the closed elements of t's window
       const int64_t p = lv.end(j);
       // newest_last: element j sits e - j slots before the open one, at the last offset
-      const T* term = newest_last
-                          ? closed + ((b * lv.elements() + j) * lv.stride + lv.stride - 1 - (e - j)) * d
-                          : terms + lv.packed(b, p) * d;
+      const int64_t row = newest_last ? ClosedLayout{lv}.term_row(b, j, lv.stride - 1 - (e - j))
+                                      : lv.packed(b, p);
+      const T* term = (newest_last ? closed : terms) + row * d;
       const T* x = seq + (b * lv.length + p) * d;
       const T* r = res != nullptr ? res + (b * lv.length + p) * d : x;
       CONVREC_SIMD
@@ -204,7 +224,10 @@ struct StreamGrads {
   const T* direct;  // (B, L, D)
   const T* terms;  // (stride, packed_rows, D) or nullptr; newest_last: the open terms', (B, L, D)
   const T* res;  // (B, L, D) or nullptr
-  const T* finals = nullptr;  // newest_last: (B * elements, D), through the closed terms
+  bool newest_last = false;
+  // newest_last: the closed terms' input gradients, per offset (ClosedLayout), which an
+  // element's final position sums over the offsets it was read at
+  const T* finals = nullptr;
 
   template <class Team>
   CONVREC_HD void gather(const Team& team, int64_t b, int64_t t, int64_t d, A* dx, A* dr) const {
@@ -213,15 +236,18 @@ struct StreamGrads {
     CONVREC_SIMD
     for (int64_t c = team.lane(); c < d; c += Team::size) dx[c] += static_cast<A>(g[c]);
     if (terms != nullptr) {
-      const T* gt = terms + (finals != nullptr ? n : lv.packed(b, t)) * d;
+      const T* gt = terms + (newest_last ? n : lv.packed(b, t)) * d;
       CONVREC_SIMD
       for (int64_t c = team.lane(); c < d; c += Team::size) dx[c] += static_cast<A>(gt[c]);
     }
     const int64_t e = t / lv.span;
-    if (finals != nullptr && t == lv.end(e)) {  // an element's final version
-      const T* gf = finals + (b * lv.elements() + e) * d;
-      CONVREC_SIMD
-      for (int64_t c = team.lane(); c < d; c += Team::size) dx[c] += static_cast<A>(gf[c]);
+    if (newest_last && t == lv.end(e)) {  // an element's final version
+      const ClosedLayout at{lv};
+      for (int64_t o = e % lv.stride; o < lv.stride - 1; ++o) {
+        const T* gf = finals + at.term_row(b, e, o) * d;
+        CONVREC_SIMD
+        for (int64_t c = team.lane(); c < d; c += Team::size) dx[c] += static_cast<A>(gf[c]);
+      }
     }
     if (res != nullptr) {
       const T* gr = res + n * d;
@@ -335,8 +361,9 @@ struct StreamWindowGradRow {
   }
 };
 
-// newest_last, element n = (b, e) of a level's input: its final version (the version at its
-// last position, or at the last position while it is still open: nothing reads that one).
+// newest_last, row n of the by-place final versions (ClosedLayout): the version of that
+// element at its last position, or at the last position while it is still open (nothing reads
+// that one), zeros past the last element.
 template <typename T, typename A>
 struct StreamFinalsRow {
   using acc = A;
@@ -344,21 +371,23 @@ struct StreamFinalsRow {
   StreamLevel lv;
   int64_t d;
   const T* seq;  // (B, L, D)
-  T* finals;  // (B * elements, D)
+  T* finals;  // (stride * B * blocks, D)
 
   template <class Team>
   CONVREC_HD void operator()(const Team& team, int64_t n, A* /*scratch*/) const {
-    const int64_t count = lv.elements(), b = n / count, end = lv.end(n % count);
-    const int64_t t = end < lv.length ? end : lv.length - 1;
-    fill_slot(team, finals + n * d, seq + (b * lv.length + t) * d, d);
+    const int64_t per_place = lv.batch * lv.blocks, place = n / per_place;
+    const int64_t b = n % per_place / lv.blocks, e = n % lv.blocks * lv.stride + place;
+    const int64_t end = lv.end(e), t = end < lv.length ? end : lv.length - 1;
+    fill_slot(team, finals + n * d, e < lv.elements() ? seq + (b * lv.length + t) * d : nullptr,
+              d);
   }
 };
 
-// newest_last backward, element n = (b, j): the gradient of its closed term at every offset.
-// The element at place s of a window reads the earlier element at place i at offset
-// stride - 1 - (s - i), with every position of its own: offset o of element j gets the summed
-// pre-activation gradient of element j + stride - 1 - o (StreamElementSumRow's), when that one
-// exists in j's window; zero otherwise (the last offset is only ever the open element's).
+// newest_last backward, row n of the closed terms (ClosedLayout): the gradient of one closed
+// term. The element at place s of a window reads the earlier element at place i at offset
+// stride - 1 - (s - i) with every position of its own, so the term of place i at offset o gets
+// the summed pre-activation gradient of the element stride - 1 - o places later
+// (StreamElementSumRow's), when that one exists; zero otherwise.
 template <typename T, typename A>
 struct StreamClosedGradRow {
   using acc = A;
@@ -366,24 +395,24 @@ struct StreamClosedGradRow {
   StreamLevel lv;
   int64_t d;
   const A* sums;  // StreamElementSumRow's
-  T* grad_closed;  // (B * elements * stride, D)
+  T* grad_closed;  // (ClosedLayout rows, D)
 
   template <class Team>
   CONVREC_HD void operator()(const Team& team, int64_t n, A* /*scratch*/) const {
-    const int64_t count = lv.elements(), b = n / count, j = n % count;
-    const int64_t place = j % lv.stride, window_end = j - place + lv.stride;
-    for (int64_t o = 0; o < lv.stride; ++o) {
-      const int64_t reader = j + lv.stride - 1 - o;
-      const bool read = o >= place && reader > j && reader < window_end && reader < count;
-      T* out = grad_closed + (n * lv.stride + o) * d;
-      if (read) {
-        const A* s = sums + (b * count + reader) * 3 * d;  // pre-activation sums first
-        CONVREC_SIMD
-        for (int64_t c = team.lane(); c < d; c += Team::size) out[c] = static_cast<T>(s[c]);
-      } else {
-        CONVREC_SIMD
-        for (int64_t c = team.lane(); c < d; c += Team::size) out[c] = T(0);
-      }
+    const ClosedLayout at{lv};
+    int64_t o = 0;  // the offset block holding row n
+    while (at.offset_base(o + 1) <= n) ++o;
+    const int64_t row = n - at.offset_base(o), per_place = at.per_place();
+    const int64_t place = row / per_place, b = row % per_place / lv.blocks;
+    const int64_t reader = row % lv.blocks * lv.stride + place + lv.stride - 1 - o;
+    T* out = grad_closed + n * d;
+    if (reader < lv.elements()) {
+      const A* s = sums + (b * lv.elements() + reader) * 3 * d;  // pre-activation sums first
+      CONVREC_SIMD
+      for (int64_t c = team.lane(); c < d; c += Team::size) out[c] = static_cast<T>(s[c]);
+    } else {
+      CONVREC_SIMD
+      for (int64_t c = team.lane(); c < d; c += Team::size) out[c] = T(0);
     }
   }
 };

@@ -9,9 +9,9 @@
 // weight of each offset, StreamWindowRow (closed elements' terms and pools), EpilogueRow. The
 // backward runs the same steps in reverse; the gradient of the folded weight is one more
 // batched GEMM, unfolded into the packed gradient as in downscale. newest_last (see
-// stream_downscale.h) replaces the packing by two GEMMs: the open terms of every position with
-// the last offset's weight, the closed terms of every element's final version at every offset;
-// it saves the level input in the packed input's place.
+// stream_downscale.h) replaces the packing by GEMMs of the open terms of every position with
+// the last offset's weight and, per offset, of the final versions of the places read there
+// (ClosedLayout); it saves the level input in the packed input's place.
 #pragma once
 
 #include <optional>
@@ -63,24 +63,22 @@ inline StreamGeometry check_stream_geometry(int64_t batch, int64_t length, int64
   return s;
 }
 
-// newest_last: a level's offset weights as one (D, stride * D) right factor, column block o
-// the weight of offset o, so one GEMM gives every closed element's term at every offset.
-inline Tensor offsets_side_by_side(const Tensor& weight, int64_t stride, int64_t d) {
-  const Tensor by_offset = torch::stable::view(weight, {stride, d, d});
-  return torch::stable::view(torch::stable::contiguous(torch::stable::transpose(by_offset, 0, 1)),
-                             {d, stride * d});
+// newest_last: the (D, D) folded weight of offset o of a level.
+inline Tensor offset_weight(const Tensor& weight, int64_t stride, int64_t d, int64_t o) {
+  return torch::stable::select(torch::stable::view(weight, {stride, d, d}), 0, o);
 }
 
-// newest_last: the (D, D) weight of a level's last offset, the open element's.
-inline Tensor last_offset(const Tensor& weight, int64_t stride, int64_t d) {
-  return torch::stable::select(torch::stable::view(weight, {stride, d, d}), 0, stride - 1);
+// Rows [first, first + count) of a 2-D tensor (a view).
+inline Tensor row_block(Tensor t, int64_t first, int64_t count) {
+  return torch::stable::narrow(t, 0, first, count);
 }
 
+// newest_last: the final versions of a level's elements by place (ClosedLayout).
 template <typename T, typename A, class Dev>
 Tensor stream_finals(Dev& dev, const StreamLevel& lv, int64_t d, const Tensor& input) {
-  Tensor finals = torch::stable::new_empty(input, {lv.batch * lv.elements(), d});
-  dev.rows(lv.batch * lv.elements(), d,
-           StreamFinalsRow<T, A>{lv, d, ptr<T>(input), ptr<T>(finals)});
+  const int64_t rows = lv.stride * ClosedLayout{lv}.per_place();
+  Tensor finals = torch::stable::new_empty(input, {rows, d});
+  dev.rows(rows, d, StreamFinalsRow<T, A>{lv, d, ptr<T>(input), ptr<T>(finals)});
   return finals;
 }
 
@@ -99,9 +97,19 @@ StreamForwardOut stream_forward_levels(Dev& dev, const StreamGeometry& sg, const
     Tensor packed, terms, closed;  // newest_last: packed is the input, saved for the backward
     if (newest_last) {
       packed = l == 0 ? torch::stable::clone(input) : input;  // an output must not alias x
-      terms = torch::stable::matmul(view2d(input, rows, d), last_offset(p.weight[l], lv.stride, d));
-      closed = torch::stable::matmul(stream_finals<T, A>(dev, lv, d, input),
-                                     offsets_side_by_side(p.weight[l], lv.stride, d));
+      const int64_t k = lv.stride;
+      const Tensor open_weight = offset_weight(p.weight[l], k, d, k - 1);
+      terms = torch::stable::matmul(view2d(input, rows, d), open_weight);
+      const ClosedLayout at{lv};
+      closed = torch::stable::new_empty(x, {at.rows(), d});
+      if (k > 1) {
+        const Tensor finals = stream_finals<T, A>(dev, lv, d, input);
+        for (int64_t o = 0; o < k - 1; ++o) {  // places 0 .. o at offset o
+          const int64_t count = (o + 1) * at.per_place();
+          mm_out(row_block(closed, at.offset_base(o), count), row_block(finals, 0, count),
+                 offset_weight(p.weight[l], k, d, o));
+        }
+      }
     } else {
       packed = torch::stable::new_empty(x, {lv.stride, lv.packed_rows(), d});
       dev.rows(lv.stride * lv.packed_rows(), d,
@@ -114,7 +122,7 @@ StreamForwardOut stream_forward_levels(Dev& dev, const StreamGeometry& sg, const
     Tensor res_pooled = shared_pools ? pooled : torch::stable::new_empty(x, {batch, length, d});
     Tensor stats = torch::stable::new_empty(x, {rows, kStats}, acc);
     dev.rows(rows, d,
-             StreamWindowRow<T, A>{lv, d, mask_aware, ptr<T>(terms),
+             StreamWindowRow<T, A>{lv, d, mask_aware, ptr<T>(terms), newest_last,
                                    newest_last ? ptr<T>(closed) : nullptr, ptr<T>(input),
                                    shared_pools ? nullptr : ptr<T>(residual), ptr<T>(pre),
                                    ptr<T>(pooled), ptr<T>(res_pooled), ptr<A>(stats)});
@@ -203,23 +211,28 @@ StreamBackwardOut stream_backward_levels(Dev& dev, const StreamGeometry& sg, con
     Tensor grad_w;  // (stride, D, D): the gradient of each offset's folded weight
     if (newest_last) {
       const Tensor& input = s[kStreamPacked];
-      const Tensor finals = stream_finals<T, A>(dev, lv, d, input);
-      Tensor grad_closed = torch::stable::new_empty(ref, {batch * lv.elements(), lv.stride * d});
-      dev.rows(batch * lv.elements(), d,
-               StreamClosedGradRow<T, A>{lv, d, ptr<A>(element_sums), ptr<T>(grad_closed)});
-      const Tensor side = offsets_side_by_side(p.weight[l], lv.stride, d);
-      after_finals = torch::stable::matmul(grad_closed, torch::stable::transpose(side, 0, 1));
-      after_terms = torch::stable::matmul(
-          grad_pre, torch::stable::transpose(last_offset(p.weight[l], lv.stride, d), 0, 1));
-      const Tensor closed_w =
-          torch::stable::matmul(torch::stable::transpose(finals, 0, 1), grad_closed);
-      grad_w = torch::stable::contiguous(
-          torch::stable::transpose(torch::stable::view(closed_w, {d, lv.stride, d}), 0, 1));
-      // the last offset is only the open element's: its closed gradient is zero
-      Tensor open_w = torch::stable::select(grad_w, 0, lv.stride - 1);
-      torch::stable::copy_(open_w, torch::stable::matmul(
-                                       torch::stable::transpose(view2d(input, rows, d), 0, 1),
-                                       grad_pre));
+      const int64_t k = lv.stride;
+      const ClosedLayout at{lv};
+      grad_w = torch::stable::new_empty(ref, {k, d, d});
+      after_finals = torch::stable::new_empty(ref, {at.rows(), d});
+      if (k > 1) {
+        const Tensor finals = stream_finals<T, A>(dev, lv, d, input);
+        Tensor grad_closed = torch::stable::new_empty(ref, {at.rows(), d});
+        dev.rows(at.rows(), d,
+                 StreamClosedGradRow<T, A>{lv, d, ptr<A>(element_sums), ptr<T>(grad_closed)});
+        for (int64_t o = 0; o < k - 1; ++o) {
+          const int64_t first = at.offset_base(o), count = (o + 1) * at.per_place();
+          const Tensor g = row_block(grad_closed, first, count);
+          const Tensor weight = offset_weight(p.weight[l], k, d, o);
+          mm_out(row_block(after_finals, first, count), g, torch::stable::transpose(weight, 0, 1));
+          mm_out(torch::stable::select(grad_w, 0, o),
+                 torch::stable::transpose(row_block(finals, 0, count), 0, 1), g);
+        }
+      }
+      const Tensor open_weight = offset_weight(p.weight[l], k, d, k - 1);
+      after_terms = torch::stable::matmul(grad_pre, torch::stable::transpose(open_weight, 0, 1));
+      mm_out(torch::stable::select(grad_w, 0, k - 1),
+             torch::stable::transpose(view2d(input, rows, d), 0, 1), grad_pre);
     } else {
       const Tensor weight = torch::stable::view(p.weight[l], {lv.stride, d, d});
       after_terms = torch::stable::matmul(grad_terms, torch::stable::transpose(weight, 1, 2));
@@ -231,7 +244,7 @@ StreamBackwardOut stream_backward_levels(Dev& dev, const StreamGeometry& sg, con
     direct = grad_input;
     after_res = grad_res;
     after = StreamGrads<T, A>{lv, ptr<T>(direct), ptr<T>(after_terms), ptr<T>(after_res),
-                              newest_last ? ptr<T>(after_finals) : nullptr};
+                              newest_last, newest_last ? ptr<T>(after_finals) : nullptr};
   }
   Tensor grad_x = torch::stable::new_empty(ref, {batch, length, d});
   dev.rows(rows, d, StreamInputGradRow<T, A>{length, d, after, ptr<T>(grad_x)});

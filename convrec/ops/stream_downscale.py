@@ -16,8 +16,9 @@ arrived sit in its last slots, so the newest always meets the conv's last kernel
 ``downscale``, whose newest window always ends at the newest item) and the missing slots are at
 the window's start. A full window is the same either way, so closed windows, and prefixes that
 fill every window, do not change. The open window's earlier elements then move by one offset
-per arriving element: both the reference and the extension compute every closed element's
-term at every offset and pick, per position, the offsets its window layout gives, and
+per arriving element: the reference computes every closed element's term at every offset
+and picks, per position, the offsets its window layout gives (the extension computes only the
+terms that are read), and
 ``stream_push`` keeps, instead of one conv sum, the sums of the closed elements' terms at
 every shift (k vectors per level).
 

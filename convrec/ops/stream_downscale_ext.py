@@ -9,10 +9,10 @@ over the positions grouped by window offset plus row passes that add at most ``s
 per position, so the work is O(L · levels) like the reference's, without its per-level
 (B, L, D) temporaries for gathers, prefix sums and masks (``csrc/stream_downscale.h``).
 
-``newest_last`` (the open window's elements in its last slots) replaces the packing by two
-GEMMs per level: every position's open term with the last offset's weight, and every element's
-final version at every offset, whose terms the row passes pick by the offset each position
-reads.
+``newest_last`` (the open window's elements in its last slots) replaces the packing by GEMMs
+of every position's open term with the last offset's weight and, per offset, of the final
+versions of the window places that are read at that offset (``ClosedLayout``), whose terms the
+row passes pick by the offset each position reads.
 
 Autograd: the forward returns what its backward needs (each level's slot-packed input, or its
 input with ``newest_last``, pre-activations, pools and statistics); ``setup_context`` saves
