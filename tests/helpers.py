@@ -46,25 +46,27 @@ def compare_backends(
     inputs: dict[str, Tensor],
     wrt: Sequence[str],
     dtype: torch.dtype,
+    backend: str = "triton",
 ) -> None:
     """Run ``run(backend, **inputs)`` in float64 and ``dtype`` on the reference and in ``dtype``
-    on Triton; compare every output (bool outputs exactly) and the gradients of ``wrt`` of a
-    fixed random projection of the float outputs, with ``assert_tolerance``.
+    on ``backend`` (Triton by default); compare every output (bool outputs exactly) and the
+    gradients of ``wrt`` of a fixed random projection of the float outputs, with
+    ``assert_tolerance``.
 
     Floating inputs are cast to the dtype with ``.to``: views stay views when it is theirs.
     """
     results = {}
     projections: list[Tensor] = []
-    for label, backend, dt in (
+    for label, name, dt in (
         ("exact", "reference", torch.float64),
         ("reference", "reference", dtype),
-        ("kernel", "triton", dtype),
+        ("kernel", backend, dtype),
     ):
         tensors = {
             k: v.to(dt).detach().requires_grad_(k in wrt) if v.is_floating_point() else v
             for k, v in inputs.items()
         }
-        outs = [o for o in run(backend, **tensors) if o is not None]
+        outs = [o for o in run(name, **tensors) if o is not None]
         floats = [o for o in outs if o.is_floating_point()]
         if not projections:
             gen = torch.Generator().manual_seed(1)

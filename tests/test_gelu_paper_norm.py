@@ -11,16 +11,13 @@ import torch
 from convrec import ConvRec
 from convrec.ops import StackDropout, gelu_paper_norm, gelu_paper_norm_reference
 from convrec.ops.dispatch import extension_status, set_backend
-from tests.helpers import assert_tolerance, randomise
+from tests.helpers import compare_backends, randomise
 
 EXTENSION = extension_status()
 pytestmark = pytest.mark.skipif(EXTENSION is not None, reason=str(EXTENSION))
 needs_cuda = pytest.mark.skipif(
     EXTENSION is not None or not torch.cuda.is_available(), reason="needs CUDA and convrec._C"
 )
-
-
-NAMES = ("y", "grad x", "grad weight", "grad bias")
 
 
 def _inputs(shape, dtype=torch.float64, device="cpu", seed=0):
@@ -57,14 +54,24 @@ def test_float64_equals_reference(shape, p) -> None:
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
+def _compare(device: str, backend: str, dtype: torch.dtype, p: float) -> None:
+    """The op on ``backend`` against its reference under the tolerance rule: y and the
+    gradients of x, weight and bias (``tests.helpers.compare_backends``)."""
+    x, weight, bias = (t.detach() for t in _inputs((300, 67), device=device))
+    drop = _dropout(p, device)
+
+    def run(name, x, weight, bias):
+        if name == "reference":
+            return [gelu_paper_norm_reference(x, weight, bias, 1e-6, drop)]
+        return [gelu_paper_norm(x, weight, bias, 1e-6, drop, name)]
+
+    inputs = {"x": x, "weight": weight, "bias": bias}
+    compare_backends(run, inputs, list(inputs), dtype, backend)
+
+
 @pytest.mark.parametrize("p", [0.0, 0.2])
 def test_float32_within_the_tolerance_rule(p) -> None:
-    exact = _run("reference", _inputs((300, 67)), _dropout(p))
-    reference = _run("reference", _inputs((300, 67), torch.float32), _dropout(p))
-    fast = _run("cpp", _inputs((300, 67), torch.float32), _dropout(p))
-    for name, a, r, e in zip(NAMES, fast, reference, exact, strict=True):
-        assert a.dtype == torch.float32
-        assert_tolerance(name, a, r, e)
+    _compare("cpu", "cpp", torch.float32, p)
 
 
 def test_dropout_drops_what_stack_dropout_drops() -> None:
@@ -150,9 +157,4 @@ def test_faithful_model_trains_alike_on_both_backends() -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("p", [0.0, 0.2])
 def test_cuda_within_the_tolerance_rule(dtype, p) -> None:
-    exact = _run("reference", _inputs((500, 67), device="cuda"), _dropout(p, "cuda"))
-    reference = _run("reference", _inputs((500, 67), dtype, "cuda"), _dropout(p, "cuda"))
-    fast = _run("cuda", _inputs((500, 67), dtype, "cuda"), _dropout(p, "cuda"))
-    for name, a, r, e in zip(NAMES, fast, reference, exact, strict=True):
-        assert a.dtype == dtype
-        assert_tolerance(name, a, r, e)
+    _compare("cuda", "cuda", dtype, p)
