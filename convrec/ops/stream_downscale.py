@@ -282,12 +282,10 @@ def _closed_terms_newest_last(weight: Tensor, final: Tensor, element: Tensor, he
     one ``embedding_bag`` sums the (element, offset) rows each step reads: no (T, k, B, D)
     gather, and a backward that adds whole rows, not k - 1 sorting scatters."""
     batch, count, d = final.shape
-    kernel, head_dim = weight.shape[-1], d // heads
+    kernel = weight.shape[-1]
     if kernel == 1:  # every window is its open element alone
         return final.new_zeros(batch, element.shape[0], d)
-    w = weight.view(heads, head_dim, head_dim, kernel)  # [group, out, in, offset]
-    grouped = final.view(batch, count, heads, head_dim)
-    table = torch.einsum("bngc,gaco->nobga", grouped, w).reshape(count * kernel, batch * d)
+    table = _every_offset_term(weight, final, heads, "nob").reshape(count * kernel, batch * d)
     slot = element % kernel
     place = torch.arange(kernel - 1, device=element.device)
     source = (element - slot)[:, None] + place  # (T, k - 1): the closed elements
@@ -431,13 +429,15 @@ def stream_push(
     return user, StreamState(t + 1, closed_sums, outs, ress, x, top, kept)
 
 
-def _every_offset_term(weight: Tensor, inputs: Tensor, heads: int) -> Tensor:
-    """``W[:, :, o] @ inputs[b, n]`` per group for every offset o: (B, N, D) -> (B, N, k, D)."""
+def _every_offset_term(weight: Tensor, inputs: Tensor, heads: int, order: str = "bno") -> Tensor:
+    """``W[:, :, o] @ inputs[b, n]`` per group for every offset o, (B, N, D) -> the axes batch,
+    element and offset in ``order`` (letters b, n, o), then D: (B, N, k, D) by default."""
     batch, count, d = inputs.shape
     kernel, head_dim = weight.shape[-1], d // heads
-    w = weight.view(heads, head_dim, head_dim, kernel)
+    w = weight.view(heads, head_dim, head_dim, kernel)  # [group, out, in, offset]
     grouped = inputs.view(batch, count, heads, head_dim)
-    return torch.einsum("bngc,gaco->bnoga", grouped, w).reshape(batch, count, kernel, d)
+    out = torch.einsum(f"bngc,gaco->{order}ga", grouped, w)
+    return out.reshape(*out.shape[:3], d)
 
 
 def pack_state(state: StreamState) -> tuple[Tensor, Tensor]:
