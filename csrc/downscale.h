@@ -720,26 +720,6 @@ struct LevelLayout {
   }
 };
 
-// Row r = j * D + c_in of the (kernel * D, D) matrix C with window @ C == GroupedConv(window):
-// column c_out holds conv weight [c_out, c_in mod D/H, j] when c_in and c_out are in the same
-// group, else 0. C @ Linear^T is the level's folded GEMM weight. (Rows, not elements: no integer
-// division per element.)
-template <typename T, typename A>
-struct ConvMatrixRow {
-  int64_t d, head_dim, kernel;
-  const T* conv_w;  // (D, D/H, k)
-  A* out;  // (k * D, D)
-
-  CONVREC_HD void operator()(int64_t r) const {
-    const int64_t j = r / d, c_in = r % d;
-    const int64_t first = c_in / head_dim * head_dim, c = c_in - first;
-    A* row = out + r * d;
-    for (int64_t c_out = 0; c_out < d; ++c_out) row[c_out] = A(0);
-    for (int64_t c_out = first; c_out < first + head_dim; ++c_out)
-      row[c_out] = static_cast<A>(conv_w[(c_out * head_dim + c) * kernel + j]);
-  }
-};
-
 // Column c of the folded bias: Linear(conv bias) = linear bias + linear weight @ conv bias.
 template <typename T, typename A>
 struct FoldBiasCol {
@@ -760,34 +740,33 @@ struct FoldBiasCol {
 // Channel o of one level's slice of the packed gradient: row o of the conv weight and of the
 // Linear weight, element o of both biases and of the LayerNorm weight and bias, and (o = 0)
 // alpha and beta. From the row passes: `sums` holds the LayerNorm weight and bias, folded-bias,
-// alpha and beta gradients ((3 * D + 2,): gamma, shift, bias, alpha, beta). From the GEMMs:
-// grad_c = dW @ Linear (k * D, D) and grad_lin = dW^T @ C (D, D), with dW the folded weight's
-// gradient. The folded bias b = lb + Linear @ cb adds db ⊗ cb to the Linear weight's gradient
-// and Linear^T @ db to the conv bias's.
+// alpha and beta gradients ((3 * D + 2,): gamma, shift, bias, alpha, beta). From the GEMMs
+// (unfold_level_grads): grad_conv, the conv weight's gradient in its packed (D, D/H * k)
+// layout, and grad_lin_t, the Linear weight's gradient transposed ((D, D) [in, out]). The
+// folded bias b = lb + Linear @ cb adds db ⊗ cb to the Linear weight's gradient and
+// Linear^T @ db to the conv bias's.
 template <typename T, typename A>
 struct UnfoldLevelGrads {
-  int64_t d, head_dim, kernel;
+  int64_t d, conv_row;  // conv_row = D/H * kernel: one output channel's conv weights
   LevelLayout at;  // offsets into `params` and `grad`
   const A* sums;
-  const A* grad_c;
-  const A* grad_lin;
+  const A* grad_conv;
+  const A* grad_lin_t;
   const T* params;
   T* grad;
 
   CONVREC_HD void operator()(int64_t o) const {
     const A* db = sums + 2 * d;
-    const int64_t first = o / head_dim * head_dim;  // o's group starts at this input channel
-    T* conv_row = grad + at.conv_w + o * head_dim * kernel;
-    for (int64_t c = 0; c < head_dim; ++c)
-      for (int64_t j = 0; j < kernel; ++j)
-        conv_row[c * kernel + j] = static_cast<T>(grad_c[(j * d + first + c) * d + o]);
+    T* conv_out = grad + at.conv_w + o * conv_row;
+    const A* conv_in = grad_conv + o * conv_row;
+    for (int64_t i = 0; i < conv_row; ++i) conv_out[i] = static_cast<T>(conv_in[i]);
     A conv_bias = A(0);
     for (int64_t i = 0; i < d; ++i)
       conv_bias += static_cast<A>(params[at.lin_w + i * d + o]) * db[i];
     grad[at.conv_b + o] = static_cast<T>(conv_bias);
     for (int64_t c = 0; c < d; ++c)
       grad[at.lin_w + o * d + c] =
-          static_cast<T>(grad_lin[o * d + c] + db[o] * static_cast<A>(params[at.conv_b + c]));
+          static_cast<T>(grad_lin_t[c * d + o] + db[o] * static_cast<A>(params[at.conv_b + c]));
     grad[at.lin_b + o] = static_cast<T>(db[o]);
     grad[at.norm_w + o] = static_cast<T>(sums[o]);
     grad[at.norm_b + o] = static_cast<T>(sums[d + o]);

@@ -107,14 +107,16 @@ inline ScalarType acc_type(ScalarType t) {
   return t == ScalarType::Double ? ScalarType::Double : ScalarType::Float;
 }
 
-// The packed parameters of a call and, per level, its offsets and folded GEMM operands: C,
-// the conv as a (kernel * D, D) matrix in the accumulation dtype, W = C @ Linear^T in the input
-// dtype, and the folded bias (M, D).
+// The packed parameters of a call and, per level, its offsets and folded GEMM operands: the
+// conv weight as H group matrices (D/H, D/H * kernel) (row c_out, column c * kernel + j; a view
+// of the packed tensor in the accumulation dtype), W = C @ Linear^T in the input dtype, with C
+// the conv as a block-diagonal (kernel * D, D) matrix (window @ C == GroupedConv(window)), and
+// the folded bias (M, D).
 struct Params {
   Tensor packed;
   int64_t heads = 1;
   std::vector<LevelLayout> at;
-  std::vector<Tensor> conv_matrix, weight;
+  std::vector<Tensor> conv, weight;
   Tensor bias;
 };
 
@@ -170,11 +172,27 @@ inline void mm_out(const Tensor& out, const Tensor& a, const Tensor& b) {
   torch::stable::detail::to<Tensor>(stack[0]);  // release the returned reference to out
 }
 
-// Folds every level's grouped conv and Linear (see Params). Recomputed by the backward rather
-// than saved: a level costs one small GEMM and two element passes.
+// Level l's Linear weight (D, D) [out, in], in the accumulation dtype.
+inline Tensor linear_weight(const Tensor& packed, const LevelLayout& at, int64_t d) {
+  Tensor flat = packed;  // narrow takes a mutable handle
+  return torch::stable::to(
+      torch::stable::view(torch::stable::narrow(flat, 0, at.lin_w, d * d), {d, d}),
+      acc_type(packed.scalar_type()));
+}
+
+// Linear^T (in, out) split by the conv's groups: (H, D/H, D), group h's input channels.
+inline Tensor linear_t_by_group(const Tensor& linear, int64_t heads) {
+  const int64_t d = linear.size(0);
+  return torch::stable::view(torch::stable::transpose(linear, 0, 1), {heads, d / heads, d});
+}
+
+// Folds every level's grouped conv and Linear (see Params). Per group h, the conv's group
+// matrix transposed times the group's slice of Linear^T gives W's rows of that group ordered
+// (c, j), (H, D/H * k, D); reordering the rows to (j, h, c) gives W. One batched GEMM and one
+// row copy per level, without C's zero blocks. Recomputed by the backward rather than saved.
 template <typename T, typename A, class Dev>
 Params fold_levels(const Dev& dev, const Geometry& g, const Tensor& packed, int64_t heads) {
-  const int64_t d = g.d, m = static_cast<int64_t>(g.levels.size());
+  const int64_t d = g.d, hd = d / heads, m = static_cast<int64_t>(g.levels.size());
   const ScalarType acc = acc_type(packed.scalar_type());
   Params p{packed, heads, {}, {}, {}, torch::stable::new_empty(packed, {m, d})};
   Tensor flat = packed;  // narrow takes a mutable handle
@@ -184,15 +202,19 @@ Params fold_levels(const Dev& dev, const Geometry& g, const Tensor& packed, int6
     const LevelLayout at = LevelLayout::at(base, d, heads, k);
     base = at.end;
     const T* w = ptr<T>(packed);
-    Tensor conv = torch::stable::new_empty(packed, {k * d, d}, acc);
-    dev.columns(k * d, ConvMatrixRow<T, A>{d, d / heads, k, w + at.conv_w, ptr<A>(conv)});
-    Tensor linear = torch::stable::to(
-        torch::stable::view(torch::stable::narrow(flat, 0, at.lin_w, d * d), {d, d}), acc);
-    Tensor folded = torch::stable::matmul(conv, torch::stable::transpose(linear, 0, 1));
+    const Tensor conv = torch::stable::to(
+        torch::stable::view(torch::stable::narrow(flat, 0, at.conv_w, d * hd * k),
+                            {heads, hd, hd * k}),
+        acc);
+    const Tensor lin_t = linear_t_by_group(linear_weight(packed, at, d), heads);
+    Tensor folded = torch::stable::matmul(torch::stable::transpose(conv, 1, 2), lin_t);
+    folded = torch::stable::view(folded, {heads, hd, k, d});  // (h, c, j) -> (j, h, c)
+    folded = torch::stable::transpose(torch::stable::transpose(folded, 1, 2), 0, 1);
+    folded = torch::stable::view(torch::stable::contiguous(folded), {k * d, d});
     dev.columns(d, FoldBiasCol<T, A>{d, w + at.conv_b, w + at.lin_w, w + at.lin_b,
                                      ptr<T>(p.bias) + l * d});
     p.at.push_back(at);
-    p.conv_matrix.push_back(conv);
+    p.conv.push_back(conv);
     p.weight.push_back(torch::stable::to(folded, packed.scalar_type()));
   }
   return p;
@@ -328,22 +350,24 @@ Tensor epilogue_grads(const Dev& dev, const Tensor& ref, int64_t rows, int64_t d
 
 // Level l's slice of the packed gradient from the gradient of its folded GEMM weight
 // (`grad_w`, (kernel * D, D) in the accumulation dtype) and the row passes' parameter sums
-// (`sums`, (3 * D + 2,): LayerNorm weight and bias, folded bias, alpha, beta): dW is unfolded
-// into the conv and Linear gradients (UnfoldLevelGrads).
+// (`sums`, (3 * D + 2,): LayerNorm weight and bias, folded bias, alpha, beta). With dW's rows
+// back in fold_levels' (h, c, j) order, per group Linear^T's slice @ dW^T is the conv weight's
+// gradient in its packed layout and the group's conv matrix @ dW the Linear weight's gradient,
+// transposed; UnfoldLevelGrads writes them with the bias terms.
 template <typename T, typename A, class Dev>
 void unfold_level_grads(const Dev& dev, const Params& p, int64_t l, int64_t kernel,
                         const Tensor& grad_w, const Tensor& sums, const Tensor& grad_params) {
-  const int64_t d = grad_w.size(1);
-  const ScalarType acc = acc_type(p.packed.scalar_type());
+  const int64_t d = grad_w.size(1), heads = p.heads, hd = d / heads;
   const LevelLayout& at = p.at[l];
-  Tensor flat = p.packed;  // narrow takes a mutable handle
-  const Tensor linear = torch::stable::to(
-      torch::stable::view(torch::stable::narrow(flat, 0, at.lin_w, d * d), {d, d}), acc);
-  const Tensor grad_c = torch::stable::matmul(grad_w, linear);
-  const Tensor grad_lin =
-      torch::stable::matmul(torch::stable::transpose(grad_w, 0, 1), p.conv_matrix[l]);
-  dev.columns(d, UnfoldLevelGrads<T, A>{d, d / p.heads, kernel, at, ptr<A>(sums), ptr<A>(grad_c),
-                                        ptr<A>(grad_lin), ptr<T>(p.packed), ptr<T>(grad_params)});
+  Tensor by_group = torch::stable::view(grad_w, {kernel, heads, hd, d});  // (j, h, c) -> (h, c, j)
+  by_group = torch::stable::transpose(torch::stable::transpose(by_group, 0, 1), 1, 2);
+  by_group = torch::stable::view(torch::stable::contiguous(by_group), {heads, hd * kernel, d});
+  const Tensor lin_t = linear_t_by_group(linear_weight(p.packed, at, d), heads);
+  const Tensor grad_conv = torch::stable::matmul(lin_t, torch::stable::transpose(by_group, 1, 2));
+  const Tensor grad_lin_t = torch::stable::matmul(p.conv[l], by_group);
+  dev.columns(d, UnfoldLevelGrads<T, A>{d, hd * kernel, at, ptr<A>(sums), ptr<A>(grad_conv),
+                                        ptr<A>(grad_lin_t), ptr<T>(p.packed),
+                                        ptr<T>(grad_params)});
 }
 
 template <typename T, typename A, class Dev>
