@@ -16,9 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from convrec.ops.bags_of_rows import bags_of_rows
 from convrec.ops.dispatch import UsesBackend
 from convrec.ops.downscale import PAPER_NORM_EPS
-from convrec.ops.gather_embed import attribute_bags, bags_of_rows, gather_embed, rows_at
+from convrec.ops.gather_embed import attribute_bags, gather_embed, rows_at
 from convrec.ops.gelu_paper_norm import gelu_paper_norm
 from convrec.ops.item_tables import ItemTables, check_csr, csr_from_lists
 from convrec.ops.stack_dropout import StackDropout
@@ -223,7 +224,7 @@ class FaithfulItemEncoder(UsesBackend, _ItemInputs):
         h = F.linear(self.feature_bias, out).expand(rows.shape[0], -1)
         if self.has_attributes:
             table = F.linear(self.attr_proj.weight, out)
-            h = h + bags_of_rows(rows, self.attr_offsets, self.attr_ids, table)
+            h = h + bags_of_rows(rows, self.attr_offsets, self.attr_ids, table, self.backend)
         if self.has_features:
             features = self.item_features[rows].to(h.dtype)
             h = h + F.linear(features, out @ self.feature_proj.weight)

@@ -7,6 +7,7 @@
 #include <atomic>
 #include <vector>
 
+#include "bags_of_rows.h"
 #include "downscale_driver.h"
 #include "gelu_paper_norm_driver.h"
 #include "stream_downscale_driver.h"
@@ -122,6 +123,14 @@ class CpuDevice {
       for (int64_t i = begin; i < end; ++i) f(i);
     });
   }
+
+  // Runs f(i) for i in [0, n), one task per i: for a few large independent blocks.
+  template <class F>
+  void blocks(int64_t n, const F& f) const {
+    torch::stable::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) f(i);
+    });
+  }
 };
 
 }  // namespace
@@ -133,6 +142,7 @@ STABLE_TORCH_LIBRARY_IMPL(convrec, CPU, m) {
   m.impl("gelu_paper_norm", TORCH_BOX(&gelu_paper_norm<CpuDevice>));
   m.impl("gelu_paper_norm_backward", TORCH_BOX(&gelu_paper_norm_backward<CpuDevice>));
   m.impl("stack_dropout", TORCH_BOX(&stack_dropout<CpuDevice>));
+  m.impl("bags_of_rows_backward", TORCH_BOX(&bags_of_rows_backward<CpuDevice>));
   m.impl("stream_downscale", TORCH_BOX(&stream_downscale_forward<CpuDevice>));
   m.impl("stream_downscale_backward", TORCH_BOX(&stream_downscale_backward<CpuDevice>));
 }

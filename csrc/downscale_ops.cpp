@@ -50,6 +50,12 @@ STABLE_TORCH_LIBRARY(convrec, m) {
   m.def(
       "gelu_paper_norm_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor stats, "
       "Tensor? dropout_seed, float dropout, float eps) -> (Tensor, Tensor, Tensor)");
+  // The table's gradient (table_rows, D) from the gradient (R, D) of bags of its rows: bag r
+  // sums rows picked[offsets[r] .. offsets[r + 1]) (csrc/bags_of_rows.h; CPU only; the forward,
+  // convrec::bags_of_rows, is defined in Python over ATen's embedding_bag).
+  m.def(
+      "bags_of_rows_backward(Tensor grad, Tensor offsets, Tensor picked, int table_rows) "
+      "-> Tensor");
   // GELU(y) and GELU'(y) with the kernels' arithmetic, for tests of the float32 polynomials.
   m.def("gelu_points(Tensor y) -> (Tensor, Tensor)");
 }

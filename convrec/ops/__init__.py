@@ -7,6 +7,7 @@ from convrec.ops.all_items import (
     all_items_cross_entropy_reference,
     score_all_items,
 )
+from convrec.ops.bags_of_rows import bags_of_rows, bags_of_rows_reference
 from convrec.ops.conv_pool import ConvPoolOutput, conv_pool, conv_pool_reference
 from convrec.ops.downscale import DownscaleOutput, downscale, downscale_reference
 from convrec.ops.embed_conv_pool import embed_conv_pool, embed_conv_pool_reference
@@ -34,6 +35,8 @@ __all__ = [
     "all_items_cross_entropy",
     "all_items_cross_entropy_reference",
     "attribute_bags",
+    "bags_of_rows",
+    "bags_of_rows_reference",
     "conv_pool",
     "conv_pool_reference",
     "downscale",

@@ -12,7 +12,7 @@ also has its reference. For a tensor on a device:
   a fast path for that device was expected but is missing;
 - an explicit backend the op implements must run, or ``RuntimeError`` says why not;
 - an explicit backend the op does not implement runs its reference: a backend names a fast path
-  for the ops that have one ("cpp" is the extension, which only ``downscale`` has), so one name
+  for the ops that have one ("cpp" is the extension, which only some ops have), so one name
   can be pushed down a whole model (``set_backend``).
 
 The decision is a constant while compiling (``torch.compiler.assume_constant_result``).
@@ -42,6 +42,7 @@ IMPLEMENTATIONS: dict[str, tuple[str, ...]] = {
     "stream_downscale": ("cuda", "cpp"),
     "stack_dropout": ("cuda", "cpp", "triton"),
     "gelu_paper_norm": ("cuda", "cpp"),
+    "bags_of_rows": ("cpp",),
 }
 
 # The device type "auto" uses each fast path for.

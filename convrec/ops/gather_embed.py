@@ -33,20 +33,6 @@ def attribute_bags(
     return per_item[rows]
 
 
-def bags_of_rows(
-    rows: Tensor, attr_offsets: Tensor, attr_ids: Tensor, attr_table: Tensor, mode: str = "sum"
-) -> Tensor:
-    """``attribute_bags`` of the ids in ``rows`` (1-D, e.g. the distinct ids of a batch) only:
-    (R, D) at O(nnz(rows) * D), where ``attribute_bags`` pools the whole catalogue (static
-    shapes). Use it where the catalogue is much larger than a call's ids and shapes may vary."""
-    starts = attr_offsets[rows]
-    counts = attr_offsets[rows + 1] - starts
-    offsets = F.pad(counts.cumsum(0), (1, 0))
-    within = torch.arange(int(offsets[-1]), device=rows.device)
-    picked = attr_ids[within + torch.repeat_interleave(starts - offsets[:-1], counts)]
-    return F.embedding_bag(picked, attr_table, offsets, mode=mode, include_last_offset=True)
-
-
 def rows_at(table: Tensor, where: Tensor) -> Tensor:
     """``table[where]`` for a (R, W) ``table`` and integer ``where`` of any shape ->
     (*where.shape, W). On the CPU by ``index_select``, whose backward is one ``index_add_``
