@@ -334,7 +334,8 @@ class FaithfulItemEncoder(UsesBackend, _ItemInputs):
                 f"{tuple(target_timestamps.shape)}"
             )
         target = paper_date_features(target_timestamps)[:, None, :]  # (B, 1, 6), shared by C
-        newest = self.history_context(timestamps, mask)[:, -1:, :DATE_DIFF_DIM]
+        last = None if timestamps is None else timestamps[:, -1:]
+        newest = self.history_context(last, mask[:, -1:])[..., :DATE_DIFF_DIM]
         v = self._at_positions(terms, at, target)
         dt = (target[..., :DATE_DIFF_DIM] - newest).expand(*candidates.shape, -1)
         return history, self._input_block(v, dt, history=False)

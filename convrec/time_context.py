@@ -86,9 +86,17 @@ def paper_date_features(timestamps: Tensor) -> Tensor:
     on the UTC calendar date (weekday 0 = Monday, day of year from 1, ISO 8601 week 1-53).
 
     The first ``DATE_DIFF_DIM`` features are the ones whose differences between consecutive
-    events the paper's input block reads (``ConvRec(faithful=True)``).
+    events the paper's input block reads (``ConvRec(faithful=True)``). The calendar (about 30
+    integer passes) runs once per run of equal days in the flattened input, which histories in
+    time order shorten (65k positions 0-2 days apart: 14.4 -> 9.5 ms on one CPU thread).
     """
     days = torch.div(timestamps.to(torch.int64), int(_DAY), rounding_mode="floor")
+    distinct, inverse = torch.unique_consecutive(days.reshape(-1), return_inverse=True)
+    return _features_of_days(distinct)[inverse].view(*days.shape, DATE_DIM)
+
+
+def _features_of_days(days: Tensor) -> Tensor:
+    """(n,) days since 1970-01-01 -> (n, 6): ``paper_date_features`` of those days."""
     year, month, day = _civil(days)
     weekday = torch.remainder(days + 3, 7)  # 1970-01-01 was a Thursday
     yday = days - _days_from_civil(year, torch.ones_like(month), torch.ones_like(day)) + 1

@@ -163,7 +163,8 @@ def _calendar(seconds: int) -> list[float]:
 
 def test_date_features_are_the_calendar() -> None:
     stamps = torch.tensor([0, 86399, 1104537600, 1230768000, 1262217600, 1798878536, 1400000000])
-    stamps = torch.cat([stamps, torch.randint(-(10**9), 4 * 10**9, (300,))])
+    same_days = torch.arange(60) * 20_000 + 1_300_000_000  # runs of equal days, in order
+    stamps = torch.cat([stamps, torch.randint(-(10**9), 4 * 10**9, (300,)), same_days])
     expected = torch.tensor([_calendar(int(t)) for t in stamps], dtype=F64)
     torch.testing.assert_close(date_features(stamps), expected, rtol=0, atol=1e-15)
 
