@@ -6,7 +6,8 @@
 // table, the blocks summed in a fixed order (deterministic whatever the thread count).
 #pragma once
 
-#include <tuple>
+#include <algorithm>
+#include <vector>
 
 #include "downscale_driver.h"
 
