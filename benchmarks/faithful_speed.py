@@ -182,7 +182,7 @@ def _median_s(step, repeats: int) -> float:
 
 def floor_parts(
     num_items: int, length: int, batch: int, d: int, dropout: float, repeats: int, g
-) -> list[float]:
+) -> float:
     """Seconds of one step's unavoidable products (see the module docstring), summed."""
     positions = batch * (length + NEGATIVES + 1)
     grad = torch.randn(positions, d, generator=g)
