@@ -82,9 +82,9 @@ Tensor bags_of_rows_backward(Tensor grad, Tensor offsets, Tensor picked, int64_t
     Dev::dispatch(grad.scalar_type(), [&](auto t, auto a) {
       using T = decltype(t);
       using A = decltype(a);
-      dev.blocks(blocks, BagGradBlock<T, A>{bags, table_rows, d, ptr<int64_t>(offsets),
-                                            ptr<int64_t>(picked), ptr<T>(grad),
-                                            ptr<A>(partials)});
+      const BagGradBlock<T, A> block{bags, table_rows, d, ptr<int64_t>(offsets),
+                                     ptr<int64_t>(picked), ptr<T>(grad), ptr<A>(partials)};
+      dev.columns(blocks, block, 1);  // one task per block: a block is thousands of bags
       return 0;
     });
   }

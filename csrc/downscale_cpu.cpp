@@ -117,17 +117,10 @@ class CpuDevice {
     return zero.load();
   }
 
+  // Runs f(i) for i in [0, n), at least `grain` per task (1: a few large independent blocks).
   template <class F>
-  void columns(int64_t n, const F& f) const {
-    torch::stable::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) f(i);
-    });
-  }
-
-  // Runs f(i) for i in [0, n), one task per i: for a few large independent blocks.
-  template <class F>
-  void blocks(int64_t n, const F& f) const {
-    torch::stable::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+  void columns(int64_t n, const F& f, int64_t grain = 16) const {
+    torch::stable::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) f(i);
     });
   }
