@@ -60,12 +60,22 @@ def table(runs: dict[str, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def named_checkpoint(text: str) -> tuple[str, str]:
+    """``NAME=PATH`` of an existing file -> (NAME, PATH); argparse prints the error otherwise."""
+    name, _, path = text.partition("=")
+    if not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=path/to/best.pt, got {text!r}")
+    if not pathlib.Path(path).is_file():
+        raise argparse.ArgumentTypeError(f"{path}: no such checkpoint file")
+    return name, path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("runs", nargs="+", help="NAME=path/to/best.pt")
+    parser.add_argument("runs", nargs="+", type=named_checkpoint, help="NAME=path/to/best.pt")
     parser.add_argument("--out", type=pathlib.Path, default=None)
     args = parser.parse_args()
-    runs = dict(run.split("=", 1) for run in args.runs)
+    runs = dict(args.runs)
     text = table(runs)
     print(text, end="")
     if args.out is not None:
