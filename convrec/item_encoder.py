@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from convrec.ops.bags_of_rows import bags_of_rows
 from convrec.ops.dispatch import UsesBackend
 from convrec.ops.downscale import PAPER_NORM_EPS
+from convrec.ops.embedding_rows import embedding_rows
 from convrec.ops.gather_embed import attribute_bags, gather_embed, rows_at
 from convrec.ops.gelu_paper_norm import gelu_paper_norm
 from convrec.ops.item_tables import ItemTables, check_csr, csr_from_lists
@@ -217,18 +218,23 @@ class FaithfulItemEncoder(UsesBackend, _ItemInputs):
         drop = self._draw_dropout()
         return x if drop is None else drop.apply(x, 0)
 
-    def _fused_rows(self, rows: Tensor, out: Tensor) -> Tensor:
-        """``out @ (W_a f_v + b_a)`` for distinct ids ``rows`` (R,): the attribute projection is
-        linear, so ``out`` (a slice of the fusion, or the fusion then ``item_proj``) is folded
-        into the (A, 4D) attribute table first, and the bags sum rows of the folded table."""
-        h = F.linear(self.feature_bias, out).expand(rows.shape[0], -1)
+    def _fused_rows(self, rows: Tensor, out: Tensor, const: Tensor) -> Tensor:
+        """``out @ (W_a f_v + b_a) + const`` for distinct ids ``rows`` (R,): the attribute
+        projection is linear, so ``out`` (a slice of the fusion, or the fusion then
+        ``item_proj``) is folded into the (A, 4D) attribute table first, and the bags sum rows
+        of the folded table; both constant terms are one vector, added once."""
+        bias = F.linear(self.feature_bias, out) + const
+        if not self.has_attributes and not self.has_features:
+            return bias.expand(rows.shape[0], -1)
+        h = None
         if self.has_attributes:
             table = F.linear(self.attr_proj.weight, out)
-            h = h + bags_of_rows(rows, self.attr_offsets, self.attr_ids, table, self.backend)
+            h = bags_of_rows(rows, self.attr_offsets, self.attr_ids, table, self.backend)
         if self.has_features:
-            features = self.item_features[rows].to(h.dtype)
-            h = h + F.linear(features, out @ self.feature_proj.weight)
-        return h
+            features = self.item_features[rows].to(bias.dtype)
+            projected = F.linear(features, out @ self.feature_proj.weight)
+            h = projected if h is None else h + projected
+        return h + bias
 
     def _row_terms(self, rows: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
         """Per distinct id ``rows`` (R,): what ``_at_positions`` gathers.
@@ -244,10 +250,12 @@ class FaithfulItemEncoder(UsesBackend, _ItemInputs):
         w_ac = self.item_proj.weight[:, self.d_model :]
         ac_const = F.linear(self.context_encoder.bias, w_ctx, self.fusion.bias)
         ac_ctx = w_ctx @ self.context_encoder.weight  # (4D, 6)
-        item_rows = F.linear(self.item_embedding(rows), w_item, self.item_proj.bias)
+        table = self.item_embedding
+        embedded = embedding_rows(table.weight, rows, table.padding_idx, self.backend)
+        item_rows = F.linear(embedded, w_item, self.item_proj.bias)
         if self.training and self.dropout > 0:
-            return item_rows, self._fused_rows(rows, w_attr) + ac_const, ac_ctx
-        rows_out = item_rows + self._fused_rows(rows, w_ac @ w_attr) + F.linear(ac_const, w_ac)
+            return item_rows, self._fused_rows(rows, w_attr, ac_const), ac_ctx
+        rows_out = item_rows + self._fused_rows(rows, w_ac @ w_attr, F.linear(ac_const, w_ac))
         return rows_out, None, w_ac @ ac_ctx
 
     def _at_positions(
@@ -289,13 +297,12 @@ class FaithfulItemEncoder(UsesBackend, _ItemInputs):
     def forward(self, item_ids: Tensor, mask: Tensor, timestamps: Tensor | None = None) -> Tensor:
         """History positions (B, L) -> (B, L, D), zero where ``mask`` is False."""
         rows, where = torch.unique(item_ids, return_inverse=True)
-        return self._history(self._row_terms(rows), where, mask, timestamps)
-
-    def _history(
-        self, terms: tuple, where: Tensor, mask: Tensor, timestamps: Tensor | None
-    ) -> Tensor:
         context = self.history_context(timestamps, mask)
-        v = self._at_positions(terms, where, context if self.use_time else None)
+        v = self._at_positions(self._row_terms(rows), where, context if self.use_time else None)
+        return self._history_block(v, context, mask)
+
+    def _history_block(self, v: Tensor, context: Tensor, mask: Tensor) -> Tensor:
+        """The input block of history item vectors (B, L, D) with their contexts (B, L, 6)."""
         v = self._input_block(v, self.time_differences(context), history=True)
         return v * mask.unsqueeze(-1).to(v.dtype)
 
@@ -315,28 +322,35 @@ class FaithfulItemEncoder(UsesBackend, _ItemInputs):
         target_timestamps: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """``forward`` of the histories (B, L) and the candidates' vectors (B, C) in one pass
-        over their distinct ids (one item-table gradient instead of two). Candidates get no
-        date, or with ``target_timestamps`` (B,) the target's date (the paper code's leaking
-        protocol) and its year/month/day differences to the newest history position."""
-        rows, where = torch.unique(
-            torch.cat([item_ids.flatten(), candidates.flatten()]), return_inverse=True
-        )
-        terms = self._row_terms(rows)
-        split = item_ids.numel()
-        history = self._history(terms, where[:split].view_as(item_ids), mask, timestamps)
-        at = where[split:].view_as(candidates)
-        if target_timestamps is None:
-            v = self._at_positions(terms, at, None)
-            return history, self._input_block(v, torch.zeros_like(v[..., :DATE_DIFF_DIM]), False)
-        if target_timestamps.shape != candidates.shape[:1]:
+        over their distinct ids and one gather of their rows (one gradient of each per-id
+        table instead of two). Candidates get no date, or with ``target_timestamps`` (B,) the
+        target's date (the paper code's leaking protocol) and its year/month/day differences
+        to the newest history position."""
+        if target_timestamps is not None and target_timestamps.shape != candidates.shape[:1]:
             raise ValueError(
                 f"target_timestamps must have shape ({candidates.shape[0]},), got "
                 f"{tuple(target_timestamps.shape)}"
             )
-        target = paper_date_features(target_timestamps)[:, None, :]  # (B, 1, 6), shared by C
+        rows, where = torch.unique(
+            torch.cat([item_ids.flatten(), candidates.flatten()]), return_inverse=True
+        )
+        context = self.history_context(timestamps, mask)
+        target = None
+        if target_timestamps is not None:
+            target = paper_date_features(target_timestamps)[:, None, :]  # (B, 1, 6), shared by C
+        every_context = None
+        if self.use_time:  # the candidates' contexts after the history's, as in ``where``
+            shape = (*candidates.shape, DATE_DIM)
+            at_candidates = context.new_zeros(shape) if target is None else target.expand(shape)
+            every_context = torch.cat([context.flatten(0, -2), at_candidates.flatten(0, -2)])
+        v = self._at_positions(self._row_terms(rows), where, every_context)
+        split = item_ids.numel()
+        history = self._history_block(v[:split].view(*item_ids.shape, -1), context, mask)
+        v = v[split:].view(*candidates.shape, -1)
+        if target is None:
+            return history, self._input_block(v, torch.zeros_like(v[..., :DATE_DIFF_DIM]), False)
         last = None if timestamps is None else timestamps[:, -1:]
         newest = self.history_context(last, mask[:, -1:])[..., :DATE_DIFF_DIM]
-        v = self._at_positions(terms, at, target)
         dt = (target[..., :DATE_DIFF_DIM] - newest).expand(*candidates.shape, -1)
         return history, self._input_block(v, dt, history=False)
 
