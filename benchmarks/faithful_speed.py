@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from convrec import ConvRec, ConvRecEncoder, schedule_for_length
+from convrec.ops import embedding_rows
 from convrec.training.allocator import keep_freed_memory
 
 ATTRIBUTES = 637
@@ -197,7 +198,7 @@ def floor_parts(
 
     def table_gradient():
         table.grad = None
-        table.index_select(0, ids).backward(rows_grad)
+        embedding_rows(table, ids, 0).backward(rows_grad)
 
     stack = ConvRecEncoder(d, schedule_for_length(length), dropout=dropout, paper_norm=True)
     histories = torch.randn(batch, length, d, generator=g, requires_grad=True)

@@ -9,6 +9,7 @@
 
 #include "bags_of_rows.h"
 #include "downscale_driver.h"
+#include "embedding_rows.h"
 #include "gelu_paper_norm_driver.h"
 #include "stream_downscale_driver.h"
 
@@ -136,6 +137,7 @@ STABLE_TORCH_LIBRARY_IMPL(convrec, CPU, m) {
   m.impl("gelu_paper_norm_backward", TORCH_BOX(&gelu_paper_norm_backward<CpuDevice>));
   m.impl("stack_dropout", TORCH_BOX(&stack_dropout<CpuDevice>));
   m.impl("bags_of_rows_backward", TORCH_BOX(&bags_of_rows_backward<CpuDevice>));
+  m.impl("embedding_rows_backward", TORCH_BOX(&embedding_rows_backward<CpuDevice>));
   m.impl("stream_downscale", TORCH_BOX(&stream_downscale_forward<CpuDevice>));
   m.impl("stream_downscale_backward", TORCH_BOX(&stream_downscale_backward<CpuDevice>));
 }

@@ -56,6 +56,12 @@ STABLE_TORCH_LIBRARY(convrec, m) {
   m.def(
       "bags_of_rows_backward(Tensor grad, Tensor offsets, Tensor picked, int table_rows) "
       "-> Tensor");
+  // The table's gradient (table_rows, D) from the gradient (R, D) of its rows ids (R,): zero
+  // but at the picked rows, nothing at padding_idx (< 0: none) (csrc/embedding_rows.h; CPU
+  // only; the forward, convrec::embedding_rows, is defined in Python over ATen's embedding).
+  m.def(
+      "embedding_rows_backward(Tensor grad, Tensor ids, int table_rows, int padding_idx) "
+      "-> Tensor");
   // GELU(y) and GELU'(y) with the kernels' arithmetic, for tests of the float32 polynomials.
   m.def("gelu_points(Tensor y) -> (Tensor, Tensor)");
 }

@@ -123,8 +123,8 @@ def test_bad_inputs_name_the_problem() -> None:
 
 def test_faithful_model_trains_alike_on_both_backends() -> None:
     """``ConvRec(faithful=True)`` in training, dropout on: the extension's block, attribute
-    bags (``bags_of_rows``) and stack give the reference's scores and parameter gradients for
-    the same seed (float64)."""
+    bags (``bags_of_rows``), item rows (``embedding_rows``) and stack give the reference's
+    scores and parameter gradients for the same seed (float64)."""
     attributes = [[]] + [[i % 5, 5 + i % 3] for i in range(40)]
     model = ConvRec(
         40,

@@ -11,6 +11,7 @@ from convrec.ops.bags_of_rows import bags_of_rows, bags_of_rows_reference
 from convrec.ops.conv_pool import ConvPoolOutput, conv_pool, conv_pool_reference
 from convrec.ops.downscale import DownscaleOutput, downscale, downscale_reference
 from convrec.ops.embed_conv_pool import embed_conv_pool, embed_conv_pool_reference
+from convrec.ops.embedding_rows import embedding_rows, embedding_rows_reference
 from convrec.ops.gather_embed import attribute_bags, gather_embed, gather_embed_reference
 from convrec.ops.gelu_paper_norm import gelu_paper_norm, gelu_paper_norm_reference
 from convrec.ops.item_tables import ItemTables
@@ -43,6 +44,8 @@ __all__ = [
     "downscale_reference",
     "embed_conv_pool",
     "embed_conv_pool_reference",
+    "embedding_rows",
+    "embedding_rows_reference",
     "gather_embed",
     "gather_embed_reference",
     "gelu_paper_norm",

@@ -43,6 +43,7 @@ IMPLEMENTATIONS: dict[str, tuple[str, ...]] = {
     "stack_dropout": ("cuda", "cpp", "triton"),
     "gelu_paper_norm": ("cuda", "cpp"),
     "bags_of_rows": ("cpp",),
+    "embedding_rows": ("cpp",),
 }
 
 # The device type "auto" uses each fast path for.
