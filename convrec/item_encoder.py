@@ -23,6 +23,7 @@ from convrec.ops.embedding_rows import embedding_rows
 from convrec.ops.gather_embed import attribute_bags, gather_embed, rows_at
 from convrec.ops.gelu_paper_norm import gelu_paper_norm
 from convrec.ops.item_tables import ItemTables, check_csr, csr_from_lists
+from convrec.ops.rows_with_context import add_context, rows_with_context
 from convrec.ops.stack_dropout import StackDropout
 from convrec.time_context import (
     CONTEXT_DIM,
@@ -214,10 +215,6 @@ class FaithfulItemEncoder(UsesBackend, _ItemInputs):
         device = self.item_embedding.weight.device
         return StackDropout.draw(self.dropout, self.training and active, device, self.backend)
 
-    def _dropout(self, x: Tensor) -> Tensor:
-        drop = self._draw_dropout()
-        return x if drop is None else drop.apply(x, 0)
-
     def _fused_rows(self, rows: Tensor, out: Tensor, const: Tensor) -> Tensor:
         """``out @ (W_a f_v + b_a) + const`` for distinct ids ``rows`` (R,): the attribute
         projection is linear, so ``out`` (a slice of the fusion, or the fusion then
@@ -265,8 +262,9 @@ class FaithfulItemEncoder(UsesBackend, _ItemInputs):
         contexts (*, 6) or broadcastable to it (None: zero context)."""
         rows_out, fused, context_weight = terms
         if fused is None:
-            return _add_context(rows_at(rows_out, where), context, context_weight)
-        ac = self._dropout(_add_context(rows_at(fused, where), context, context_weight))
+            return add_context(rows_at(rows_out, where), context, context_weight)
+        drop = self._draw_dropout()
+        ac = rows_with_context(fused, where, context, context_weight, drop, self.backend)
         return rows_at(rows_out, where) + F.linear(ac, self.item_proj.weight[:, self.d_model :])
 
     def _item_vectors(self, item_ids: Tensor, context: Tensor | None) -> Tensor:
@@ -353,23 +351,6 @@ class FaithfulItemEncoder(UsesBackend, _ItemInputs):
         newest = self.history_context(last, mask[:, -1:])[..., :DATE_DIFF_DIM]
         dt = (target[..., :DATE_DIFF_DIM] - newest).expand(*candidates.shape, -1)
         return history, self._input_block(v, dt, history=False)
-
-
-def _add_context(x: Tensor, context: Tensor | None, weight: Tensor) -> Tensor:
-    """``x + context @ weight.T`` for x (*, W) and context (*, 6) or broadcastable to it.
-
-    One position per row: ``addmm`` with the (6, W) factor on the right, whose weight gradient
-    ``context.T @ grad`` is a short-wide product (a tall-skinny ``grad.T @ context``, what
-    ``F.linear`` would compute, runs an order of magnitude slower on CPU BLAS)."""
-    if context is None:
-        return x
-    context = context.to(x.dtype)
-    if context.shape[:-1] != x.shape[:-1]:  # shared by many rows: project once, broadcast
-        return x + context @ weight.T
-    # a contiguous right factor: autograd then computes its gradient as context.T @ grad
-    right = weight.T.contiguous()
-    flat = torch.addmm(x.reshape(-1, x.shape[-1]), context.reshape(-1, context.shape[-1]), right)
-    return flat.view(x.shape)
 
 
 class LegacyFaithfulItemEncoder(_ItemInputs):

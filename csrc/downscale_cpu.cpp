@@ -11,6 +11,7 @@
 #include "downscale_driver.h"
 #include "embedding_rows.h"
 #include "gelu_paper_norm_driver.h"
+#include "rows_with_context.h"
 #include "stream_downscale_driver.h"
 
 namespace convrec {
@@ -138,6 +139,7 @@ STABLE_TORCH_LIBRARY_IMPL(convrec, CPU, m) {
   m.impl("stack_dropout", TORCH_BOX(&stack_dropout<CpuDevice>));
   m.impl("bags_of_rows_backward", TORCH_BOX(&bags_of_rows_backward<CpuDevice>));
   m.impl("embedding_rows_backward", TORCH_BOX(&embedding_rows_backward<CpuDevice>));
+  m.impl("rows_with_context", TORCH_BOX(&rows_with_context<CpuDevice>));
   m.impl("stream_downscale", TORCH_BOX(&stream_downscale_forward<CpuDevice>));
   m.impl("stream_downscale_backward", TORCH_BOX(&stream_downscale_backward<CpuDevice>));
 }

@@ -62,6 +62,13 @@ STABLE_TORCH_LIBRARY(convrec, m) {
   m.def(
       "embedding_rows_backward(Tensor grad, Tensor ids, int table_rows, int padding_idx) "
       "-> Tensor");
+  // Position n of the faithful item encoder's dropped fused vectors: StackDropout's level 0 of
+  // table[where[n]] + weight @ context[n] (csrc/rows_with_context.h; CPU only): table (R, W),
+  // where (N,), context (N, K) or none, weight (W, K) -> (N, W). Its backward is composed in
+  // Python (convrec/ops/rows_with_context.py).
+  m.def(
+      "rows_with_context(Tensor table, Tensor where, Tensor? context, Tensor weight, "
+      "Tensor? dropout_seed, float dropout) -> Tensor");
   // GELU(y) and GELU'(y) with the kernels' arithmetic, for tests of the float32 polynomials.
   m.def("gelu_points(Tensor y) -> (Tensor, Tensor)");
 }

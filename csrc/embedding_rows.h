@@ -40,6 +40,16 @@ struct EmbeddingRowsChunk {
   }
 };
 
+// Checks ids (R,) int64 against a (table_rows, D) table on the host, one clear error.
+inline void check_table_ids(const Tensor& ids, int64_t entries, int64_t table_rows,
+                            const Tensor& ref, const char* op) {
+  check_tensor(ids, "ids", {entries}, ScalarType::Long, ref, op);
+  const int64_t* rows = ptr<int64_t>(ids);
+  for (int64_t e = 0; e < entries; ++e)
+    STD_TORCH_CHECK(rows[e] >= 0 && rows[e] < table_rows, op, ": ids[", e, "] = ", rows[e],
+                    " is not a row of the (", table_rows, ", D) table");
+}
+
 // The table's gradient (table_rows, D) from the gradient (R, D) of the rows ids (R,) picked;
 // padding_idx < 0: no padding row. ids are checked on the host (a CPU op), one clear error.
 template <class Dev>
@@ -50,20 +60,16 @@ Tensor embedding_rows_backward(Tensor grad, Tensor ids, int64_t table_rows, int6
   STD_TORCH_CHECK(table_rows >= 0, "embedding_rows_backward: table_rows must be >= 0");
   grad = torch::stable::contiguous(grad);
   ids = torch::stable::contiguous(ids);
-  check_tensor(ids, "ids", {grad.size(0)}, ScalarType::Long, grad, "embedding_rows_backward");
   const int64_t entries = grad.size(0), d = grad.size(1);
-  const int64_t* rows = ptr<int64_t>(ids);
-  for (int64_t e = 0; e < entries; ++e)
-    STD_TORCH_CHECK(rows[e] >= 0 && rows[e] < table_rows, "embedding_rows_backward: ids[", e,
-                    "] = ", rows[e], " is not a row of the (", table_rows, ", D) table");
+  check_table_ids(ids, entries, table_rows, grad, "embedding_rows_backward");
   Tensor out = torch::stable::new_empty(grad, {table_rows, d});
   if (table_rows > 0 && d > 0) {
     Dev dev(grad);
     Dev::dispatch(grad.scalar_type(), [&](auto t, auto) {
       using T = decltype(t);
       const int64_t chunk_rows = (table_rows + kEmbeddingRowChunks - 1) / kEmbeddingRowChunks;
-      const EmbeddingRowsChunk<T> chunk{entries, table_rows, chunk_rows, d, padding_idx,
-                                        rows,    ptr<T>(grad), ptr<T>(out)};
+      const EmbeddingRowsChunk<T> chunk{entries,        table_rows,   chunk_rows, d, padding_idx,
+                                        ptr<int64_t>(ids), ptr<T>(grad), ptr<T>(out)};
       dev.columns(kEmbeddingRowChunks, chunk, 1);
       return 0;
     });

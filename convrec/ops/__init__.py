@@ -16,6 +16,7 @@ from convrec.ops.gather_embed import attribute_bags, gather_embed, gather_embed_
 from convrec.ops.gelu_paper_norm import gelu_paper_norm, gelu_paper_norm_reference
 from convrec.ops.item_tables import ItemTables
 from convrec.ops.level_params import LevelParams, PackedLevels, pack_levels
+from convrec.ops.rows_with_context import rows_with_context, rows_with_context_reference
 from convrec.ops.stack_dropout import StackDropout
 from convrec.ops.stream_downscale import (
     StreamState,
@@ -51,6 +52,8 @@ __all__ = [
     "gelu_paper_norm",
     "gelu_paper_norm_reference",
     "pack_levels",
+    "rows_with_context",
+    "rows_with_context_reference",
     "score_all_items",
     "stream_downscale",
     "stream_downscale_reference",

@@ -44,6 +44,7 @@ IMPLEMENTATIONS: dict[str, tuple[str, ...]] = {
     "gelu_paper_norm": ("cuda", "cpp"),
     "bags_of_rows": ("cpp",),
     "embedding_rows": ("cpp",),
+    "rows_with_context": ("cpp",),
 }
 
 # The device type "auto" uses each fast path for.
