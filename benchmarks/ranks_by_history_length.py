@@ -2,12 +2,15 @@
 history length: where a gap between two models, or between a model's validation and test
 scores, comes from.
 
-    python -m benchmarks.ranks_by_history_length NAME=RUN/best.pt NAME=RUN/best.pt [--out DIR]
+    python -m benchmarks.ranks_by_history_length NAME=RUN/best.pt NAME=RUN/best.pt \
+        [--without-newest K] [--out DIR]
 
 Each checkpoint is evaluated on the data it was trained on, as ``convrec evaluate`` does (same
 histories of the last ``max_len`` items, same ranks); the bucket is the number of items before
-the target, before truncation. Prints a Markdown table; ``--out`` also writes it to
-``DIR/ranks_by_history_length.md``.
+the target, before truncation. ``--without-newest K`` scores each target from its history
+without its K newest items (still ranking against every item before the target as seen): how
+much a model draws from the newest events. Prints a Markdown table; ``--out`` also writes it
+to ``DIR/ranks_by_history_length.md``.
 """
 
 from __future__ import annotations
@@ -26,8 +29,11 @@ BUCKETS = ((1, 10), (10, 30), (30, 50), (50, None))
 SPLITS = ("valid", "test")
 
 
-def ndcg_per_user(checkpoint: str, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """(NDCG@10 per user, history length per user) of ``split``'s targets."""
+def ndcg_per_user(
+    checkpoint: str, split: str, without_newest: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """(NDCG@10 per user, history length per user) of ``split``'s targets, scored from the
+    history without its ``without_newest`` newest items."""
     _, config, model = _load_for_inference(checkpoint, None)
     data = _training_data(config, None)
     index = SequenceIndex.from_dataset(data)
@@ -35,22 +41,23 @@ def ndcg_per_user(checkpoint: str, split: str) -> tuple[np.ndarray, np.ndarray]:
     ranks = []
     for start in range(0, data.num_users, config.eval_batch_size):
         users = np.arange(start, min(start + config.eval_batch_size, data.num_users))
+        history_cuts = np.maximum(cuts[users] - without_newest, 0)
         found = _batch_ranks(
-            model, index, None, users, cuts[users], ("full",), config.max_len, "cpu"
+            model, index, None, users, cuts[users], ("full",), config.max_len, "cpu", history_cuts
         )
         ranks.append(found["full"])
     r = torch.cat(ranks).double()
     return ((r < 10) / torch.log2(r + 2)).numpy(), cuts
 
 
-def table(runs: dict[str, str]) -> str:
+def table(runs: dict[str, str], without_newest: int = 0) -> str:
     names = list(runs)
     lines = [
         "| split | history length | users | " + " | ".join(names) + " |",
         "|---|---|---|" + "---|" * len(names),
     ]
     for split in SPLITS:
-        scores = {name: ndcg_per_user(path, split) for name, path in runs.items()}
+        scores = {n: ndcg_per_user(path, split, without_newest) for n, path in runs.items()}
         lengths = next(iter(scores.values()))[1]
         for low, high in (*BUCKETS, (1, None)):
             chosen = (lengths >= low) & (lengths < (high or np.inf))
@@ -73,10 +80,19 @@ def named_checkpoint(text: str) -> tuple[str, str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=named_checkpoint, help="NAME=path/to/best.pt")
+    parser.add_argument(
+        "--without-newest",
+        type=int,
+        default=0,
+        metavar="K",
+        help="score each target without the K newest items of its history (default 0)",
+    )
     parser.add_argument("--out", type=pathlib.Path, default=None)
     args = parser.parse_args()
+    if args.without_newest < 0:
+        parser.error(f"--without-newest must be >= 0, got {args.without_newest}")
     runs = dict(args.runs)
-    text = table(runs)
+    text = table(runs, args.without_newest)
     print(text, end="")
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)

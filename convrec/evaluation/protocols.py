@@ -104,8 +104,11 @@ def _batch_ranks(
     protocols: tuple[str, ...],
     max_len: int,
     device: str | torch.device,
+    history_cuts: np.ndarray | None = None,
 ) -> dict[str, Tensor]:
-    ids, times = index.histories(users, cuts, max_len)
+    """Ranks of the targets at ``cuts``, each scored from the items before its cut, or before
+    ``history_cuts`` when given (a diagnostic: how much the newest items count)."""
+    ids, times = index.histories(users, cuts if history_cuts is None else history_cuts, max_len)
     ids_t = torch.from_numpy(ids).to(device)
     times_t = torch.from_numpy(times).to(device) if _uses_time(model) else None
     targets = torch.from_numpy(index.targets(users, cuts)).to(device)
