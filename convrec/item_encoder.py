@@ -215,32 +215,32 @@ class FaithfulItemEncoder(UsesBackend, _ItemInputs):
         device = self.item_embedding.weight.device
         return StackDropout.draw(self.dropout, self.training and active, device, self.backend)
 
-    def _fused_rows(self, rows: Tensor, out: Tensor, const: Tensor) -> Tensor:
-        """``out @ (W_a f_v + b_a) + const`` for distinct ids ``rows`` (R,): the attribute
-        projection is linear, so ``out`` (a slice of the fusion, or the fusion then
-        ``item_proj``) is folded into the (A, 4D) attribute table first, and the bags sum rows
-        of the folded table; both constant terms are one vector, added once."""
-        bias = F.linear(self.feature_bias, out) + const
-        if not self.has_attributes and not self.has_features:
-            return bias.expand(rows.shape[0], -1)
+    def _fused_rows(self, rows: Tensor, out: Tensor) -> tuple[Tensor | None, Tensor]:
+        """(``out @ W_a f_v`` for distinct ids ``rows`` (R,), None without attributes and
+        features; the constant ``out @ b_a``). The attribute projection is linear, so ``out``
+        (a slice of the fusion, or the fusion then ``item_proj``) is folded into the (A, 4D)
+        attribute table first, and the bags sum rows of the folded table."""
         h = None
         if self.has_attributes:
             table = F.linear(self.attr_proj.weight, out)
             h = bags_of_rows(rows, self.attr_offsets, self.attr_ids, table, self.backend)
         if self.has_features:
-            features = self.item_features[rows].to(bias.dtype)
+            features = self.item_features[rows].to(out.dtype)
             projected = F.linear(features, out @ self.feature_proj.weight)
             h = projected if h is None else h + projected
-        return h + bias
+        return h, F.linear(self.feature_bias, out)
 
     def _row_terms(self, rows: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
         """Per distinct id ``rows`` (R,): what ``_at_positions`` gathers.
 
         fusion([h; context_encoder(c)]) = w_attr h + (w_ctx W_c) c + (w_ctx b_c + b_fusion),
         so the id part is computed per row and the context part per position. With dropout
-        active the fused 4D vector is needed per position (its mask is); otherwise item_proj
-        is folded in too and only D-wide rows are gathered. Returns (rows (R, D), fused rows
-        (R, 4D) or None, the context weight (4D or D, 6))."""
+        active the fused 4D vector is needed per position (its mask is): its constant part
+        is the context weight's last column, read against a context channel of ones, so no
+        pass adds it to the rows. Otherwise item_proj is folded in too, only D-wide rows are
+        gathered and the constants join item_proj's bias. Returns (rows (R, D), fused rows
+        (R, 4D) or None, the context weight: (4D, 7) with the constant column ((4D, 1) without
+        use_time), or (D, 6))."""
         wide = 4 * self.d_model
         w_attr, w_ctx = self.fusion.weight[:, :wide], self.fusion.weight[:, wide:]
         w_item = self.item_proj.weight[:, : self.d_model]
@@ -249,11 +249,17 @@ class FaithfulItemEncoder(UsesBackend, _ItemInputs):
         ac_ctx = w_ctx @ self.context_encoder.weight  # (4D, 6)
         table = self.item_embedding
         embedded = embedding_rows(table.weight, rows, table.padding_idx, self.backend)
-        item_rows = F.linear(embedded, w_item, self.item_proj.bias)
         if self.training and self.dropout > 0:
-            return item_rows, self._fused_rows(rows, w_attr, ac_const), ac_ctx
-        rows_out = item_rows + self._fused_rows(rows, w_ac @ w_attr, F.linear(ac_const, w_ac))
-        return rows_out, None, w_ac @ ac_ctx
+            fused, bias = self._fused_rows(rows, w_attr)
+            if fused is None:
+                fused = bias.new_zeros(rows.shape[0], wide)
+            item_rows = F.linear(embedded, w_item, self.item_proj.bias)
+            const = (bias + ac_const)[:, None]  # without use_time no date weight is read
+            weight = torch.cat([ac_ctx, const], dim=1) if self.use_time else const
+            return item_rows, fused, weight
+        fused, bias = self._fused_rows(rows, w_ac @ w_attr)
+        item_rows = F.linear(embedded, w_item, self.item_proj.bias + bias + w_ac @ ac_const)
+        return item_rows if fused is None else item_rows + fused, None, w_ac @ ac_ctx
 
     def _at_positions(
         self, terms: tuple[Tensor, Tensor | None, Tensor], where: Tensor, context: Tensor | None
@@ -263,6 +269,11 @@ class FaithfulItemEncoder(UsesBackend, _ItemInputs):
         rows_out, fused, context_weight = terms
         if fused is None:
             return add_context(rows_at(rows_out, where), context, context_weight)
+        ones = torch.ones(*where.shape, 1, device=fused.device, dtype=fused.dtype)
+        if context is None:  # the constant column alone
+            context, context_weight = ones, context_weight[:, -1:]
+        else:
+            context = torch.cat([context.to(fused.dtype).expand(*where.shape, -1), ones], dim=-1)
         drop = self._draw_dropout()
         ac = rows_with_context(fused, where, context, context_weight, drop, self.backend)
         return rows_at(rows_out, where) + F.linear(ac, self.item_proj.weight[:, self.d_model :])
@@ -332,10 +343,15 @@ class FaithfulItemEncoder(UsesBackend, _ItemInputs):
         rows, where = torch.unique(
             torch.cat([item_ids.flatten(), candidates.flatten()]), return_inverse=True
         )
-        context = self.history_context(timestamps, mask)
-        target = None
-        if target_timestamps is not None:
-            target = paper_date_features(target_timestamps)[:, None, :]  # (B, 1, 6), shared by C
+        if target_timestamps is not None and timestamps is not None and self.use_time:
+            # one calendar pass for the history's dates and the target's (B, 1, 6), shared by C
+            dates = paper_date_features(torch.cat([timestamps, target_timestamps[:, None]], 1))
+            context, target = dates[:, :-1] * mask.unsqueeze(-1), dates[:, -1:]
+        else:
+            context = self.history_context(timestamps, mask)
+            target = None
+            if target_timestamps is not None:
+                target = paper_date_features(target_timestamps)[:, None, :]
         every_context = None
         if self.use_time:  # the candidates' contexts after the history's, as in ``where``
             shape = (*candidates.shape, DATE_DIM)
@@ -347,8 +363,7 @@ class FaithfulItemEncoder(UsesBackend, _ItemInputs):
         v = v[split:].view(*candidates.shape, -1)
         if target is None:
             return history, self._input_block(v, torch.zeros_like(v[..., :DATE_DIFF_DIM]), False)
-        last = None if timestamps is None else timestamps[:, -1:]
-        newest = self.history_context(last, mask[:, -1:])[..., :DATE_DIFF_DIM]
+        newest = context[:, -1:, :DATE_DIFF_DIM]  # zero without use_time or at padding
         dt = (target[..., :DATE_DIFF_DIM] - newest).expand(*candidates.shape, -1)
         return history, self._input_block(v, dt, history=False)
 
