@@ -219,7 +219,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--d-model", type=int, default=64)
     parser.add_argument("--dropouts", type=float, nargs="+", default=[0.1, 0.0])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=15)  # 5 left the first cell slow
     parser.add_argument("--out", type=pathlib.Path, default=None)
     args = parser.parse_args()
     rows = []
