@@ -23,7 +23,7 @@ from convrec.ops.embedding_rows import embedding_rows
 from convrec.ops.gather_embed import attribute_bags, gather_embed, rows_at
 from convrec.ops.gelu_paper_norm import gelu_paper_norm
 from convrec.ops.item_tables import ItemTables, check_csr, csr_from_lists
-from convrec.ops.rows_with_context import add_context, rows_with_context
+from convrec.ops.rows_with_context import rows_with_context
 from convrec.ops.stack_dropout import StackDropout
 from convrec.time_context import (
     CONTEXT_DIM,
@@ -268,7 +268,7 @@ class FaithfulItemEncoder(UsesBackend, _ItemInputs):
         contexts (*, 6) or broadcastable to it (None: zero context)."""
         rows_out, fused, context_weight = terms
         if fused is None:
-            return add_context(rows_at(rows_out, where), context, context_weight)
+            return rows_with_context(rows_out, where, context, context_weight, None, self.backend)
         ones = torch.ones(*where.shape, 1, device=fused.device, dtype=fused.dtype)
         if context is None:  # the constant column alone
             context, context_weight = ones, context_weight[:, -1:]
@@ -358,9 +358,10 @@ class FaithfulItemEncoder(UsesBackend, _ItemInputs):
             at_candidates = context.new_zeros(shape) if target is None else target.expand(shape)
             every_context = torch.cat([context.flatten(0, -2), at_candidates.flatten(0, -2)])
         v = self._at_positions(self._row_terms(rows), where, every_context)
-        split = item_ids.numel()
-        history = self._history_block(v[:split].view(*item_ids.shape, -1), context, mask)
-        v = v[split:].view(*candidates.shape, -1)
+        # split, not two slices: its backward is one cat where each slice's zero-fills a copy
+        at_history, v = v.split([item_ids.numel(), candidates.numel()])
+        history = self._history_block(at_history.view(*item_ids.shape, -1), context, mask)
+        v = v.view(*candidates.shape, -1)
         if target is None:
             return history, self._input_block(v, torch.zeros_like(v[..., :DATE_DIFF_DIM]), False)
         newest = context[:, -1:, :DATE_DIFF_DIM]  # zero without use_time or at padding
