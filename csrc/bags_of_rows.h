@@ -53,11 +53,7 @@ inline void check_bags(const Tensor& offsets, const Tensor& picked, int64_t tabl
   for (int64_t r = 0; r < bags; ++r)
     STD_TORCH_CHECK(off[r + 1] >= off[r], op, ": offsets must not decrease, but offsets[", r + 1,
                     "] = ", off[r + 1], " < offsets[", r, "] = ", off[r]);
-  check_tensor(picked, "picked", {off[bags]}, ScalarType::Long, ref, op);
-  const int64_t* rows = ptr<int64_t>(picked);
-  for (int64_t e = 0; e < off[bags]; ++e)
-    STD_TORCH_CHECK(rows[e] >= 0 && rows[e] < table_rows, op, ": picked[", e, "] = ", rows[e],
-                    " is not a row of the (", table_rows, ", D) table");
+  check_table_rows(picked, "picked", off[bags], table_rows, ref, op);
 }
 
 // The table's gradient (table_rows, D) from the bags' (R, D).

@@ -145,6 +145,17 @@ T* ptr_or_null(const std::optional<Tensor>& t) {
   return t.has_value() ? ptr<T>(*t) : nullptr;
 }
 
+// A host-side (CPU op) check of `entries` int64 row indices into a (table_rows, D) table: the
+// shape and dtype, then every value, one clear error naming the first row that is not one.
+inline void check_table_rows(const Tensor& rows, const char* name, int64_t entries,
+                             int64_t table_rows, const Tensor& ref, const char* op) {
+  check_tensor(rows, name, {entries}, ScalarType::Long, ref, op);
+  const int64_t* r = ptr<int64_t>(rows);
+  for (int64_t e = 0; e < entries; ++e)
+    STD_TORCH_CHECK(r[e] >= 0 && r[e] < table_rows, op, ": ", name, "[", e, "] = ", r[e],
+                    " is not a row of the (", table_rows, ", D) table");
+}
+
 // Checks the dropout seed and returns the kernels' view of dropout at level 0.
 template <typename A>
 Dropout<A> check_dropout(const std::optional<Tensor>& seed, double p, const Tensor& x,

@@ -40,16 +40,6 @@ struct EmbeddingRowsChunk {
   }
 };
 
-// Checks ids (R,) int64 against a (table_rows, D) table on the host, one clear error.
-inline void check_table_ids(const Tensor& ids, int64_t entries, int64_t table_rows,
-                            const Tensor& ref, const char* op) {
-  check_tensor(ids, "ids", {entries}, ScalarType::Long, ref, op);
-  const int64_t* rows = ptr<int64_t>(ids);
-  for (int64_t e = 0; e < entries; ++e)
-    STD_TORCH_CHECK(rows[e] >= 0 && rows[e] < table_rows, op, ": ids[", e, "] = ", rows[e],
-                    " is not a row of the (", table_rows, ", D) table");
-}
-
 // The table's gradient (table_rows, D) from the gradient (R, D) of the rows ids (R,) picked;
 // padding_idx < 0: no padding row. ids are checked on the host (a CPU op), one clear error.
 template <class Dev>
@@ -61,7 +51,7 @@ Tensor embedding_rows_backward(Tensor grad, Tensor ids, int64_t table_rows, int6
   grad = torch::stable::contiguous(grad);
   ids = torch::stable::contiguous(ids);
   const int64_t entries = grad.size(0), d = grad.size(1);
-  check_table_ids(ids, entries, table_rows, grad, "embedding_rows_backward");
+  check_table_rows(ids, "ids", entries, table_rows, grad, "embedding_rows_backward");
   Tensor out = torch::stable::new_empty(grad, {table_rows, d});
   if (table_rows > 0 && d > 0) {
     Dev dev(grad);

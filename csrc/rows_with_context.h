@@ -50,7 +50,7 @@ struct RowWithContextRow {
 inline void check_rows_with_context(const Tensor& where, int64_t positions, int64_t table_rows,
                                     const std::optional<Tensor>& context, int64_t k,
                                     const Tensor& ref, const char* op) {
-  check_table_ids(where, positions, table_rows, ref, op);
+  check_table_rows(where, "where", positions, table_rows, ref, op);
   if (context.has_value()) check_tensor(*context, "context", {positions, k}, ref.scalar_type(), ref, op);
 }
 

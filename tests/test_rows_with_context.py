@@ -87,7 +87,7 @@ def test_bad_inputs_name_the_problem() -> None:
     table, where, context, weight = _inputs()
     op = torch.ops.convrec.rows_with_context
     flat, flat_context = where.flatten(), context.flatten(0, 1)
-    with pytest.raises(RuntimeError, match=r"ids\[0\] = 40 is not a row of the \(40, D\) table"):
+    with pytest.raises(RuntimeError, match=r"where\[0\] = 40 is not a row of the \(40, D\) table"):
         op(table, torch.full_like(flat, 40), flat_context, weight, None, 0.0)
     with pytest.raises(RuntimeError, match=r"context must have shape \(51, 6\)"):
         op(table, flat, flat_context[1:], weight, None, 0.0)
