@@ -144,73 +144,135 @@ struct StreamWindowRow {
   }
 };
 
-// Forward, batch row b after the last level: the user vector at t is the mean of the last
-// level's closed windows (each its version at its last position) and the open one. Windows
-// cover `span` positions. Sequential in t: a running sum.
+// After the last level, the user vector at t is the mean of the last level's closed windows
+// (each its version at its last position) and the open one, whose version is the one at t.
+// Windows cover `span` positions; window j of batch row b closes at t = (j + 1) span - 1.
+// Two passes, so no team walks the L positions of a row: a short sequential scan per batch row
+// over its windows (StreamClosedSumsRow), then every position on its own (StreamUserRow).
+
+// Forward, batch row b: closed[b, j] = the sum of the versions of windows 0 .. j - 1 at their
+// last position, for j in [0, windows).
 template <typename T, typename A>
-struct StreamUserRow {
+struct StreamClosedSumsRow {
   using acc = A;
-  static constexpr int64_t scratch_rows = 1;  // D-vectors of scratch: the closed windows' sum
-  int64_t length, span, d;
+  static constexpr int64_t scratch_rows = 1;  // D-vectors of scratch: the running sum
+  int64_t length, span, windows, d;
   const T* last;  // (B, L, D) last level output
-  T* user;  // (B, L, D)
+  A* closed;  // (B, windows, D)
 
   template <class Team>
-  CONVREC_HD void operator()(const Team& team, int64_t b, A* scratch) const {
-    A* closed = scratch;
+  CONVREC_HD void operator()(const Team& team, int64_t b, A* sum) const {
     CONVREC_SIMD
-    for (int64_t c = team.lane(); c < d; c += Team::size) closed[c] = A(0);
-    for (int64_t t = 0; t < length; ++t) {
-      const T* row = last + (b * length + t) * d;
-      if (t > 0 && t % span == 0) {
-        const T* prev = row - d;
-        CONVREC_SIMD
-        for (int64_t c = team.lane(); c < d; c += Team::size) closed[c] += static_cast<A>(prev[c]);
-      }
-      const A count = A(t / span + 1);
-      T* out = user + (b * length + t) * d;
+    for (int64_t c = team.lane(); c < d; c += Team::size) sum[c] = A(0);
+    for (int64_t j = 0; j < windows; ++j) {
+      A* out = closed + (b * windows + j) * d;
       CONVREC_SIMD
-      for (int64_t c = team.lane(); c < d; c += Team::size)
-        out[c] = static_cast<T>((closed[c] + static_cast<A>(row[c])) / count);
+      for (int64_t c = team.lane(); c < d; c += Team::size) out[c] = sum[c];
+      if (j + 1 == windows) break;
+      const T* end = last + (b * length + (j + 1) * span - 1) * d;
+      CONVREC_SIMD
+      for (int64_t c = team.lane(); c < d; c += Team::size) sum[c] += static_cast<A>(end[c]);
     }
   }
 };
 
-// Backward of StreamUserRow for batch row b: the last window position of window j also
-// receives the gradients of every later position, each divided by its window count.
+// Forward, position n = b L + t: (closed[b, t / span] + last[n]) / (t / span + 1).
+template <typename T, typename A>
+struct StreamUserRow {
+  using acc = A;
+  static constexpr int64_t scratch_rows = 0;
+  int64_t length, span, windows, d;
+  const T* last;  // (B, L, D)
+  const A* closed;  // (B, windows, D)
+  T* user;  // (B, L, D)
+
+  template <class Team>
+  CONVREC_HD void operator()(const Team& team, int64_t n, A* /*scratch*/) const {
+    const int64_t b = n / length, j = (n % length) / span;
+    const A count = A(j + 1);
+    const A* sum = closed + (b * windows + j) * d;
+    const T* row = last + n * d;
+    T* out = user + n * d;
+    CONVREC_SIMD
+    for (int64_t c = team.lane(); c < d; c += Team::size)
+      out[c] = static_cast<T>((sum[c] + static_cast<A>(row[c])) / count);
+  }
+};
+
+// Backward, window r = b windows + j: own[r] = the sum over its positions t of
+// grad_user[b, t] / (j + 1).
+template <typename T, typename A>
+struct StreamUserWindowSumsRow {
+  using acc = A;
+  static constexpr int64_t scratch_rows = 0;
+  int64_t length, span, windows, d;
+  const T* grad_user;  // (B, L, D)
+  A* own;  // (B, windows, D)
+
+  template <class Team>
+  CONVREC_HD void operator()(const Team& team, int64_t r, A* /*scratch*/) const {
+    const int64_t b = r / windows, j = r % windows;
+    const int64_t first = j * span, end = first + span < length ? first + span : length;
+    const A count = A(j + 1);
+    A* out = own + r * d;
+    CONVREC_SIMD
+    for (int64_t c = team.lane(); c < d; c += Team::size) out[c] = A(0);
+    for (int64_t t = first; t < end; ++t) {
+      const T* g = grad_user + (b * length + t) * d;
+      CONVREC_SIMD
+      for (int64_t c = team.lane(); c < d; c += Team::size) out[c] += static_cast<A>(g[c]);
+    }
+    CONVREC_SIMD
+    for (int64_t c = team.lane(); c < d; c += Team::size) out[c] /= count;
+  }
+};
+
+// Backward, batch row b: own[b, j] becomes the sum of own[b, j'] over the later windows
+// j' > j (what the last position of window j receives), in place, a scan from the last.
+template <typename A>
+struct StreamLaterWindowsRow {
+  using acc = A;
+  static constexpr int64_t scratch_rows = 1;  // D-vectors of scratch: the running sum
+  int64_t windows, d;
+  A* own;  // (B, windows, D)
+
+  template <class Team>
+  CONVREC_HD void operator()(const Team& team, int64_t b, A* sum) const {
+    CONVREC_SIMD
+    for (int64_t c = team.lane(); c < d; c += Team::size) sum[c] = A(0);
+    for (int64_t j = windows - 1; j >= 0; --j) {
+      A* w = own + (b * windows + j) * d;
+      CONVREC_SIMD
+      for (int64_t c = team.lane(); c < d; c += Team::size) {
+        const A mine = w[c];
+        w[c] = sum[c];
+        sum[c] += mine;
+      }
+    }
+  }
+};
+
+// Backward, position n = b L + t: grad_user[n] / (t / span + 1), plus at the last position of
+// a closed window j the later windows' sum (StreamLaterWindowsRow).
 template <typename T, typename A>
 struct StreamUserGradRow {
   using acc = A;
-  static constexpr int64_t scratch_rows = 2;  // D-vectors of scratch: later windows, this one
-  int64_t length, span, d;
+  static constexpr int64_t scratch_rows = 0;
+  int64_t length, span, windows, d;
   const T* grad_user;  // (B, L, D)
+  const A* later;  // (B, windows, D)
   T* grad_last;  // (B, L, D)
 
   template <class Team>
-  CONVREC_HD void operator()(const Team& team, int64_t b, A* scratch) const {
-    A* later = scratch;
-    A* current = scratch + d;
+  CONVREC_HD void operator()(const Team& team, int64_t n, A* /*scratch*/) const {
+    const int64_t b = n / length, t = n % length, j = t / span;
+    const A count = A(j + 1), with_later = (t + 1) % span == 0 ? A(1) : A(0);
+    const A* l = later + (b * windows + j) * d;
+    const T* g = grad_user + n * d;
+    T* out = grad_last + n * d;
     CONVREC_SIMD
-    for (int64_t c = team.lane(); c < d; c += Team::size) later[c] = current[c] = A(0);
-    for (int64_t t = length - 1; t >= 0; --t) {
-      const bool window_end = (t + 1) % span == 0;
-      if (window_end) {
-        CONVREC_SIMD
-        for (int64_t c = team.lane(); c < d; c += Team::size) {
-          later[c] += current[c];
-          current[c] = A(0);
-        }
-      }
-      const A count = A(t / span + 1), with_later = window_end ? A(1) : A(0);
-      const T* g = grad_user + (b * length + t) * d;
-      T* out = grad_last + (b * length + t) * d;
-      CONVREC_SIMD
-      for (int64_t c = team.lane(); c < d; c += Team::size) {
-        const A own = static_cast<A>(g[c]) / count;
-        current[c] += own;
-        out[c] = static_cast<T>(own + with_later * later[c]);
-      }
-    }
+    for (int64_t c = team.lane(); c < d; c += Team::size)
+      out[c] = static_cast<T>(static_cast<A>(g[c]) / count + with_later * l[c]);
   }
 };
 

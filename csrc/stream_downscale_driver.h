@@ -140,8 +140,13 @@ StreamForwardOut stream_forward_levels(Dev& dev, const StreamGeometry& sg, const
     input = out;
     residual = res_pooled;
   }
+  const int64_t windows = (length + sg.span - 1) / sg.span;
+  Tensor closed_sums = torch::stable::new_empty(x, {batch, windows, d}, acc_type(x.scalar_type()));
+  A* sums = ptr<A>(closed_sums);
+  dev.rows(batch, d, StreamClosedSumsRow<T, A>{length, sg.span, windows, d, ptr<T>(input), sums});
   Tensor user = torch::stable::new_empty(x, {batch, length, d});
-  dev.rows(batch, d, StreamUserRow<T, A>{length, sg.span, d, ptr<T>(input), ptr<T>(user)});
+  dev.rows(rows, d,
+           StreamUserRow<T, A>{length, sg.span, windows, d, ptr<T>(input), sums, ptr<T>(user)});
   return {user, saved};
 }
 
@@ -157,7 +162,15 @@ StreamBackwardOut stream_backward_levels(Dev& dev, const StreamGeometry& sg, con
   const T* w = ptr<T>(p.packed);
   Tensor grad_params = torch::stable::new_empty(ref, {ref.size(0)});
   Tensor direct = torch::stable::new_empty(ref, {batch, length, d});
-  dev.rows(batch, d, StreamUserGradRow<T, A>{length, sg.span, d, ptr<T>(grad), ptr<T>(direct)});
+  const int64_t windows = (length + sg.span - 1) / sg.span;
+  Tensor window_grads = torch::stable::new_empty(ref, {batch, windows, d}, acc);
+  A* later = ptr<A>(window_grads);
+  dev.rows(batch * windows, d,
+           StreamUserWindowSumsRow<T, A>{length, sg.span, windows, d, ptr<T>(grad), later});
+  dev.rows(batch, d, StreamLaterWindowsRow<A>{windows, d, later});
+  dev.rows(rows, d,
+           StreamUserGradRow<T, A>{length, sg.span, windows, d, ptr<T>(grad), later,
+                                   ptr<T>(direct)});
   StreamGrads<T, A> after{sg.levels[m - 1], ptr<T>(direct), nullptr, nullptr};
   Tensor after_terms, after_res, after_finals;  // keep level l + 1's gradients alive
   for (int64_t l = m - 1; l >= 0; --l) {
