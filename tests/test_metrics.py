@@ -7,9 +7,13 @@ import math
 import pytest
 import torch
 
+from convrec import ConvRec
 from convrec.baselines.popularity import Popularity
+from convrec.baselines.sasrec import SASRec
 from convrec.data.dataset import Event, build_dataset
+from convrec.data.synthetic import synthetic_dataset
 from convrec.evaluation import evaluate, format_metrics, rank_of_target, ranking_metrics
+from convrec.evaluation.protocols import PROTOCOLS
 
 
 def test_ranks_count_ties_against_the_model() -> None:
@@ -63,3 +67,26 @@ def test_sampled_protocol_uses_given_negatives() -> None:
     # a: target 3 vs {4, 5}: rank 2. b: target 6 vs {1, 2}: rank 0.
     assert result["sampled/HR@1"] == pytest.approx(0.5)
     assert result["sampled/MRR"] == pytest.approx((1 / 3 + 1) / 2)
+
+
+@pytest.mark.parametrize("kind", ["convrec", "streaming", "sasrec", "popularity"])
+def test_both_protocols_rank_as_each_alone(kind: str) -> None:
+    """Evaluated together, the sampled protocol reads its candidates' columns of the all-items
+    scores (one encoding per batch); its ranks equal those of scoring the candidates on their
+    own, and the full protocol's are unchanged. Float64 models with random weights, so no
+    ranking rests on a near tie."""
+    data = synthetic_dataset(num_users=40, num_items=600, mean_length=8, max_length=20, seed=3)
+    torch.manual_seed(0)
+    if kind == "popularity":
+        model = Popularity(torch.rand(data.num_items + 1, dtype=torch.float64))
+    elif kind == "sasrec":
+        model = SASRec(data.num_items, 16, max_len=10)
+    else:
+        model = ConvRec(data.num_items, 16, [(2, 2), (5, 5)], streaming=kind == "streaming")
+    model = model.double()
+    alone = {}
+    for protocol in PROTOCOLS:
+        alone |= evaluate(model, data, "test", (protocol,), max_len=10, batch_size=16)
+    together = evaluate(model, data, "test", PROTOCOLS, max_len=10, batch_size=16)
+    assert together == alone
+    assert alone["sampled/MRR"] != alone["full/MRR"]  # two protocols, not one read twice

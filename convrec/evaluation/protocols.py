@@ -107,14 +107,19 @@ def _batch_ranks(
     history_cuts: np.ndarray | None = None,
 ) -> dict[str, Tensor]:
     """Ranks of the targets at ``cuts``, each scored from the items before its cut, or before
-    ``history_cuts`` when given (a diagnostic: how much the newest items count)."""
+    ``history_cuts`` when given (a diagnostic: how much the newest items count).
+
+    With both protocols the histories are encoded once: the sampled candidates' scores are
+    their columns of the all-items scores (the same dot products; a model that gives
+    candidates the target's date is scored under the sampled protocol alone)."""
     ids, times = index.histories(users, cuts if history_cuts is None else history_cuts, max_len)
     ids_t = torch.from_numpy(ids).to(device)
     times_t = torch.from_numpy(times).to(device) if _uses_time(model) else None
     targets = torch.from_numpy(index.targets(users, cuts)).to(device)
     ranks = {}
+    all_scores = None
     if "full" in protocols:
-        scores = model.score(ids_t, timestamps=times_t)
+        all_scores = scores = model.score(ids_t, timestamps=times_t)
         target_scores = scores.gather(1, targets[:, None]).squeeze(1)
         seen = torch.from_numpy(index.seen(users, cuts)).to(device)
         scores = scores.scatter(1, seen, float("-inf"))
@@ -129,7 +134,10 @@ def _batch_ranks(
             extra["target_timestamps"] = torch.from_numpy(index.target_times(users, cuts)).to(
                 device
             )
-        scores = model.score(ids_t, candidates, timestamps=times_t, **extra)
+        if all_scores is not None:
+            scores = all_scores.gather(1, candidates)
+        else:
+            scores = model.score(ids_t, candidates, timestamps=times_t, **extra)
         ranks["sampled"] = rank_of_target(scores[:, 0], scores[:, 1:])
     return ranks
 
