@@ -46,7 +46,9 @@ def evaluate(
     """Metrics keyed ``"<protocol>/<metric>"`` (e.g. ``"full/NDCG@10"``) on the ``split`` targets.
 
     ``model`` needs ``score(item_ids, candidates=None, timestamps=None)`` (all ConvRec models,
-    baselines and ``Popularity``). Histories hold the last ``max_len`` items before the target.
+    baselines and ``Popularity``), whose candidate scores are its all-items scores at those
+    columns: with both protocols each batch is scored once, over all items. Histories hold the
+    last ``max_len`` items before the target.
     Under ``torch.distributed`` each process scores every world-size-th batch of the same
     batching and the ranks are gathered, so every process returns exactly the metrics of a
     single-process evaluation.
