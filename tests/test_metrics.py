@@ -13,6 +13,7 @@ from convrec.baselines.sasrec import SASRec
 from convrec.data.dataset import Event, build_dataset
 from convrec.data.synthetic import synthetic_dataset
 from convrec.evaluation import evaluate, format_metrics, rank_of_target, ranking_metrics
+from convrec.evaluation.metrics import rank_excluding
 from convrec.evaluation.protocols import PROTOCOLS
 
 
@@ -90,3 +91,27 @@ def test_both_protocols_rank_as_each_alone(kind: str) -> None:
     together = evaluate(model, data, "test", PROTOCOLS, max_len=10, batch_size=16)
     assert together == alone
     assert alone["sampled/MRR"] != alone["full/MRR"]  # two protocols, not one read twice
+
+
+def test_rank_excluding_equals_ranking_without_those_columns() -> None:
+    """Against removing the excluded columns and ranking the rest: integer scores (many ties,
+    some with excluded columns), repeated ids, the target among them more than once."""
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 6, (50, 40), generator=g).double()
+    targets = torch.randint(0, 40, (50,), generator=g)
+    excluded = torch.cat(
+        [torch.randint(0, 40, (50, 12), generator=g), targets[:, None], targets[:, None]], dim=1
+    )
+    target_scores = scores.gather(1, targets[:, None]).squeeze(1)
+    expected = []
+    for row in range(50):
+        keep = torch.ones(40, dtype=torch.bool)
+        keep[excluded[row]] = False
+        expected.append(rank_of_target(target_scores[row : row + 1], scores[row : row + 1, keep]))
+    assert rank_excluding(scores, target_scores, excluded).tolist() == torch.cat(expected).tolist()
+    inf = scores.clone()
+    inf[0, 0], inf[0, 1] = float("inf"), float("-inf")  # a row summing to NaN holds no NaN
+    assert rank_excluding(inf, target_scores, excluded)[0] >= 0
+    scores[3, 7] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        rank_excluding(scores, target_scores, excluded)

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from convrec.data.dataset import SequenceDataset
 from convrec.data.splits import SequenceIndex, sampled_negatives
-from convrec.evaluation.metrics import rank_of_target, ranking_metrics
+from convrec.evaluation.metrics import rank_excluding, rank_of_target, ranking_metrics
 
 PROTOCOLS = ("full", "sampled")
 NEGATIVES_SEED = 12345
@@ -119,26 +119,24 @@ def _batch_ranks(
     times_t = torch.from_numpy(times).to(device) if _uses_time(model) else None
     targets = torch.from_numpy(index.targets(users, cuts)).to(device)
     ranks = {}
-    all_scores = None
+    all_items = None
     if "full" in protocols:
-        all_scores = scores = model.score(ids_t, timestamps=times_t)
-        target_scores = scores.gather(1, targets[:, None]).squeeze(1)
+        all_items = model.score(ids_t, timestamps=times_t)
+        target_scores = all_items.gather(1, targets[:, None]).squeeze(1)
         seen = torch.from_numpy(index.seen(users, cuts)).to(device)
-        scores = scores.scatter(1, seen, float("-inf"))
-        scores = scores.scatter(1, targets[:, None], float("-inf"))  # not its own rival
-        scores[:, 0] = float("-inf")
-        ranks["full"] = rank_of_target(target_scores, scores)
+        padding = torch.zeros_like(targets)[:, None]  # column 0 ranks nothing either
+        excluded = torch.cat([seen, targets[:, None], padding], dim=1)  # not its own rival
+        ranks["full"] = rank_excluding(all_items, target_scores, excluded)
     if "sampled" in protocols:
         negs = torch.from_numpy(negatives[users]).to(device)
         candidates = torch.cat([targets[:, None], negs], dim=1)
-        extra = {}
-        if _leaks_target_date(model):
-            extra["target_timestamps"] = torch.from_numpy(index.target_times(users, cuts)).to(
-                device
-            )
-        if all_scores is not None:
-            scores = all_scores.gather(1, candidates)
+        if all_items is not None:
+            scores = all_items.gather(1, candidates)
         else:
+            extra = {}
+            if _leaks_target_date(model):
+                times = index.target_times(users, cuts)
+                extra["target_timestamps"] = torch.from_numpy(times).to(device)
             scores = model.score(ids_t, candidates, timestamps=times_t, **extra)
         ranks["sampled"] = rank_of_target(scores[:, 0], scores[:, 1:])
     return ranks
