@@ -11,9 +11,8 @@ import pytest
 import torch
 
 from convrec import ConvRec, ConvRecEncoder
-from convrec.ops import dispatch, downscale, gather_embed
+from convrec.ops import conv_pool, dispatch, downscale
 from convrec.ops.dispatch import IMPLEMENTATIONS, extension_status, resolve
-from convrec.ops.item_tables import ItemTables
 
 CPU = torch.device("cpu")
 SIMULATED = "the C++ extension convrec._C is not built (simulated)"
@@ -35,11 +34,12 @@ def test_cuda_backend_refuses_cpu_tensors() -> None:
 
 
 def test_a_backend_the_op_lacks_runs_its_reference() -> None:
-    """ "cpp" names the extension, which only downscale has: the gather runs its reference."""
-    assert resolve("gather_embed", "cpp", CPU) == "reference"
-    ids, table = torch.tensor([[0, 2, 1]]), torch.randn(3, 4)
-    tables = ItemTables(table)
-    torch.testing.assert_close(gather_embed(ids, tables, backend="cpp"), gather_embed(ids, tables))
+    """ "cpp" names the extension, which conv_pool (Triton only) lacks: it runs its reference."""
+    assert resolve("conv_pool", "cpp", CPU) == "reference"
+    x, weight = torch.randn(2, 6, 4), torch.randn(4, 4, 3)
+    expected = conv_pool(x, x, weight, None, 3, 1)
+    for got, want in zip(conv_pool(x, x, weight, None, 3, 1, backend="cpp"), expected, strict=True):
+        torch.testing.assert_close(got, want)
 
 
 def test_cpp_backend_matches_extension_status() -> None:
@@ -65,11 +65,11 @@ def test_missing_extension_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_auto_never_warns_where_no_fast_path_serves_the_device() -> None:
-    """The gather has no CPU fast path (the Triton interpreter is for tests): nothing to miss."""
+    """conv_pool has no CPU fast path (the Triton interpreter is for tests): nothing to miss."""
     dispatch.warn_once.cache_clear()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert resolve("gather_embed", "auto", CPU) == "reference"
+        assert resolve("conv_pool", "auto", CPU) == "reference"
 
 
 def test_downscale_auto_equals_reference() -> None:

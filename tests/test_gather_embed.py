@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from convrec.ops import attribute_bags, gather_embed
+from convrec.ops.dispatch import extension_status
 from convrec.ops.gather_embed import rows_at
 from convrec.ops.item_tables import ItemTables, csr_from_lists
 from tests.helpers import (
@@ -267,3 +268,67 @@ def test_rows_at_is_indexing_with_its_gradient() -> None:
     assert torch.equal(got, expected)
     torch.testing.assert_close(got_grad, expected_grad, rtol=1e-15, atol=1e-15)
     assert got_grad[3].abs().sum() > 0 and got_grad[2].abs().sum() == 0
+
+
+requires_extension = pytest.mark.skipif(
+    extension_status() is not None, reason=str(extension_status())
+)
+
+
+@requires_extension
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("attributes", [True, False])
+def test_cpp_gather_matches_reference(dtype, attributes) -> None:
+    """The extension's gather (``embedding_rows`` + ``bags_of_rows``) against the reference:
+    values and both tables' gradients, repeated ids, items without attributes, padding."""
+    offsets, attr_ids, _ = random_catalogue(50, 11, 4, "cpu")
+    inputs = dict(
+        ids=histories(3, 35, 50, "cpu"),
+        item_table=torch.randn(51, 12),
+        attr_table=torch.randn(11, 12) if attributes else None,
+        offsets=offsets,
+        attr_ids=attr_ids,
+    )
+    inputs["mask"] = inputs["ids"] != 0
+    inputs = {k: v for k, v in inputs.items() if v is not None}
+    wrt = ["item_table", "attr_table"] if attributes else ["item_table"]
+    compare_backends(
+        lambda backend, **t: _gather(backend, **{"attr_table": None, **t}),
+        inputs,
+        wrt,
+        dtype,
+        backend="cpp",
+    )
+
+
+@requires_extension
+def test_cpp_gather_views_masks_and_id_shapes(attribute_lists) -> None:
+    """Non-contiguous ids and tables, int32 attribute ids, a mask that keeps padding and drops
+    real items, 1-D ids: the same rows as the reference."""
+    offsets, attr_ids = csr_from_lists(attribute_lists)
+    wide = torch.randn(31, 20, dtype=torch.float64)
+    ids = torch.randint(0, 31, (13, 4)).T
+    mask = torch.rand(4, 13) > 0.3
+    inputs = dict(
+        ids=ids,
+        item_table=wide[:, 2:10],
+        attr_table=torch.randn(8, 9, dtype=torch.float64).T,
+        offsets=offsets,
+        attr_ids=attr_ids.to(torch.int32),
+        mask=mask,
+    )
+    compare_backends(_gather, inputs, ["item_table", "attr_table"], torch.float64, "cpp")
+    flat = torch.tensor([3, 0, 7])
+    torch.testing.assert_close(
+        gather_embed(flat, ItemTables(wide[:, :8]), None, "cpp"),
+        wide[flat, :8] * (flat != 0)[:, None],
+    )
+
+
+@requires_extension
+def test_cpp_gather_rejects_bad_ids() -> None:
+    table = torch.randn(3, 4)
+    with pytest.raises(ValueError, match="item_ids"):
+        gather_embed(torch.tensor([[1, 7]]), ItemTables(table), backend="cpp")
+    with pytest.raises(ValueError, match="item_ids"):
+        gather_embed(torch.tensor([[1, -2]]), ItemTables(table), backend="cpp")

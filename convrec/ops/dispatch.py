@@ -35,7 +35,7 @@ BACKENDS = ("auto", "reference", "triton", "cpp", "cuda")
 
 # The fast paths of each public op, in the order "auto" tries them.
 IMPLEMENTATIONS: dict[str, tuple[str, ...]] = {
-    "gather_embed": ("triton",),
+    "gather_embed": ("triton", "cpp"),
     "conv_pool": ("triton",),
     "embed_conv_pool": ("triton",),
     "downscale": ("cuda", "cpp", "triton"),
