@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from convrec import ConvRec, ConvRecEncoder
+from convrec.model import length_groups
 from convrec.ops.dispatch import extension_status
 from convrec.ops.downscale import level_mix
 from convrec.ops.stream_downscale import (
@@ -225,6 +226,41 @@ def test_streaming_model_scores_every_position_as_its_prefix(attribute_lists) ->
             torch.testing.assert_close(every[row], model.score(prefix)[0], rtol=0, atol=1e-10)
             row += 1
     assert row == every.shape[0] == int((ids != 0).sum())
+
+
+@pytest.mark.parametrize("newest_last", [False, True])
+def test_length_groups_give_the_one_pass_result(newest_last) -> None:
+    """On the CPU, rows of very different lengths run in separate passes cut to their longest
+    history (``length_groups``): the same vectors and parameter gradients as one pass over the
+    whole batch (float64, training mode without dropout), an empty row staying zero."""
+    model = ConvRec(
+        40, d_model=8, levels=[(2, 2), (3, 3)], dropout=0.0, mask_aware=True,
+        readouts=["last_item_skip"], streaming=True, newest_last=newest_last,
+    )  # fmt: skip
+    model = randomise(model.double()).train()
+    lengths = [14, 2, 5, 9, 0, 1, 7, 13, 3]
+    ids = torch.zeros(len(lengths), 14, dtype=torch.long)
+    for row, length in enumerate(lengths):
+        if length:
+            ids[row, -length:] = torch.randint(1, 41, (length,))
+    mask = ids != 0
+    groups = length_groups(mask)
+    assert len(groups) == 4
+    rows = torch.cat([r for r, _ in groups]).sort().values
+    assert rows.tolist() == [r for r, n in enumerate(lengths) if n]  # each real row once
+    for group_rows, kept in groups:
+        assert kept == max(lengths[r] for r in group_rows.tolist())
+    grouped = model._encode_positions(ids, mask, None)
+    one_pass = model._encode_window_positions(ids, mask, None)
+    torch.testing.assert_close(grouped, one_pass, rtol=0, atol=1e-12)
+    assert torch.equal(grouped[4], torch.zeros_like(grouped[4]))
+    params = list(model.parameters())
+    got = torch.autograd.grad(grouped.square().sum(), params, allow_unused=True)
+    want = torch.autograd.grad(one_pass.square().sum(), params, allow_unused=True)
+    for g, w in zip(got, want, strict=True):
+        assert (g is None) == (w is None)
+        if g is not None:
+            torch.testing.assert_close(g, w, rtol=0, atol=1e-10)
 
 
 def test_streaming_encoder_push_equals_forward() -> None:
