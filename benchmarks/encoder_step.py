@@ -9,8 +9,9 @@ Series: ``ConvRecEncoder.for_length(L, D)`` on each backend ("reference", "trito
 ``convrec train --compile`` runs it), and SASRec's 2-block ``TransformerEncoder`` with
 ``scaled_dot_product_attention`` ("sasrec-sdpa": FlashAttention on a GPU), and the streaming
 encoder's all-positions pass on a backend ("streaming-<backend>": ``forward_positions``, the
-user vector after every position, what ``all-positions`` training runs;
-"streaming-newest-last-<backend>" is that pass with ``newest_last=True``). Inputs (B, L, D)
+user vector after every position, what ``all-positions`` training runs, in the in-place layout;
+"streaming-newest-last-<backend>" is that pass with ``newest_last=True``, the streaming
+default). Inputs (B, L, D)
 and weights in the dtype, dropout 0.1, loss = mean of the squared outputs. Times are medians of
 CUDA-event (or wall-clock) timings after warm-up; peak memory is the allocator's peak (GPU only).
 The memory floor is the time to move 3·B·L·D elements at the measured copy rate (a

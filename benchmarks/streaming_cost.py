@@ -1,9 +1,10 @@
 """What one new event costs a recommender that already served the user's history, side by side:
 
-- streaming ConvRec: ``ConvRecEncoder(streaming=True).push`` on the user's state, eager and
-  under ``torch.compile`` (how a server would run it: the eager push is a few dozen small ops
-  per level, so its time is mostly per-op overhead); "newest-last push" the compiled push with
-  ``newest_last=True`` (the state also keeps each open window's items);
+- streaming ConvRec: ``ConvRecEncoder(streaming=True, newest_last=False).push`` (the in-place
+  layout) on the user's state, eager and under ``torch.compile`` (how a server would run it:
+  the eager push is a few dozen small ops per level, so its time is mostly per-op overhead);
+  "newest-last push" the compiled push with ``newest_last=True``, the streaming default (the
+  state also keeps each open window's terms by shift);
 - full ConvRec recompute: ``ConvRecEncoder.forward`` over the whole history again (windows
   anchored at the newest item shift with every event, so nothing can be reused);
 - SASRec with a KV cache: the new position's query, key and value in each of 2 blocks, its

@@ -137,11 +137,11 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--newest-last",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
         default=s,
         help="streaming: each level's open window holds the items that have arrived in its "
-        "last slots, so the newest meets the last kernel offset (the push state grows by k "
-        "vectors per level)",
+        "last slots, so the newest meets the last kernel offset (default for --streaming; "
+        "--no-newest-last keeps them in place, a push state k vectors per level smaller)",
     )
     p.add_argument(
         "--no-attributes",

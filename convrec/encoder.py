@@ -80,10 +80,12 @@ class ConvRecEncoder(UsesBackend, nn.Module):
     code's fixed-at-construction padding) and rejects longer ones. ``streaming=True`` anchors
     the windows at the first event instead of the newest (``ops.stream_downscale``; every level
     needs kernel = stride): ``forward_positions`` then gives the user vector after every
-    position in one pass and ``push`` updates users one event at a time; with
-    ``newest_last=True`` each level's open window holds the items that have arrived in its last
-    slots, so the newest meets the last kernel offset (its ``push`` state also keeps each open
-    window's terms summed by shift: ``ops.stream_downscale``).
+    position in one pass and ``push`` updates users one event at a time. ``newest_last``
+    (default: on for a streaming stack) gives each level's open window the items that have
+    arrived in its last slots, so the newest meets the last kernel offset (its ``push`` state
+    also keeps each open window's terms summed by shift: ``ops.stream_downscale``);
+    ``newest_last=False`` keeps them in their anchored slots (the in-place layout, a smaller
+    state; it trails on LastFM, ``benchmarks/results/streaming_cpu/accuracy.md``).
     ``backend`` names the
     implementation of ``ops.downscale`` (``convrec.ops.dispatch``; change it with
     ``convrec.ops.dispatch.set_backend``). ``paper_norm=True`` normalises every level as the
@@ -108,7 +110,7 @@ class ConvRecEncoder(UsesBackend, nn.Module):
         check_inputs: bool = False,
         streaming: bool = False,
         paper_norm: bool = False,
-        newest_last: bool = False,
+        newest_last: bool | None = None,
     ) -> None:
         super().__init__()
         if d_model < 1:
@@ -123,6 +125,8 @@ class ConvRecEncoder(UsesBackend, nn.Module):
         self.d_model, self.heads, self.dropout = d_model, heads, dropout
         self.mask_aware, self.fixed_length = mask_aware, fixed_length
         self.check_inputs, self.paper_norm = check_inputs, paper_norm
+        if newest_last is None:  # a streaming stack's default layout
+            newest_last = streaming
         self.streaming, self.newest_last = streaming, newest_last
         if newest_last and not streaming:
             raise ValueError("newest_last lays out a streaming stack's open windows: set streaming")

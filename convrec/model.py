@@ -40,7 +40,8 @@ class ConvRec(UsesBackend, SequentialRecommender):
     "last_item_transition")``. ``streaming=True`` anchors the levels' windows at the first event
     (``ConvRecEncoder(streaming=True)``), so one forward scores the next item at every position
     (``score_positions``, training with ``all-positions``) and the encoder's ``push`` updates a
-    user per event; readouts must read only the newest item.
+    user per event; readouts must read only the newest item. ``newest_last`` lays out the open
+    windows (``ConvRecEncoder``; default on for streaming models).
 
     ``backend`` (``convrec.ops.dispatch``; ``set_backend`` changes it) "triton" runs the item gather
     fused into level 1 (``ops.embed_conv_pool``) and the other levels and candidate vectors on
@@ -68,7 +69,7 @@ class ConvRec(UsesBackend, SequentialRecommender):
         input_dropout: float = 0.0,
         readouts: Sequence[str] = (),
         streaming: bool = False,
-        newest_last: bool = False,
+        newest_last: bool | None = None,
         faithful: bool = False,
         max_len: int | None = None,
         backend: str = "auto",

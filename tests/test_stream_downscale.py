@@ -158,6 +158,28 @@ def test_newest_last_needs_streaming() -> None:
         ConvRecEncoder(8, [(2, 2)], newest_last=True)
 
 
+def test_newest_last_is_the_streaming_default() -> None:
+    """Left unset, a streaming stack lays its open windows out newest-last (the layout that
+    validation chose, ``streaming_cpu/accuracy.md``); other stacks have no open windows."""
+    assert ConvRec(30, 8, [(2, 2)], streaming=True).encoder.newest_last is True
+    assert ConvRecEncoder(8, [(2, 2)], streaming=True, newest_last=False).newest_last is False
+    assert ConvRec(30, 8, [(2, 2)]).encoder.newest_last is False
+
+
+def test_a_spec_without_newest_last_keeps_the_in_place_layout() -> None:
+    """Checkpoints written when the in-place layout was the default store no newest_last (or
+    None): rebuilt, they keep it; a spec that names it is followed."""
+    from convrec.registry import build_model
+
+    spec = {"kind": "convrec", "attr_offsets": None, "attr_ids": None}
+    kwargs = dict(num_items=30, d_model=8, levels=[[2, 2]], streaming=True)
+    assert build_model(spec | {"kwargs": kwargs}).encoder.newest_last is False
+    old = kwargs | {"newest_last": None}
+    assert build_model(spec | {"kwargs": old}).encoder.newest_last is False
+    named = kwargs | {"newest_last": True}
+    assert build_model(spec | {"kwargs": named}).encoder.newest_last is True
+
+
 def _keep(new, old, live):
     """Rows that had no event left keep their state (lists hold one tensor per level)."""
     if isinstance(new, list):
@@ -294,6 +316,7 @@ def test_streaming_refuses_what_it_cannot_follow() -> None:
 
 
 def test_streaming_training_runs_all_positions(tmp_path) -> None:
+    from convrec.checkpoint_file import load_checkpoint
     from convrec.training import TrainConfig, train
 
     tiny = {"num_users": 80, "num_items": 200, "mean_length": 10, "max_length": 30, "seed": 2}
@@ -303,8 +326,10 @@ def test_streaming_training_runs_all_positions(tmp_path) -> None:
     )  # fmt: skip
     summary = train(config, tmp_path, progress=False, echo=lambda _m: None)
     assert summary["epochs_trained"] == 1 and 0 <= summary["test"]["full/NDCG@10"] <= 1
-    newest_last = dataclasses.replace(config, newest_last=True, backend="auto")
-    summary = train(newest_last, tmp_path / "newest_last", progress=False, echo=lambda _m: None)
+    saved = load_checkpoint(tmp_path / "best.pt")  # the default layout, stored resolved
+    assert saved["config"]["newest_last"] is saved["model_spec"]["kwargs"]["newest_last"] is True
+    in_place = dataclasses.replace(config, newest_last=False, backend="auto")
+    summary = train(in_place, tmp_path / "in_place", progress=False, echo=lambda _m: None)
     assert summary["epochs_trained"] == 1 and 0 <= summary["test"]["full/NDCG@10"] <= 1
 
 

@@ -202,6 +202,9 @@ def test_config_validation() -> None:
         TrainConfig(model="sasrec", train_sampling="all-positions", window_step=60).check()
     with pytest.raises(ValueError, match="newest_last lays out a streaming model's open window"):
         TrainConfig(newest_last=True).check()
+    # unset, it resolves to the streaming default, so checkpoints store a bool
+    assert TrainConfig(streaming=True, train_sampling="all-positions").check().newest_last is True
+    assert TrainConfig().check().newest_last is False
 
 
 @pytest.mark.slow
@@ -270,3 +273,16 @@ print([cycle() for _ in range(8)])
         faults[mode] = json.loads(done.stdout)[2:]  # after two cycles of warm-up
     assert sum(faults["plain"]) > 6 * 30_000  # 144 MiB = 36,864 pages faulted per cycle
     assert sum(faults["keep"]) < sum(faults["plain"]) / 3, faults
+
+
+def test_resuming_a_run_saved_before_newest_last_existed() -> None:
+    """A saved configuration without ``newest_last`` used the in-place layout: resuming it
+    with ``--no-newest-last`` is allowed; with the new default it is refused by name."""
+    from convrec.training.trainer import _check_resumable
+
+    base = dict(streaming=True, train_sampling="all-positions", data="synthetic")
+    saved = TrainConfig(**base).check().to_dict()
+    del saved["newest_last"]
+    _check_resumable(saved, TrainConfig(**base, newest_last=False).check())
+    with pytest.raises(ValueError, match="newest_last: False -> True"):
+        _check_resumable(saved, TrainConfig(**base).check())

@@ -55,7 +55,8 @@ class TrainConfig:
     input_dropout: float = 0.0  # convrec: on the history item vectors (sasrec: = dropout)
     readouts: list[str] = field(default_factory=list)  # convrec: names in convrec.readouts
     streaming: bool = False  # convrec: windows anchored at the first event (all-positions)
-    newest_last: bool = False  # streaming: open windows hold their items in their last slots
+    newest_last: bool | None = None  # streaming: open windows' items in their last slots
+    # (None: True for streaming models, which resolve it in check(); False otherwise)
     mask_aware: bool = False
     faithful: bool = False
     leak_target_date: bool = False  # faithful: candidates get the target's date (a leak)
@@ -186,6 +187,8 @@ class TrainConfig:
         if self.newest_last and not self.streaming:
             message = "newest_last lays out a streaming model's open windows: set streaming"
             raise ConfigError("newest_last", message)
+        if self.newest_last is None:
+            self.newest_last = self.streaming
         if self.input_dropout and self.model != "convrec":
             raise ConfigError(
                 "input_dropout",

@@ -239,7 +239,8 @@ def _resolved(path: str | None) -> str | None:
 def _check_resumable(saved: dict, config: TrainConfig) -> None:
     """A setting the saved run lacks (added to ``TrainConfig`` since) had its default then."""
     now = config.to_dict()
-    saved = TrainConfig().to_dict() | upgrade_flags(saved)
+    # newest_last: runs saved before it was a setting used the in-place layout
+    saved = TrainConfig().to_dict() | {"newest_last": False} | upgrade_flags(saved)
     for key in ("data", "timestamps"):  # runs saved before paths were stored resolved
         saved[key] = _resolved(saved[key])
     changed = [k for k in now if k not in RESUMABLE_CHANGES and saved[k] != now[k]]
