@@ -380,7 +380,7 @@ def stream_push(
     state (``stream_state`` with ``kept_rows``) keeps the closed elements' terms summed per
     shift m (``StreamState.kept``); the open element at place s reads the sum at shift
     k - 1 - s, and an element closing at place s adds its term at offset m + s to each shift
-    m, the same k products per level as the default layout.
+    m, the same k products per level as the in-place layout.
     """
     check_stream_levels(params, strides)
     t, rows = state.events, torch.arange(x.shape[0], device=x.device)
