@@ -108,6 +108,13 @@ GATHER_SHAPES_CUDA = [(1, 1, 64), (3, 97, 64), (256, 512, 256)]
 @pytest.mark.parametrize("attributes", [True, False])
 def test_triton_gather_matches_reference(device, dtype, shape, attributes) -> None:
     batch, length, width = (GATHER_SHAPES_CUDA if device == "cuda" else GATHER_SHAPES_CPU)[shape]
+    _compare_random_gather("triton", device, dtype, (batch, length, width), attributes)
+
+
+def _compare_random_gather(backend, device, dtype, shape, attributes) -> None:
+    """``backend`` against the reference on random histories (B, L) of a 50-item catalogue
+    with width-D tables: values and the tables' gradients (``compare_backends``)."""
+    batch, length, width = shape
     offsets, attr_ids, _ = random_catalogue(50, 11, 4, device)
     inputs = dict(
         ids=histories(batch, length, 50, device),
@@ -120,7 +127,11 @@ def test_triton_gather_matches_reference(device, dtype, shape, attributes) -> No
     inputs = {k: v for k, v in inputs.items() if v is not None}
     wrt = ["item_table", "attr_table"] if attributes else ["item_table"]
     compare_backends(
-        lambda backend, **t: _gather(backend, **{"attr_table": None, **t}), inputs, wrt, dtype
+        lambda backend, **t: _gather(backend, **{"attr_table": None, **t}),
+        inputs,
+        wrt,
+        dtype,
+        backend,
     )
 
 
@@ -281,24 +292,7 @@ requires_extension = pytest.mark.skipif(
 def test_cpp_gather_matches_reference(dtype, attributes) -> None:
     """The extension's gather (``embedding_rows`` + ``bags_of_rows``) against the reference:
     values and both tables' gradients, repeated ids, items without attributes, padding."""
-    offsets, attr_ids, _ = random_catalogue(50, 11, 4, "cpu")
-    inputs = dict(
-        ids=histories(3, 35, 50, "cpu"),
-        item_table=torch.randn(51, 12),
-        attr_table=torch.randn(11, 12) if attributes else None,
-        offsets=offsets,
-        attr_ids=attr_ids,
-    )
-    inputs["mask"] = inputs["ids"] != 0
-    inputs = {k: v for k, v in inputs.items() if v is not None}
-    wrt = ["item_table", "attr_table"] if attributes else ["item_table"]
-    compare_backends(
-        lambda backend, **t: _gather(backend, **{"attr_table": None, **t}),
-        inputs,
-        wrt,
-        dtype,
-        backend="cpp",
-    )
+    _compare_random_gather("cpp", "cpu", dtype, (3, 35, 12), attributes)
 
 
 @requires_extension
