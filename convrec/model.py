@@ -192,16 +192,19 @@ class ConvRec(UsesBackend, SequentialRecommender):
         """Streaming models: (B, L, D), slot t the user vector of the history up to t, every
         readout (all read the newest item) applied at each slot; one pass over the history.
 
-        On the CPU, rows of very different lengths run in up to four passes (``length_groups``),
-        each over its rows cut to their longest history: anchored at the first event, a row's
-        vectors do not depend on the padding before it, so the result is the one pass's (a
-        batch of Beauty's windows pads four fifths of its slots)."""
+        On the CPU, outside ``torch.compile``, rows of very different lengths run in up to four
+        passes (``length_groups``), each over its rows cut to their longest history: anchored
+        at the first event, a row's vectors do not depend on the padding before it, so the
+        result is the one pass's (a batch of Beauty's windows pads four fifths of its slots)."""
         if not self.encoder.streaming:
             raise TypeError(
                 "ConvRec encodes a history into one vector, not one per position: build it "
                 "with streaming=True, or train with train_sampling='all-prefixes' or 'random-cut'"
             )
-        groups = length_groups(mask) if item_ids.device.type == "cpu" else []
+        # not under torch.compile, whose step keeps static shapes (a group's length would
+        # compile again)
+        grouping = item_ids.device.type == "cpu" and not torch.compiler.is_compiling()
+        groups = length_groups(mask) if grouping else []
         if len(groups) < 2:
             return self._encode_window_positions(item_ids, mask, timestamps)
         out = None

@@ -285,6 +285,21 @@ def test_length_groups_give_the_one_pass_result(newest_last) -> None:
             torch.testing.assert_close(g, w, rtol=0, atol=1e-10)
 
 
+def test_length_groups_stay_out_of_torch_compile() -> None:
+    """Under ``torch.compile`` (``train --compile``) the step keeps one pass of static shape:
+    grouping by length would break the graph, which ``fullgraph=True`` refuses."""
+    model = ConvRec(40, 8, [(2, 2), (3, 3)], dropout=0.0, streaming=True, backend="reference")
+    model = model.double().eval()
+    ids = torch.zeros(5, 12, dtype=torch.long)
+    for row, length in enumerate([12, 2, 5, 9, 1]):
+        ids[row, -length:] = torch.randint(1, 41, (length,))
+    mask = ids != 0
+    assert len(length_groups(mask)) > 1
+    compiled = torch.compile(lambda i, m: model._encode_positions(i, m, None), fullgraph=True)
+    one_pass = model._encode_window_positions(ids, mask, None)
+    torch.testing.assert_close(compiled(ids, mask), one_pass, rtol=0, atol=1e-12)
+
+
 def test_streaming_encoder_push_equals_forward() -> None:
     encoder = randomise(ConvRecEncoder(8, [(2, 2), (2, 2)], dropout=0.0, streaming=True)).eval()
     x = torch.randn(2, 7, 8)
