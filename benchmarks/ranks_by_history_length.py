@@ -9,8 +9,9 @@ Each checkpoint is evaluated on the data it was trained on, as ``convrec evaluat
 histories of the last ``max_len`` items, same ranks); the bucket is the number of items before
 the target, before truncation. ``--without-newest K`` scores each target from its history
 without its K newest items (still ranking against every item before the target as seen): how
-much a model draws from the newest events. Prints a Markdown table; ``--out`` also writes it
-to ``DIR/ranks_by_history_length.md``.
+much a model draws from the newest events. With two checkpoints a last column gives the second's
+per-user NDCG minus the first's, with its standard error over users. Prints a Markdown table;
+``--out`` also writes it to ``DIR/ranks_by_history_length.md``.
 """
 
 from __future__ import annotations
@@ -52,9 +53,11 @@ def ndcg_per_user(
 
 def table(runs: dict[str, str], without_newest: int = 0) -> str:
     names = list(runs)
+    paired = len(names) == 2
+    difference = [f"{names[1]} - {names[0]} (± SE over users)"] if paired else []
     lines = [
-        "| split | history length | users | " + " | ".join(names) + " |",
-        "|---|---|---|" + "---|" * len(names),
+        "| split | history length | users | " + " | ".join(names + difference) + " |",
+        "|---|---|---|" + "---|" * (len(names) + paired),
     ]
     for split in SPLITS:
         scores = {n: ndcg_per_user(path, split, without_newest) for n, path in runs.items()}
@@ -63,8 +66,18 @@ def table(runs: dict[str, str], without_newest: int = 0) -> str:
             chosen = (lengths >= low) & (lengths < (high or np.inf))
             label = "all" if (low, high) == (1, None) else f"{low}-{high - 1 if high else ''}"
             cells = " | ".join(f"{scores[n][0][chosen].mean():.4f}" for n in names)
+            if paired:
+                cells += " | " + paired_difference(*(scores[n][0][chosen] for n in names))
             lines.append(f"| {split} | {label} | {int(chosen.sum())} | {cells} |")
     return "\n".join(lines) + "\n"
+
+
+def paired_difference(first: np.ndarray, second: np.ndarray) -> str:
+    """Mean per-user difference ``second - first`` and its standard error over users: how far
+    the two models' gap on this set could move with other users' targets (seeds aside)."""
+    d = second - first
+    se = d.std(ddof=1) / np.sqrt(d.size) if d.size > 1 else float("nan")
+    return f"{d.mean():+.4f} ± {se:.4f}"
 
 
 def named_checkpoint(text: str) -> tuple[str, str]:

@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import math
+import pathlib
+
+import numpy as np
+import pytest
 import torch
 
+from benchmarks.ranks_by_history_length import paired_difference
+from benchmarks.run_summaries import markdown, run_row
 from convrec.bench.encoder_cost import compare_encoders, format_table, write_results
 from convrec.bench.measure import saved_tensor_bytes
 from convrec.cli import main
@@ -121,3 +129,39 @@ def test_all_items_loss_table(tmp_path) -> None:
     }
     table = (tmp_path / "all_items_loss.md").read_text()
     assert "| 9 | 30 |" in table and (tmp_path / "all_items_loss.png").stat().st_size > 0
+
+
+def test_ranks_by_history_length_paired_difference() -> None:
+    """The two-checkpoint column: mean of second - first per user, SE = sd / sqrt(users)."""
+    first = np.array([0.0, 1.0, 0.5, 0.0])
+    second = np.array([1.0, 1.0, 0.0, 0.5])  # differences 1, 0, -0.5, 0.5: sd sqrt(1.25 / 3)
+    assert paired_difference(first, second) == "+0.2500 ± 0.3227"
+
+
+def _fake_run(root, folder: str, valid: float, test: float) -> pathlib.Path:
+    run = root / folder
+    run.mkdir()
+    metrics = {"full/HR@10": 2 * test, "full/NDCG@10": test, "sampled/HR@10": 0.5}
+    summary = {"best_valid/full/NDCG@10": valid, "test": metrics, "epochs_trained": 12}
+    (run / "summary.json").write_text(json.dumps(summary | {"best_epoch": 2}))
+    return run
+
+
+def test_run_summaries_groups_seeds_best_validation_first(tmp_path) -> None:
+    runs = [
+        _fake_run(tmp_path, "low_s0", 0.01, 0.5),
+        _fake_run(tmp_path, "high_s1", 0.04, 0.1),
+        _fake_run(tmp_path, "high_s0", 0.02, 0.3),
+    ]
+    rows = [run_row(r) for r in runs]
+    assert rows[1]["seed"] == 1 and rows[1]["test/full/HR@10"] == 0.2
+    assert math.isnan(rows[0]["test/sampled/NDCG@10"])  # a metric the run did not compute
+    lines = markdown(rows).splitlines()
+    assert lines[2].startswith("| high | 0,1 | 0.0300 ± 0.0141 | 0.4000 ± 0.2828 | 0.2000 ± ")
+    assert lines[3].startswith("| low | 0 | 0.0100 | 1.0000 | 0.5000 | 0.5000 | n/a |")
+    (tmp_path / "bad").mkdir()
+    with pytest.raises(ValueError, match="bad: run folders are named NAME_sSEED"):
+        run_row(tmp_path / "bad")
+    (tmp_path / "open_s3").mkdir()
+    with pytest.raises(ValueError, match=r"open_s3: no summary\.json"):
+        run_row(tmp_path / "open_s3")

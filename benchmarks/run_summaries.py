@@ -1,0 +1,103 @@
+"""One table of finished training runs, grouped by setting over seeds: the tuning grids of the
+reports that were trained with plain ``convrec train`` commands rather than an accuracy plan.
+
+    python -m benchmarks.run_summaries RUNS/*_s[0-9]* --csv OUT.csv [--md OUT.md]
+
+A run folder is named ``NAME_sSEED``; runs of one NAME are one setting. Each row of the CSV is
+one run (its best validation full NDCG@10 and the test metrics of its best checkpoint, from
+``summary.json``); the Markdown table gives each setting's mean ± standard deviation over its
+seeds, best validation first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import pathlib
+import re
+import statistics
+
+from benchmarks.accuracy import _mean_std
+
+RUN_NAME = re.compile(r"(?P<name>.+)_s(?P<seed>\d+)")
+COLUMNS = (
+    "valid/full/NDCG@10",
+    "test/full/HR@10",
+    "test/full/NDCG@10",
+    "test/sampled/HR@10",
+    "test/sampled/NDCG@10",
+)
+
+
+def run_row(folder: pathlib.Path) -> dict:
+    """The folder's setting, seed, metrics and epochs; ValueError names a folder that is not a
+    finished run called ``NAME_sSEED``."""
+    match = RUN_NAME.fullmatch(folder.name)
+    if match is None:
+        raise ValueError(f"{folder}: run folders are named NAME_sSEED")
+    summary_file = folder / "summary.json"
+    if not summary_file.is_file():
+        raise ValueError(f"{folder}: no summary.json (the run has not finished)")
+    summary = json.loads(summary_file.read_text())
+    test = summary["test"]
+    return {
+        "name": match["name"],
+        "seed": int(match["seed"]),
+        "valid/full/NDCG@10": summary["best_valid/full/NDCG@10"],
+        **{c: test.get(c.removeprefix("test/"), float("nan")) for c in COLUMNS[1:]},
+        "epochs": summary["epochs_trained"],
+        "best_epoch": summary["best_epoch"],
+    }
+
+
+def _cell(values: list[float]) -> str:
+    """Mean ± sd, or n/a where a run lacks the metric (a run evaluated on full ranking only)."""
+    return "n/a" if any(math.isnan(v) for v in values) else _mean_std(values)
+
+
+def markdown(rows: list[dict]) -> str:
+    """Mean ± sd per setting over its seeds, sorted by validation, best first."""
+    names = sorted({r["name"] for r in rows})
+    groups = {
+        n: sorted((r for r in rows if r["name"] == n), key=lambda r: r["seed"]) for n in names
+    }
+    order = sorted(
+        names, key=lambda n: -statistics.mean(r["valid/full/NDCG@10"] for r in groups[n])
+    )
+    lines = [
+        "| setting | seeds | " + " | ".join(COLUMNS) + " | epochs (best) |",
+        "|---|---|" + "---|" * len(COLUMNS) + "---|",
+    ]
+    for n in order:
+        runs = groups[n]
+        cells = [_cell([r[c] for r in runs]) for c in COLUMNS]
+        epochs = ", ".join(f"{r['epochs']} ({r['best_epoch']})" for r in runs)
+        seeds = ",".join(str(r["seed"]) for r in runs)
+        lines.append(f"| {n} | {seeds} | " + " | ".join(cells) + f" | {epochs} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", type=pathlib.Path, help="run folders NAME_sSEED")
+    parser.add_argument("--csv", type=pathlib.Path, required=True, help="one row per run")
+    parser.add_argument("--md", type=pathlib.Path, help="also write the table here")
+    args = parser.parse_args()
+    try:
+        rows = sorted((run_row(f) for f in args.runs), key=lambda r: (r["name"], r["seed"]))
+    except ValueError as error:
+        parser.error(str(error))
+    with open(args.csv, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    text = markdown(rows)
+    print(text, end="")
+    if args.md is not None:
+        args.md.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
