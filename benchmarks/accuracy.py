@@ -265,7 +265,8 @@ def collect(plan: Plan, runs_root: pathlib.Path) -> list[dict]:
     return rows
 
 
-def _mean_std(values: list[float]) -> str:
+def mean_std(values: list[float]) -> str:
+    """``mean ± sample sd`` to four decimals; a single value alone (no spread to show)."""
     if len(values) == 1:
         return f"{values[0]:.4f}"
     return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
@@ -302,7 +303,7 @@ def _final_table(plan: Plan, rows: list[dict]) -> list[str]:
                 if not runs:
                     lines.append(f"| {title} | {system} | {where} | not run | | | | | | |")
                     continue
-                cells = [_mean_std([r[f"test/{protocol}/{m}"] for r in runs]) for m in METRICS]
+                cells = [mean_std([r[f"test/{protocol}/{m}"] for r in runs]) for m in METRICS]
                 epochs = ", ".join(f"{r['epochs']} ({r['best_epoch']})" for r in runs)
                 train_min = statistics.mean(r["train_seconds"] for r in runs) / 60
                 wall_min = statistics.mean(r["wall_seconds"] for r in runs) / 60

@@ -19,7 +19,7 @@ import pathlib
 import re
 import statistics
 
-from benchmarks.accuracy import _mean_std
+from benchmarks.accuracy import mean_std
 
 RUN_NAME = re.compile(r"(?P<name>.+)_s(?P<seed>\d+)")
 COLUMNS = (
@@ -54,7 +54,7 @@ def run_row(folder: pathlib.Path) -> dict:
 
 def _cell(values: list[float]) -> str:
     """Mean ± sd, or n/a where a run lacks the metric (a run evaluated on full ranking only)."""
-    return "n/a" if any(math.isnan(v) for v in values) else _mean_std(values)
+    return "n/a" if any(math.isnan(v) for v in values) else mean_std(values)
 
 
 def markdown(rows: list[dict]) -> str:
