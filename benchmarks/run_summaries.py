@@ -33,23 +33,29 @@ COLUMNS = (
 
 def run_row(folder: pathlib.Path) -> dict:
     """The folder's setting, seed, metrics and epochs; ValueError names a folder that is not a
-    finished run called ``NAME_sSEED``."""
+    finished run called ``NAME_sSEED``, or a summary without the metrics (a run selected on
+    another validation metric has no ``best_valid/full/NDCG@10``)."""
     match = RUN_NAME.fullmatch(folder.name)
     if match is None:
         raise ValueError(f"{folder}: run folders are named NAME_sSEED")
     summary_file = folder / "summary.json"
     if not summary_file.is_file():
         raise ValueError(f"{folder}: no summary.json (the run has not finished)")
-    summary = json.loads(summary_file.read_text())
-    test = summary["test"]
-    return {
-        "name": match["name"],
-        "seed": int(match["seed"]),
-        "valid/full/NDCG@10": summary["best_valid/full/NDCG@10"],
-        **{c: test.get(c.removeprefix("test/"), float("nan")) for c in COLUMNS[1:]},
-        "epochs": summary["epochs_trained"],
-        "best_epoch": summary["best_epoch"],
-    }
+    try:
+        summary = json.loads(summary_file.read_text())
+        test = summary["test"]
+        return {
+            "name": match["name"],
+            "seed": int(match["seed"]),
+            "valid/full/NDCG@10": summary["best_valid/full/NDCG@10"],
+            **{c: test.get(c.removeprefix("test/"), float("nan")) for c in COLUMNS[1:]},
+            "epochs": summary["epochs_trained"],
+            "best_epoch": summary["best_epoch"],
+        }
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{summary_file}: not JSON ({error})") from None
+    except KeyError as error:  # e.g. a run early-stopped on another metric
+        raise ValueError(f"{summary_file}: no {error.args[0]!r}") from None
 
 
 def _cell(values: list[float]) -> str:

@@ -165,3 +165,9 @@ def test_run_summaries_groups_seeds_best_validation_first(tmp_path) -> None:
     (tmp_path / "open_s3").mkdir()
     with pytest.raises(ValueError, match=r"open_s3: no summary\.json"):
         run_row(tmp_path / "open_s3")
+    (tmp_path / "open_s3" / "summary.json").write_text("{")
+    with pytest.raises(ValueError, match=r"open_s3/summary\.json: not JSON"):
+        run_row(tmp_path / "open_s3")
+    (tmp_path / "open_s3" / "summary.json").write_text(json.dumps({"test": {}}))
+    with pytest.raises(ValueError, match="no 'best_valid/full/NDCG@10'"):
+        run_row(tmp_path / "open_s3")
