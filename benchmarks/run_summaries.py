@@ -1,12 +1,14 @@
 """One table of finished training runs, grouped by setting over seeds: the tuning grids of the
 reports that were trained with plain ``convrec train`` commands rather than an accuracy plan.
 
-    python -m benchmarks.run_summaries RUNS/*_s[0-9]* --csv OUT.csv [--md OUT.md]
+    python -m benchmarks.run_summaries RUNS/*_s[0-9]* --csv OUT.csv [--md OUT.md] [--png OUT.png]
 
 A run folder is named ``NAME_sSEED``; runs of one NAME are one setting. Each row of the CSV is
 one run (its best validation full NDCG@10 and the test metrics of its best checkpoint, from
 ``summary.json``); the Markdown table gives each setting's mean ± standard deviation over its
-seeds, best validation first.
+seeds, best validation first; the plot puts each setting's mean validation against its mean
+test full NDCG@10 (whether validation ranks the settings as test does), labelled with the
+setting and its seed count.
 """
 
 from __future__ import annotations
@@ -85,11 +87,46 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(rows: list[dict], path: pathlib.Path, reference: tuple[float, float] | None) -> None:
+    """Mean validation (x) against mean test (y) full NDCG@10 per setting; ``reference`` is
+    another model's (validation, test), drawn as two dashed lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for name in sorted({r["name"] for r in rows}):
+        runs = [r for r in rows if r["name"] == name]
+        x = statistics.mean(r["valid/full/NDCG@10"] for r in runs)
+        y = statistics.mean(r["test/full/NDCG@10"] for r in runs)
+        ax.scatter(x, y, color="tab:blue")
+        ax.annotate(f"{name} ({len(runs)})", (x, y), fontsize=7, xytext=(3, 3),
+                    textcoords="offset points")  # fmt: skip
+    if reference is not None:
+        ax.axvline(reference[0], color="gray", linestyle="--", linewidth=1, label="reference")
+        ax.axhline(reference[1], color="gray", linestyle="--", linewidth=1)
+        ax.legend(loc="lower right")
+    ax.set_xlabel("validation full NDCG@10 (mean over seeds)")
+    ax.set_ylabel("test full NDCG@10 (mean over seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=pathlib.Path, help="run folders NAME_sSEED")
     parser.add_argument("--csv", type=pathlib.Path, required=True, help="one row per run")
     parser.add_argument("--md", type=pathlib.Path, help="also write the table here")
+    parser.add_argument("--png", type=pathlib.Path, help="also plot validation against test")
+    parser.add_argument(
+        "--reference",
+        type=float,
+        nargs=2,
+        metavar=("VALID", "TEST"),
+        help="with --png: another model's validation and test full NDCG@10, drawn as lines",
+    )
     args = parser.parse_args()
     try:
         rows = sorted((run_row(f) for f in args.runs), key=lambda r: (r["name"], r["seed"]))
@@ -103,6 +140,8 @@ def main() -> None:
     print(text, end="")
     if args.md is not None:
         args.md.write_text(text)
+    if args.png is not None:
+        plot(rows, args.png, args.reference)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from benchmarks.ranks_by_history_length import paired_difference
-from benchmarks.run_summaries import markdown, run_row
+from benchmarks.run_summaries import markdown, plot, run_row
 from convrec.bench.encoder_cost import compare_encoders, format_table, write_results
 from convrec.bench.measure import saved_tensor_bytes
 from convrec.cli import main
@@ -156,6 +156,8 @@ def test_run_summaries_groups_seeds_best_validation_first(tmp_path) -> None:
     rows = [run_row(r) for r in runs]
     assert rows[1]["seed"] == 1 and rows[1]["test/full/HR@10"] == 0.2
     assert math.isnan(rows[0]["test/sampled/NDCG@10"])  # a metric the run did not compute
+    plot(rows, tmp_path / "tuning.png", reference=(0.03, 0.2))
+    assert (tmp_path / "tuning.png").stat().st_size > 0
     lines = markdown(rows).splitlines()
     assert lines[2].startswith("| high | 0,1 | 0.0300 ± 0.0141 | 0.4000 ± 0.2828 | 0.2000 ± ")
     assert lines[3].startswith("| low | 0 | 0.0100 | 1.0000 | 0.5000 | 0.5000 | n/a |")
