@@ -11,13 +11,20 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from convrec import ConvRecEncoder
-from convrec.ops.dispatch import set_backend, triton_status
+from convrec.ops.dispatch import extension_status, set_backend, triton_status
 from convrec.ops.item_tables import csr_from_lists
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"  # where the Triton tests put their tensors
 requires_triton = pytest.mark.skipif(
     triton_status(DEVICE) is not None, reason=f"Triton cannot run here: {triton_status(DEVICE)}"
+)
+# the convrec._C tests: on the CPU, and the CUDA ones
+requires_extension = pytest.mark.skipif(
+    extension_status() is not None, reason=f"needs convrec._C: {extension_status()}"
+)
+requires_cuda_extension = pytest.mark.skipif(
+    extension_status() is not None or not CUDA, reason="needs CUDA and convrec._C"
 )
 # (device, dtype) of the kernel tests: fp32 in the interpreter (its bf16 arithmetic is wrong);
 # fp32, fp16 and bf16 on a GPU.

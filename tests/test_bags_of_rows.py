@@ -10,11 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from convrec.ops.bags_of_rows import bag_entries, bags_of_rows, bags_of_rows_reference
-from convrec.ops.dispatch import extension_status
-from tests.helpers import compare_backends
+from tests.helpers import compare_backends, requires_extension
 
-EXTENSION = extension_status()
-pytestmark = pytest.mark.skipif(EXTENSION is not None, reason=str(EXTENSION))
+pytestmark = requires_extension
 
 
 def _catalogue(items: int, attributes: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

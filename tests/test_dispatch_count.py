@@ -12,6 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from convrec import ConvRecEncoder
 from convrec.ops.dispatch import extension_status, triton_status
+from tests.helpers import requires_extension
 
 MAX_OPS = 10
 
@@ -38,7 +39,7 @@ def step_ops(encoder: ConvRecEncoder, length: int, masked: bool, device: str = "
 
 
 BACKENDS = [
-    pytest.param("cpp", marks=pytest.mark.skipif(extension_status() is not None, reason="no _C")),
+    pytest.param("cpp", marks=requires_extension),
     pytest.param(
         "triton",
         marks=pytest.mark.skipif(
@@ -76,7 +77,7 @@ def test_extension_step_is_a_handful_of_ops(backend: str, training: bool, mask_a
     assert len(counts) == 1  # independent of the number of levels and of L
 
 
-@pytest.mark.skipif(extension_status() is not None, reason="needs convrec._C")
+@requires_extension
 def test_one_gradient_for_the_whole_stack() -> None:
     encoder = ConvRecEncoder(16, ((2, 2), (3, 3), (4, 4)), backend="cpp")
     step_ops(encoder, 24, masked=False)

@@ -15,12 +15,9 @@ from convrec import ConvRecEncoder
 from convrec.ops import LevelParams, downscale
 from convrec.ops.dispatch import extension_status
 from convrec.ops.level_params import pack_levels
-from tests.helpers import check_bf16_autocast
+from tests.helpers import check_bf16_autocast, requires_cuda_extension
 
 EXTENSION = extension_status()
-needs_cuda = pytest.mark.skipif(
-    EXTENSION is not None or not torch.cuda.is_available(), reason="needs CUDA and convrec._C"
-)
 
 # Tolerance rule: |fast - ref64| <= 2 |ref_same_dtype - ref64| + FLOOR * (1 + max |ref64|).
 FLOOR = {torch.float64: 1e-10, torch.float32: 4e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
@@ -503,7 +500,7 @@ def test_errors_name_the_problem() -> None:
 # --------------------------------------------------------------------------------- CUDA ----
 
 
-@needs_cuda
+@requires_cuda_extension
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("mask_aware", [False, True])
 def test_cuda_matches_reference(dtype: torch.dtype, mask_aware: bool) -> None:
@@ -525,7 +522,7 @@ def test_cuda_matches_reference(dtype: torch.dtype, mask_aware: bool) -> None:
         )
 
 
-@needs_cuda
+@requires_cuda_extension
 def test_cuda_dropout_same_randomness_as_reference() -> None:
     """Same seed, same CUDA generator call, same hash: the masks match the reference's
     (a CPU float64 oracle would draw its seed from another generator, so compare in float32)."""
@@ -539,7 +536,7 @@ def test_cuda_dropout_same_randomness_as_reference() -> None:
         torch.testing.assert_close(f, r, rtol=1e-4, atol=2e-5)
 
 
-@needs_cuda
+@requires_cuda_extension
 def test_cuda_gradcheck_float64() -> None:
     assert gradcheck_op(_op_args(device="cuda"))
     torch.library.opcheck(
@@ -547,7 +544,7 @@ def test_cuda_gradcheck_float64() -> None:
     )
 
 
-@needs_cuda
+@requires_cuda_extension
 def test_cuda_gelu_is_as_accurate_as_pytorch() -> None:
     """The same polynomials on the GPU (nvcc may fuse multiply-adds, so allow that or CUDA's
     own GELU error, whichever is larger)."""
@@ -557,7 +554,7 @@ def test_cuda_gelu_is_as_accurate_as_pytorch() -> None:
         assert ours[i] <= max(theirs[i], 1.1 * cpu[i])
 
 
-@needs_cuda
+@requires_cuda_extension
 def test_cuda_runs_on_the_current_stream() -> None:
     params = make_params(64, LEVELS, 1, torch.float32, "cuda")
     x = torch.randn(8, 300, 64, device="cuda")
@@ -569,7 +566,7 @@ def test_cuda_runs_on_the_current_stream() -> None:
     torch.testing.assert_close(got, expected)
 
 
-@needs_cuda
+@requires_cuda_extension
 def test_cuda_encoder_compiles() -> None:
     encoder = ConvRecEncoder(64, heads=2, mask_aware=True, backend="cuda").cuda().eval()
     x = torch.randn(4, 200, 64, device="cuda")
@@ -578,7 +575,7 @@ def test_cuda_encoder_compiles() -> None:
     torch.testing.assert_close(compiled(x, mask), encoder(x, mask))
 
 
-@needs_cuda
+@requires_cuda_extension
 def test_cuda_autocast_runs_in_the_autocast_dtype() -> None:
     """Under ``torch.autocast`` the op casts x and the packed parameters to bf16; the user
     vectors come back in bf16 close to the float64 reference, the gradient reaches the fp32

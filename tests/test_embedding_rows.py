@@ -8,12 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from convrec.ops.dispatch import extension_status
 from convrec.ops.embedding_rows import embedding_rows, embedding_rows_reference
-from tests.helpers import compare_backends
+from tests.helpers import compare_backends, requires_extension
 
-EXTENSION = extension_status()
-pytestmark = pytest.mark.skipif(EXTENSION is not None, reason=str(EXTENSION))
+pytestmark = requires_extension
 
 
 def _run(backend, table, ids, padding_idx):

@@ -9,7 +9,6 @@ import torch
 from torch import Tensor
 
 from convrec.ops import attribute_bags, gather_embed
-from convrec.ops.dispatch import extension_status
 from convrec.ops.gather_embed import rows_at
 from convrec.ops.item_tables import ItemTables, csr_from_lists
 from tests.helpers import (
@@ -18,6 +17,7 @@ from tests.helpers import (
     compare_backends,
     histories,
     random_catalogue,
+    requires_extension,
     requires_triton,
     reserve_int32,
 )
@@ -279,11 +279,6 @@ def test_rows_at_is_indexing_with_its_gradient() -> None:
     assert torch.equal(got, expected)
     torch.testing.assert_close(got_grad, expected_grad, rtol=1e-15, atol=1e-15)
     assert got_grad[3].abs().sum() > 0 and got_grad[2].abs().sum() == 0
-
-
-requires_extension = pytest.mark.skipif(
-    extension_status() is not None, reason=str(extension_status())
-)
 
 
 @requires_extension

@@ -10,14 +10,10 @@ import torch
 
 from convrec import ConvRec
 from convrec.ops import StackDropout, gelu_paper_norm, gelu_paper_norm_reference
-from convrec.ops.dispatch import extension_status, set_backend
-from tests.helpers import compare_backends, randomise
+from convrec.ops.dispatch import set_backend
+from tests.helpers import compare_backends, randomise, requires_cuda_extension, requires_extension
 
-EXTENSION = extension_status()
-pytestmark = pytest.mark.skipif(EXTENSION is not None, reason=str(EXTENSION))
-needs_cuda = pytest.mark.skipif(
-    EXTENSION is not None or not torch.cuda.is_available(), reason="needs CUDA and convrec._C"
-)
+pytestmark = requires_extension
 
 
 def _inputs(shape, dtype=torch.float64, device="cpu", seed=0):
@@ -154,7 +150,7 @@ def test_faithful_model_trains_alike_on_both_backends() -> None:
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
-@needs_cuda
+@requires_cuda_extension
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("p", [0.0, 0.2])
 def test_cuda_within_the_tolerance_rule(dtype, p) -> None:

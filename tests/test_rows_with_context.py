@@ -9,12 +9,10 @@ import pytest
 import torch
 
 from convrec.ops import StackDropout
-from convrec.ops.dispatch import extension_status
 from convrec.ops.rows_with_context import rows_with_context, rows_with_context_reference
-from tests.helpers import compare_backends
+from tests.helpers import compare_backends, requires_extension
 
-EXTENSION = extension_status()
-pytestmark = pytest.mark.skipif(EXTENSION is not None, reason=str(EXTENSION))
+pytestmark = requires_extension
 
 
 def _inputs(rows=40, shape=(3, 17), width=12, dtype=torch.float64):

@@ -7,10 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from convrec.ops.dispatch import extension_status
 from convrec.ops.level_params import pack_levels
 from convrec.ops.stack_dropout import StackDropout, keep_mask, keep_threshold
-from tests.helpers import DEVICE, requires_triton
+from tests.helpers import DEVICE, requires_extension, requires_triton
 
 
 def lowbias32(x: int) -> int:
@@ -72,7 +71,7 @@ def test_triton_factors_are_the_hash(rows: int, d: int) -> None:
     torch.testing.assert_close(drop._replace(backend="reference").apply(y, 2), expected)
 
 
-@pytest.mark.skipif(extension_status() is not None, reason="needs convrec._C")
+@requires_extension
 def test_extension_drops_what_the_hash_says() -> None:
     """With alpha = beta = 0 a level's output is the LayerNorm of its dropped-out GELU terms,
     so the op's output, rebuilt from its saved pre-activations and the hash's mask, shows that
@@ -96,10 +95,7 @@ def test_extension_drops_what_the_hash_says() -> None:
     torch.testing.assert_close(levels[0], expected)
 
 
-needs_extension = pytest.mark.skipif(extension_status() is not None, reason="needs convrec._C")
-
-
-@needs_extension
+@requires_extension
 @pytest.mark.parametrize("shape", [(1, 1), (37, 16), (3, 5, 67)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_extension_op_applies_the_hash(shape, dtype) -> None:
@@ -118,7 +114,7 @@ def test_extension_op_applies_the_hash(shape, dtype) -> None:
     torch.testing.assert_close(out.detach(), reference)
 
 
-@needs_extension
+@requires_extension
 def test_extension_op_opcheck() -> None:
     x = torch.randn(4, 3, 8, dtype=torch.float64)
     torch.library.opcheck(
@@ -126,7 +122,7 @@ def test_extension_op_opcheck() -> None:
     )
 
 
-@needs_extension
+@requires_extension
 def test_hashed_dropout_is_dropout_on_every_backend() -> None:
     """``hashed_dropout``: identity in eval or with p = 0; in training the same elements on
     the reference and the extension for the same torch seed, at the rate p."""

@@ -12,7 +12,6 @@ import torch
 
 from convrec import ConvRec, ConvRecEncoder
 from convrec.model import length_groups
-from convrec.ops.dispatch import extension_status
 from convrec.ops.downscale import level_mix
 from convrec.ops.stream_downscale import (
     kept_rows,
@@ -22,7 +21,7 @@ from convrec.ops.stream_downscale import (
     stream_push,
     stream_state,
 )
-from tests.helpers import randomise
+from tests.helpers import randomise, requires_cuda_extension, requires_extension
 
 SCHEDULES = [[(3, 3)], [(2, 2), (3, 3)], [(2, 2), (2, 2), (2, 2)]]
 
@@ -140,7 +139,7 @@ def test_newest_last_moves_only_open_windows(mask_aware) -> None:
     torch.testing.assert_close(one_pass[0, -1], expected, rtol=0, atol=1e-12)
 
 
-@pytest.mark.skipif(extension_status() is not None, reason="needs convrec._C")
+@requires_extension
 def test_newest_last_drops_what_the_reference_drops() -> None:
     """newest_last runs the reference stack on every backend; on the extension's backend only
     its dropout pass is the extension's, with the same masks."""
@@ -433,9 +432,6 @@ def test_a_streaming_checkpoint_serves_original_ids(tmp_path) -> None:
 
 # ---- the convrec._C op (backend "cpp"; "cuda" runs the same code) ----
 
-EXTENSION = extension_status()
-needs_extension = pytest.mark.skipif(EXTENSION is not None, reason=str(EXTENSION))
-
 
 def _both_backends(levels, heads, mask_aware, dtype=torch.float64, length=13, **kwargs):
     """Values, x gradient and packed-parameter gradient of ``stream_downscale`` on the
@@ -456,7 +452,7 @@ def _both_backends(levels, heads, mask_aware, dtype=torch.float64, length=13, **
     return results
 
 
-@needs_extension
+@requires_extension
 @pytest.mark.parametrize("levels", [*SCHEDULES, [(4, 4), (2, 2)], [(1, 1), (5, 5)]])
 @pytest.mark.parametrize("heads", [1, 2])
 @pytest.mark.parametrize("mask_aware", [False, True])
@@ -473,7 +469,7 @@ def test_extension_equals_reference(levels, heads, mask_aware, length, newest_la
         torch.testing.assert_close(got, want, rtol=0, atol=1e-11)
 
 
-@needs_extension
+@requires_extension
 @pytest.mark.parametrize("mask_aware", [False, True])
 @pytest.mark.parametrize("newest_last", [False, True])
 def test_extension_drops_what_the_reference_drops(mask_aware, newest_last) -> None:
@@ -485,7 +481,7 @@ def test_extension_drops_what_the_reference_drops(mask_aware, newest_last) -> No
         torch.testing.assert_close(got, want, rtol=0, atol=1e-11)
 
 
-@needs_extension
+@requires_extension
 @pytest.mark.parametrize("newest_last", [False, True])
 def test_extension_float32_follows_float64(newest_last) -> None:
     """float32 errors against the float64 reference within twice the float32 reference's."""
@@ -497,7 +493,7 @@ def test_extension_float32_follows_float64(newest_last) -> None:
         assert (got.double() - want).abs().max() <= bound
 
 
-@needs_extension
+@requires_extension
 def test_extension_opcheck() -> None:
     encoder = randomise(ConvRecEncoder(8, [(2, 2), (3, 3)], heads=2, dropout=0.0)).double()
     x = torch.randn(3, 11, 8, dtype=torch.float64)
@@ -509,14 +505,14 @@ def test_extension_opcheck() -> None:
             torch.library.opcheck(op, (*args, newest_last))
 
 
-@needs_extension
+@requires_extension
 def test_extension_errors_name_the_op() -> None:
     x = torch.randn(2, 5, 8)
     with pytest.raises(RuntimeError, match=r"stream_downscale: params must have shape \("):
         torch.ops.convrec.stream_downscale(x, torch.zeros(3), [2], 1, False, None, 0.0, 1e-5, False)
 
 
-@needs_extension
+@requires_extension
 def test_streaming_encoder_dispatches_the_same_ops_whatever_the_levels() -> None:
     """A streaming forward + backward on "cpp" is one op each way plus the alignment: the
     same op count for one level and for four."""
@@ -537,12 +533,7 @@ def test_streaming_encoder_dispatches_the_same_ops_whatever_the_levels() -> None
     assert len(set(counts)) == 1 and counts[0] <= 45
 
 
-needs_cuda = pytest.mark.skipif(
-    EXTENSION is not None or not torch.cuda.is_available(), reason="needs CUDA and convrec._C"
-)
-
-
-@needs_cuda
+@requires_cuda_extension
 @pytest.mark.parametrize("mask_aware", [False, True])
 @pytest.mark.parametrize("newest_last", [False, True])
 def test_cuda_equals_reference(mask_aware, newest_last) -> None:
@@ -572,7 +563,7 @@ def test_cuda_equals_reference(mask_aware, newest_last) -> None:
     torch.testing.assert_close(trained[1], trained[0], rtol=0, atol=1e-10)
 
 
-@needs_cuda
+@requires_cuda_extension
 def test_cuda_autocast_runs_in_bf16() -> None:
     encoder = ConvRecEncoder(64, [(2, 2), (5, 5)], streaming=True, backend="cuda").cuda()
     x = torch.randn(4, 30, 64, device="cuda", requires_grad=True)
